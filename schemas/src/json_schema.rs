@@ -15,10 +15,16 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("mi_request", schema_for!(MiRequest)),
         ("mi_success", schema_for!(MiSuccess)),
         ("mi_error_reply", schema_for!(MiErrorReply)),
-        ("event_dlg_state_changed", schema_for!(Notification<DlgStateChanged>)),
+        (
+            "event_dlg_state_changed",
+            schema_for!(Notification<DlgStateChanged>),
+        ),
         ("event_ua_session", schema_for!(Notification<UaSession>)),
         ("event_call_hold", schema_for!(Notification<CallHold>)),
-        ("event_call_transfer", schema_for!(Notification<CallTransfer>)),
+        (
+            "event_call_transfer",
+            schema_for!(Notification<CallTransfer>),
+        ),
     ]
 }
 
