@@ -28,12 +28,7 @@ pub const E_CALL_HOLD: &str = "E_CALL_HOLD";
 pub const E_CALL_TRANSFER: &str = "E_CALL_TRANSFER";
 
 /// The events callbus subscribes to by default.
-pub const DEFAULT_EVENTS: [&str; 4] = [
-    E_DLG_STATE_CHANGED,
-    E_UA_SESSION,
-    E_CALL_HOLD,
-    E_CALL_TRANSFER,
-];
+pub const DEFAULT_EVENTS: [&str; 4] = [E_DLG_STATE_CHANGED, E_UA_SESSION, E_CALL_HOLD, E_CALL_TRANSFER];
 
 /// A dialog state as numbered by the OpenSIPS `dialog` module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -347,20 +342,11 @@ struct Envelope<'a> {
 
 fn envelope(bytes: &[u8]) -> Result<Envelope<'_>, EventError> {
     if bytes.len() > MAX_UDP_PAYLOAD {
-        return Err(EventError::Oversized {
-            size: bytes.len(),
-            limit: MAX_UDP_PAYLOAD,
-        });
+        return Err(EventError::Oversized { size: bytes.len(), limit: MAX_UDP_PAYLOAD });
     }
     let env: Envelope<'_> =
-        serde_json::from_slice(bytes).map_err(|e| EventError::NotNotification {
-            reason: e.to_string(),
-        })?;
-    let not = |reason: &str| {
-        Err(EventError::NotNotification {
-            reason: reason.to_owned(),
-        })
-    };
+        serde_json::from_slice(bytes).map_err(|e| EventError::NotNotification { reason: e.to_string() })?;
+    let not = |reason: &str| Err(EventError::NotNotification { reason: reason.to_owned() });
     match env.jsonrpc.as_deref() {
         Some(JSONRPC_VERSION) => {}
         Some(_) => return not("\"jsonrpc\" is not \"2.0\""),
@@ -388,18 +374,13 @@ impl Event {
     pub fn parse(bytes: &[u8]) -> Result<Event, EventError> {
         let env = envelope(bytes)?;
         let method = env.method.map(Cow::into_owned).unwrap_or_default();
-        fn typed<'a, P: Deserialize<'a>>(
-            method: &str,
-            params: Option<&'a RawValue>,
-        ) -> Result<P, EventError> {
+        fn typed<'a, P: Deserialize<'a>>(method: &str, params: Option<&'a RawValue>) -> Result<P, EventError> {
             let raw = params.ok_or_else(|| EventError::BadParams {
                 event: method.to_owned(),
                 reason: "the \"params\" member is missing".into(),
             })?;
-            serde_json::from_str(raw.get()).map_err(|e| EventError::BadParams {
-                event: method.to_owned(),
-                reason: e.to_string(),
-            })
+            serde_json::from_str(raw.get())
+                .map_err(|e| EventError::BadParams { event: method.to_owned(), reason: e.to_string() })
         }
         Ok(match method.as_str() {
             E_DLG_STATE_CHANGED => Event::DlgStateChanged(typed(&method, env.params)?),
@@ -408,11 +389,10 @@ impl Event {
             E_CALL_TRANSFER => Event::CallTransfer(typed(&method, env.params)?),
             _ => {
                 let params = match env.params {
-                    Some(raw) => Some(serde_json::from_str(raw.get()).map_err(|e| {
-                        EventError::NotNotification {
-                            reason: e.to_string(),
-                        }
-                    })?),
+                    Some(raw) => Some(
+                        serde_json::from_str(raw.get())
+                            .map_err(|e| EventError::NotNotification { reason: e.to_string() })?,
+                    ),
                     None => None,
                 };
                 Event::Other { method, params }
@@ -447,11 +427,7 @@ impl Event {
     /// no trailing newline.
     pub fn to_bytes(&self) -> Vec<u8> {
         fn wire<P: Serialize>(method: &str, params: &P) -> Vec<u8> {
-            let n = Notification {
-                jsonrpc: JSONRPC_VERSION.to_owned(),
-                method: method.to_owned(),
-                params,
-            };
+            let n = Notification { jsonrpc: JSONRPC_VERSION.to_owned(), method: method.to_owned(), params };
             serde_json::to_vec(&n).unwrap_or_default()
         }
         match self {
@@ -459,24 +435,14 @@ impl Event {
             Event::UaSession(p) => wire(E_UA_SESSION, p),
             Event::CallHold(p) => wire(E_CALL_HOLD, p),
             Event::CallTransfer(p) => wire(E_CALL_TRANSFER, p),
-            Event::Other {
-                method,
-                params: Some(p),
-            } => wire(method, p),
-            Event::Other {
-                method,
-                params: None,
-            } => {
+            Event::Other { method, params: Some(p) } => wire(method, p),
+            Event::Other { method, params: None } => {
                 #[derive(Serialize)]
                 struct Bare<'a> {
                     jsonrpc: &'a str,
                     method: &'a str,
                 }
-                serde_json::to_vec(&Bare {
-                    jsonrpc: JSONRPC_VERSION,
-                    method,
-                })
-                .unwrap_or_default()
+                serde_json::to_vec(&Bare { jsonrpc: JSONRPC_VERSION, method }).unwrap_or_default()
             }
         }
     }

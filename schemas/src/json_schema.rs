@@ -6,6 +6,7 @@
 
 use schemars::{schema_for, Schema};
 
+use crate::bus::{BridgeStatus, MiBusReply};
 use crate::event::{CallHold, CallTransfer, DlgStateChanged, Notification, UaSession};
 use crate::mi::{MiErrorReply, MiRequest, MiSuccess};
 
@@ -15,16 +16,12 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("mi_request", schema_for!(MiRequest)),
         ("mi_success", schema_for!(MiSuccess)),
         ("mi_error_reply", schema_for!(MiErrorReply)),
-        (
-            "event_dlg_state_changed",
-            schema_for!(Notification<DlgStateChanged>),
-        ),
+        ("event_dlg_state_changed", schema_for!(Notification<DlgStateChanged>)),
         ("event_ua_session", schema_for!(Notification<UaSession>)),
         ("event_call_hold", schema_for!(Notification<CallHold>)),
-        (
-            "event_call_transfer",
-            schema_for!(Notification<CallTransfer>),
-        ),
+        ("event_call_transfer", schema_for!(Notification<CallTransfer>)),
+        ("bus_mi_reply", schema_for!(MiBusReply)),
+        ("bus_bridge_status", schema_for!(BridgeStatus)),
     ]
 }
 

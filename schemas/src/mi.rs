@@ -103,11 +103,7 @@ pub struct MiRequest {
     /// The MI command, e.g. `call_hold`.
     pub method: String,
     /// The id the reply will echo. Absent: OpenSIPS sends no reply at all.
-    #[serde(
-        default,
-        deserialize_with = "present",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     pub id: Option<MiId>,
     /// The command's params; absent when it takes none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,20 +139,12 @@ pub enum MiRequestError {
 
 impl MiRequest {
     /// A request with named params (the form every OpenSIPS command accepts).
-    pub fn named(
-        method: impl Into<String>,
-        id: impl Into<MiId>,
-        params: Map<String, Value>,
-    ) -> Self {
+    pub fn named(method: impl Into<String>, id: impl Into<MiId>, params: Map<String, Value>) -> Self {
         MiRequest {
             jsonrpc: JSONRPC_VERSION.to_owned(),
             method: method.into(),
             id: Some(id.into()),
-            params: if params.is_empty() {
-                None
-            } else {
-                Some(MiParams::Named(params))
-            },
+            params: if params.is_empty() { None } else { Some(MiParams::Named(params)) },
         }
     }
 
@@ -171,10 +159,7 @@ impl MiRequest {
     /// absent, an object or an array. Bytes after the JSON value are ignored, as OpenSIPS does.
     pub fn parse(bytes: &[u8]) -> Result<MiRequest, MiRequestError> {
         if bytes.len() > MAX_UDP_PAYLOAD {
-            return Err(MiRequestError::Oversized {
-                size: bytes.len(),
-                limit: MAX_UDP_PAYLOAD,
-            });
+            return Err(MiRequestError::Oversized { size: bytes.len(), limit: MAX_UDP_PAYLOAD });
         }
         let value = first_json_value(bytes).map_err(|reason| MiRequestError::NotJson { reason })?;
         let Value::Object(mut object) = value else {
@@ -191,32 +176,19 @@ impl MiRequest {
             Some(other) => {
                 return Err(MiRequestError::InvalidRequest {
                     id: MiId::Null,
-                    reason: format!(
-                        "\"id\" must be a number, a string or null, not {}",
-                        json_type(&other)
-                    ),
+                    reason: format!("\"id\" must be a number, a string or null, not {}", json_type(&other)),
                 })
             }
         };
-        let invalid = |reason: String| MiRequestError::InvalidRequest {
-            id: id.clone().unwrap_or(MiId::Null),
-            reason,
-        };
+        let invalid = |reason: String| MiRequestError::InvalidRequest { id: id.clone().unwrap_or(MiId::Null), reason };
         match object.remove("jsonrpc") {
             Some(Value::String(v)) if v == JSONRPC_VERSION => {}
-            Some(other) => {
-                return Err(invalid(format!("\"jsonrpc\" must be \"2.0\", not {other}")))
-            }
+            Some(other) => return Err(invalid(format!("\"jsonrpc\" must be \"2.0\", not {other}"))),
             None => return Err(invalid("the \"jsonrpc\" member is missing".into())),
         }
         let method = match object.remove("method") {
             Some(Value::String(m)) => m,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "\"method\" must be a string, not {}",
-                    json_type(&other)
-                )))
-            }
+            Some(other) => return Err(invalid(format!("\"method\" must be a string, not {}", json_type(&other)))),
             None => return Err(invalid("the \"method\" member is missing".into())),
         };
         let params = match object.remove("params") {
@@ -224,18 +196,10 @@ impl MiRequest {
             Some(Value::Object(map)) => Some(MiParams::Named(map)),
             Some(Value::Array(list)) => Some(MiParams::Positional(list)),
             Some(other) => {
-                return Err(invalid(format!(
-                    "\"params\" must be an object or an array, not {}",
-                    json_type(&other)
-                )))
+                return Err(invalid(format!("\"params\" must be an object or an array, not {}", json_type(&other))))
             }
         };
-        Ok(MiRequest {
-            jsonrpc: JSONRPC_VERSION.to_owned(),
-            method,
-            id,
-            params,
-        })
+        Ok(MiRequest { jsonrpc: JSONRPC_VERSION.to_owned(), method, id, params })
     }
 }
 
@@ -354,20 +318,14 @@ impl MiReply {
     /// Sorts a datagram into one of the reply kinds. Never fails and never panics.
     pub fn classify(bytes: &[u8]) -> MiReply {
         if bytes.len() > MAX_UDP_PAYLOAD {
-            return MiReply::Unrecognized {
-                reason: format!("{} bytes is larger than any datagram", bytes.len()),
-            };
+            return MiReply::Unrecognized { reason: format!("{} bytes is larger than any datagram", bytes.len()) };
         }
         if let Some(plain) = parse_plain_text(bytes) {
             return MiReply::PlainText(plain);
         }
         let value: Value = match serde_json::from_slice(bytes) {
             Ok(v) => v,
-            Err(e) => {
-                return MiReply::Unrecognized {
-                    reason: format!("not JSON and not a plain-text reply: {e}"),
-                }
-            }
+            Err(e) => return MiReply::Unrecognized { reason: format!("not JSON and not a plain-text reply: {e}") },
         };
         let Value::Object(object) = &value else {
             return MiReply::Unrecognized {
@@ -375,34 +333,22 @@ impl MiReply {
             };
         };
         if object.get("jsonrpc").and_then(Value::as_str) != Some(JSONRPC_VERSION) {
-            return MiReply::Unrecognized {
-                reason: "the \"jsonrpc\" member is missing or not \"2.0\"".into(),
-            };
+            return MiReply::Unrecognized { reason: "the \"jsonrpc\" member is missing or not \"2.0\"".into() };
         }
         if !object.contains_key("id") {
-            return MiReply::Unrecognized {
-                reason: "the reply has no \"id\"".into(),
-            };
+            return MiReply::Unrecognized { reason: "the reply has no \"id\"".into() };
         }
         match (object.contains_key("result"), object.contains_key("error")) {
             (true, false) => match serde_json::from_value(value) {
                 Ok(success) => MiReply::Success(success),
-                Err(e) => MiReply::Unrecognized {
-                    reason: format!("malformed success reply: {e}"),
-                },
+                Err(e) => MiReply::Unrecognized { reason: format!("malformed success reply: {e}") },
             },
             (false, true) => match serde_json::from_value(value) {
                 Ok(error) => MiReply::Error(error),
-                Err(e) => MiReply::Unrecognized {
-                    reason: format!("malformed error reply: {e}"),
-                },
+                Err(e) => MiReply::Unrecognized { reason: format!("malformed error reply: {e}") },
             },
-            (true, true) => MiReply::Unrecognized {
-                reason: "the reply has both \"result\" and \"error\"".into(),
-            },
-            (false, false) => MiReply::Unrecognized {
-                reason: "the reply has neither \"result\" nor \"error\"".into(),
-            },
+            (true, true) => MiReply::Unrecognized { reason: "the reply has both \"result\" and \"error\"".into() },
+            (false, false) => MiReply::Unrecognized { reason: "the reply has neither \"result\" nor \"error\"".into() },
         }
     }
 
@@ -418,33 +364,23 @@ impl MiReply {
 
 /// Recognizes `<3-digit code> <text>` datagrams that are not JSON.
 fn parse_plain_text(bytes: &[u8]) -> Option<MiPlainText> {
-    let text = std::str::from_utf8(bytes)
-        .ok()?
-        .trim_end_matches(['\r', '\n']);
+    let text = std::str::from_utf8(bytes).ok()?.trim_end_matches(['\r', '\n']);
     let (code, rest) = text.split_once(' ')?;
-    if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) || rest.starts_with(['{', '['])
-    {
+    if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) || rest.starts_with(['{', '[']) {
         return None;
     }
     let code: u16 = code.parse().ok()?;
     Some(match (code, rest) {
         (400, "Parse_error") => MiPlainText::ParseError,
         (500, "Internal error") => MiPlainText::InternalError,
-        _ => MiPlainText::Other {
-            code,
-            text: rest.to_owned(),
-        },
+        _ => MiPlainText::Other { code, text: rest.to_owned() },
     })
 }
 
 impl MiSuccess {
     /// A success reply for `id`.
     pub fn new(result: Value, id: MiId) -> Self {
-        MiSuccess {
-            jsonrpc: JSONRPC_VERSION.to_owned(),
-            result,
-            id,
-        }
+        MiSuccess { jsonrpc: JSONRPC_VERSION.to_owned(), result, id }
     }
 
     /// The datagram bytes, member order as OpenSIPS writes them (jsonrpc, result, id).
@@ -458,11 +394,7 @@ impl MiErrorReply {
     pub fn new(code: i64, message: impl Into<String>, data: Option<&str>, id: MiId) -> Self {
         MiErrorReply {
             jsonrpc: JSONRPC_VERSION.to_owned(),
-            error: MiError {
-                code,
-                message: message.into(),
-                data: data.map(|d| Value::String(d.to_owned())),
-            },
+            error: MiError { code, message: message.into(), data: data.map(|d| Value::String(d.to_owned())) },
             id,
         }
     }

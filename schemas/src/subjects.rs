@@ -54,15 +54,8 @@ pub fn validate_token(what: &'static str, token: &str) -> Result<(), SubjectErro
     if token.is_empty() {
         return Err(SubjectError::EmptyToken { what });
     }
-    if let Some(found) = token
-        .chars()
-        .find(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace())
-    {
-        return Err(SubjectError::BadToken {
-            what,
-            token: token.to_owned(),
-            found,
-        });
+    if let Some(found) = token.chars().find(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace()) {
+        return Err(SubjectError::BadToken { what, token: token.to_owned(), found });
     }
     Ok(())
 }
@@ -207,50 +200,23 @@ impl Subject {
 
     /// Parses a concrete (wildcard-free) subject.
     pub fn parse(subject: &str) -> Result<Subject, SubjectError> {
-        let unknown = |reason: &str| SubjectError::Unknown {
-            subject: subject.to_owned(),
-            reason: reason.to_owned(),
-        };
+        let unknown = |reason: &str| SubjectError::Unknown { subject: subject.to_owned(), reason: reason.to_owned() };
         let tokens: Vec<&str> = subject.split('.').collect();
         let parsed = match tokens.as_slice() {
-            [OPENSIPS, node, "event", event] => Subject::Event {
-                node: (*node).into(),
-                event: (*event).into(),
-            },
-            [OPENSIPS, node, "invalid"] => Subject::Invalid {
-                node: (*node).into(),
-            },
-            [OPENSIPS, node, "mi", command] => Subject::Mi {
-                node: (*node).into(),
-                command: (*command).into(),
-            },
-            [OPENSIPS, node, "status"] => Subject::Status {
-                node: (*node).into(),
-            },
+            [OPENSIPS, node, "event", event] => Subject::Event { node: (*node).into(), event: (*event).into() },
+            [OPENSIPS, node, "invalid"] => Subject::Invalid { node: (*node).into() },
+            [OPENSIPS, node, "mi", command] => Subject::Mi { node: (*node).into(), command: (*command).into() },
+            [OPENSIPS, node, "status"] => Subject::Status { node: (*node).into() },
             [CALLBUS, "cmd", rest @ ..] if !rest.is_empty() => {
-                let verb = Verb::from_name(&rest.join("."))
-                    .ok_or_else(|| unknown("no such command verb"))?;
+                let verb = Verb::from_name(&rest.join(".")).ok_or_else(|| unknown("no such command verb"))?;
                 Subject::Cmd { verb }
             }
-            [CALLBUS, "call", call_id, event] => Subject::CallNotification {
-                call_id: (*call_id).into(),
-                event: (*event).into(),
-            },
-            [OPENSIPS, ..] => {
-                return Err(unknown(
-                    "expected opensips.<node>.event|invalid|mi|status...",
-                ))
+            [CALLBUS, "call", call_id, event] => {
+                Subject::CallNotification { call_id: (*call_id).into(), event: (*event).into() }
             }
-            [CALLBUS, ..] => {
-                return Err(unknown(
-                    "expected callbus.cmd.<verb> or callbus.call.<call_id>.<event>",
-                ))
-            }
-            _ => {
-                return Err(unknown(
-                    "it starts with neither \"opensips\" nor \"callbus\"",
-                ))
-            }
+            [OPENSIPS, ..] => return Err(unknown("expected opensips.<node>.event|invalid|mi|status...")),
+            [CALLBUS, ..] => return Err(unknown("expected callbus.cmd.<verb> or callbus.call.<call_id>.<event>")),
+            _ => return Err(unknown("it starts with neither \"opensips\" nor \"callbus\"")),
         };
         parsed.validate()?;
         Ok(parsed)
@@ -274,10 +240,7 @@ impl fmt::Display for Subject {
 
 /// `opensips.<node>.event.<event>`.
 pub fn event(node: &str, event: &str) -> Result<String, SubjectError> {
-    build(Subject::Event {
-        node: node.into(),
-        event: event.into(),
-    })
+    build(Subject::Event { node: node.into(), event: event.into() })
 }
 
 /// `opensips.<node>.invalid`.
@@ -287,10 +250,7 @@ pub fn invalid(node: &str) -> Result<String, SubjectError> {
 
 /// `opensips.<node>.mi.<command>`.
 pub fn mi(node: &str, command: &str) -> Result<String, SubjectError> {
-    build(Subject::Mi {
-        node: node.into(),
-        command: command.into(),
-    })
+    build(Subject::Mi { node: node.into(), command: command.into() })
 }
 
 /// `opensips.<node>.status`.
@@ -305,10 +265,7 @@ pub fn cmd(verb: Verb) -> String {
 
 /// `callbus.call.<call_id>.<event>`.
 pub fn call_notification(call_id: &str, event: &str) -> Result<String, SubjectError> {
-    build(Subject::CallNotification {
-        call_id: call_id.into(),
-        event: event.into(),
-    })
+    build(Subject::CallNotification { call_id: call_id.into(), event: event.into() })
 }
 
 /// `opensips.<node>.event.>`: every event of one node.

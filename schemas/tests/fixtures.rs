@@ -4,18 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use callbus_schemas::event::{
-    Event, E_CALL_HOLD, E_CALL_TRANSFER, E_DLG_STATE_CHANGED, E_UA_SESSION,
-};
+use callbus_schemas::event::{Event, E_CALL_HOLD, E_CALL_TRANSFER, E_DLG_STATE_CHANGED, E_UA_SESSION};
 use callbus_schemas::mi::{MiPlainText, MiReply, MiRequest, MiRequestError};
 use serde_json::Value;
 
 fn fixtures_dir() -> PathBuf {
     let dir = std::env::var_os("CALLBUS_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/opensips")
-        });
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/opensips"));
     assert!(
         dir.is_dir(),
         "fixtures not found at {}: clone shared/ beside the repo or set CALLBUS_FIXTURES",
@@ -29,11 +25,7 @@ fn files(sub: &str) -> Vec<(String, Vec<u8>)> {
         .expect("fixture dir readable")
         .map(|e| {
             let path = e.expect("dir entry").path();
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .expect("utf-8 name")
-                .to_owned();
+            let name = path.file_name().and_then(|n| n.to_str()).expect("utf-8 name").to_owned();
             (name, std::fs::read(&path).expect("fixture readable"))
         })
         .collect();
@@ -50,11 +42,7 @@ fn every_mi_fixture_is_classified_and_round_trips() {
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
     let mut failures = Vec::new();
     let all = files("mi");
-    assert!(
-        all.len() >= 150,
-        "expected the full MI fixture set, found {}",
-        all.len()
-    );
+    assert!(all.len() >= 150, "expected the full MI fixture set, found {}", all.len());
     for (name, bytes) in &all {
         if name.ends_with(".request.json") {
             match MiRequest::parse(bytes) {
@@ -85,9 +73,7 @@ fn every_mi_fixture_is_classified_and_round_trips() {
                         failures.push(format!("{name}: success reply lost data"));
                     }
                     if s.to_bytes() != *bytes {
-                        failures.push(format!(
-                            "{name}: success reply does not re-serialize byte for byte"
-                        ));
+                        failures.push(format!("{name}: success reply does not re-serialize byte for byte"));
                     }
                 }
                 MiReply::Error(e) => {
@@ -96,14 +82,10 @@ fn every_mi_fixture_is_classified_and_round_trips() {
                         failures.push(format!("{name}: error reply lost data"));
                     }
                     if e.to_bytes() != *bytes {
-                        failures.push(format!(
-                            "{name}: error reply does not re-serialize byte for byte"
-                        ));
+                        failures.push(format!("{name}: error reply does not re-serialize byte for byte"));
                     }
                 }
-                MiReply::PlainText(MiPlainText::ParseError) => {
-                    *kinds.entry("reply 400 Parse_error").or_default() += 1
-                }
+                MiReply::PlainText(MiPlainText::ParseError) => *kinds.entry("reply 400 Parse_error").or_default() += 1,
                 MiReply::PlainText(MiPlainText::InternalError) => {
                     *kinds.entry("reply 500 Internal error").or_default() += 1
                 }
@@ -114,25 +96,11 @@ fn every_mi_fixture_is_classified_and_round_trips() {
         }
     }
     println!("MI fixtures by kind: {kinds:?}");
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    for kind in [
-        "request",
-        "request (not JSON)",
-        "request (invalid JSON-RPC)",
-        "reply success",
-        "reply error",
-    ] {
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    for kind in ["request", "request (not JSON)", "request (invalid JSON-RPC)", "reply success", "reply error"] {
         assert!(kinds.contains_key(kind), "no fixture of kind {kind}");
     }
-    assert!(
-        kinds.contains_key("reply 400 Parse_error")
-            && kinds.contains_key("reply 500 Internal error")
-    );
+    assert!(kinds.contains_key("reply 400 Parse_error") && kinds.contains_key("reply 500 Internal error"));
 }
 
 #[test]
@@ -140,11 +108,7 @@ fn every_event_fixture_is_typed_and_round_trips_byte_for_byte() {
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     let mut failures = Vec::new();
     let all = files("events");
-    assert!(
-        all.len() >= 80,
-        "expected the full event fixture set, found {}",
-        all.len()
-    );
+    assert!(all.len() >= 80, "expected the full event fixture set, found {}", all.len());
     for (name, bytes) in &all {
         let expected_name = name.split('.').next().unwrap_or_default();
         match Event::parse(bytes) {
@@ -172,40 +136,22 @@ fn every_event_fixture_is_typed_and_round_trips_byte_for_byte() {
         }
     }
     println!("event fixtures by kind: {kinds:?}");
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    assert_eq!(
-        kinds.len(),
-        4,
-        "all four typed events are present in the fixtures"
-    );
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert_eq!(kinds.len(), 4, "all four typed events are present in the fixtures");
 }
 
 #[test]
 fn known_quirks_are_kept_not_rejected() {
     use callbus_schemas::event::{DlgState, Leg, TransferState};
     let blind =
-        std::fs::read(fixtures_dir().join("events/E_CALL_TRANSFER.1.call_transfer_blind.json"))
-            .expect("fixture");
-    let Ok(Event::CallTransfer(t)) = Event::parse(&blind) else {
-        panic!("blind transfer start must parse")
-    };
+        std::fs::read(fixtures_dir().join("events/E_CALL_TRANSFER.1.call_transfer_blind.json")).expect("fixture");
+    let Ok(Event::CallTransfer(t)) = Event::parse(&blind) else { panic!("blind transfer start must parse") };
     assert_eq!(t.state, TransferState::Start);
     // OpenSIPS 3.4.18 puts the new call's Call-ID in `leg` here.
     assert_eq!(t.leg, Leg::Unknown(t.transfer_callid.clone()));
 
     let no_uas =
-        std::fs::read(fixtures_dir().join("events/E_DLG_STATE_CHANGED.1.unanswered_no_uas.json"))
-            .expect("fixture");
-    let Ok(Event::DlgStateChanged(d)) = Event::parse(&no_uas) else {
-        panic!("must parse")
-    };
-    assert_eq!(
-        (d.old_state, d.new_state, d.to_tag),
-        (DlgState::Unconfirmed, DlgState::Deleted, None)
-    );
+        std::fs::read(fixtures_dir().join("events/E_DLG_STATE_CHANGED.1.unanswered_no_uas.json")).expect("fixture");
+    let Ok(Event::DlgStateChanged(d)) = Event::parse(&no_uas) else { panic!("must parse") };
+    assert_eq!((d.old_state, d.new_state, d.to_tag), (DlgState::Unconfirmed, DlgState::Deleted, None));
 }

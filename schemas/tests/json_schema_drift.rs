@@ -18,14 +18,8 @@ fn checked_in_schemas_match_the_code() {
             drift.push(path.display().to_string());
         }
     }
-    let on_disk = std::fs::read_dir(&dir)
-        .expect("schemas/json exists")
-        .count();
-    assert_eq!(
-        on_disk,
-        generated.len(),
-        "schemas/json holds files no type generates"
-    );
+    let on_disk = std::fs::read_dir(&dir).expect("schemas/json exists").count();
+    assert_eq!(on_disk, generated.len(), "schemas/json holds files no type generates");
     assert!(
         drift.is_empty(),
         "JSON Schemas differ from the code: {drift:?}\nrun: CALLBUS_UPDATE_SCHEMAS=1 cargo test -p callbus-schemas --test json_schema_drift"

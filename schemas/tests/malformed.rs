@@ -9,12 +9,8 @@ const GOOD_EVENT: &str = r#"{"jsonrpc":"2.0","method":"E_CALL_HOLD","params":{"c
 #[test]
 fn truncated_events_are_errors_at_every_length() {
     for len in 0..GOOD_EVENT.len() {
-        let err = Event::parse(&GOOD_EVENT.as_bytes()[..len])
-            .expect_err("a truncated event must not parse");
-        assert!(
-            matches!(err, EventError::NotNotification { .. }),
-            "len {len}: {err:?}"
-        );
+        let err = Event::parse(&GOOD_EVENT.as_bytes()[..len]).expect_err("a truncated event must not parse");
+        assert!(matches!(err, EventError::NotNotification { .. }), "len {len}: {err:?}");
     }
     assert!(Event::parse(GOOD_EVENT.as_bytes()).is_ok());
 }
@@ -34,14 +30,8 @@ fn events_with_wrong_shapes_are_named_errors() {
     ];
     for (bytes, label) in cases {
         let err = Event::parse(bytes).expect_err(label);
-        assert!(
-            matches!(err, EventError::NotNotification { .. }),
-            "{label}: {err:?}"
-        );
-        assert!(
-            event_name(bytes).is_err(),
-            "{label}: event_name must refuse it too"
-        );
+        assert!(matches!(err, EventError::NotNotification { .. }), "{label}: {err:?}");
+        assert!(event_name(bytes).is_err(), "{label}: event_name must refuse it too");
     }
 }
 
@@ -67,79 +57,43 @@ fn known_events_with_wrong_typed_params_say_which_event() {
 
 #[test]
 fn unknown_events_and_values_are_kept() {
-    let other =
-        br#"{"jsonrpc":"2.0","method":"E_CORE_THRESHOLD","params":{"source":"x","time":7}}"#;
+    let other = br#"{"jsonrpc":"2.0","method":"E_CORE_THRESHOLD","params":{"source":"x","time":7}}"#;
     let ev = Event::parse(other).expect("unknown events are kept");
     assert_eq!(ev.name(), "E_CORE_THRESHOLD");
     assert_eq!(ev.to_bytes(), other.to_vec());
     let newer = br#"{"jsonrpc":"2.0","method":"E_CALL_HOLD","params":{"callid":"c","leg":"both","action":"action","state":"paused","since":3}}"#;
     let ev = Event::parse(newer).expect("new values are kept");
-    assert_eq!(
-        ev.to_bytes(),
-        newer.to_vec(),
-        "unknown values and members survive the round trip"
-    );
+    assert_eq!(ev.to_bytes(), newer.to_vec(), "unknown values and members survive the round trip");
 }
 
 #[test]
 fn oversized_datagrams_are_refused_before_parsing() {
     let huge = vec![b' '; 70_000];
-    assert!(matches!(
-        Event::parse(&huge),
-        Err(EventError::Oversized { size: 70_000, .. })
-    ));
-    assert!(matches!(
-        MiRequest::parse(&huge),
-        Err(MiRequestError::Oversized { .. })
-    ));
-    assert!(matches!(
-        MiReply::classify(&huge),
-        MiReply::Unrecognized { .. }
-    ));
+    assert!(matches!(Event::parse(&huge), Err(EventError::Oversized { size: 70_000, .. })));
+    assert!(matches!(MiRequest::parse(&huge), Err(MiRequestError::Oversized { .. })));
+    assert!(matches!(MiReply::classify(&huge), MiReply::Unrecognized { .. }));
 }
 
 #[test]
 fn mi_requests_follow_opensips_validity_rules() {
     let invalid = |bytes: &[u8]| match MiRequest::parse(bytes) {
         Err(MiRequestError::InvalidRequest { id, reason }) => (id, reason),
-        other => panic!(
-            "{}: expected InvalidRequest, got {other:?}",
-            String::from_utf8_lossy(bytes)
-        ),
+        other => panic!("{}: expected InvalidRequest, got {other:?}", String::from_utf8_lossy(bytes)),
     };
     assert_eq!(invalid(br#"{"jsonrpc":"2.0","id":7}"#).0, MiId::from(7));
-    assert_eq!(
-        invalid(br#"{"method":"version","id":"x"}"#).0,
-        MiId::from("x")
-    );
-    assert_eq!(
-        invalid(br#"{"jsonrpc":"2.0","method":"v","id":[1]}"#).0,
-        MiId::Null
-    );
-    assert!(invalid(br#"{"jsonrpc":"2.0","method":"v","params":"x"}"#)
-        .1
-        .contains("params"));
-    assert!(invalid(br#"{"jsonrpc":2,"method":"v"}"#)
-        .1
-        .contains("jsonrpc"));
+    assert_eq!(invalid(br#"{"method":"version","id":"x"}"#).0, MiId::from("x"));
+    assert_eq!(invalid(br#"{"jsonrpc":"2.0","method":"v","id":[1]}"#).0, MiId::Null);
+    assert!(invalid(br#"{"jsonrpc":"2.0","method":"v","params":"x"}"#).1.contains("params"));
+    assert!(invalid(br#"{"jsonrpc":2,"method":"v"}"#).1.contains("jsonrpc"));
     assert!(invalid(b"[]").1.contains("object"));
-    for bad in [
-        &b""[..],
-        b"{",
-        b"\xff",
-        b"{\"jsonrpc\":\"2.0\",\"method\":\"which\",\"id\":",
-    ] {
-        assert!(matches!(
-            MiRequest::parse(bad),
-            Err(MiRequestError::NotJson { .. })
-        ));
+    for bad in [&b""[..], b"{", b"\xff", b"{\"jsonrpc\":\"2.0\",\"method\":\"which\",\"id\":"] {
+        assert!(matches!(MiRequest::parse(bad), Err(MiRequestError::NotJson { .. })));
     }
     // Trailing bytes after the JSON value are ignored, as OpenSIPS does.
     assert!(MiRequest::parse(br#"{"jsonrpc":"2.0","method":"version","id":1} trailing"#).is_ok());
     // An absent id and a null id differ: only the first gets no reply.
     let absent = MiRequest::parse(br#"{"jsonrpc":"2.0","method":"version"}"#).expect("valid");
-    let null =
-        MiRequest::parse(br#"{"jsonrpc":"2.0","method":"version","id":null}"#).expect("valid");
+    let null = MiRequest::parse(br#"{"jsonrpc":"2.0","method":"version","id":null}"#).expect("valid");
     assert_eq!((absent.id, null.id), (None, Some(MiId::Null)));
 }
 
@@ -167,10 +121,7 @@ fn mi_replies_are_always_classified() {
             String::from_utf8_lossy(bytes)
         );
     }
-    assert!(matches!(
-        MiReply::classify(b"500 Internal error\n"),
-        MiReply::PlainText(_)
-    ));
+    assert!(matches!(MiReply::classify(b"500 Internal error\n"), MiReply::PlainText(_)));
     let mut truncated = br#"{"jsonrpc":"2.0","result":{"Dialogs":[]},"id":9}"#.to_vec();
     while !truncated.is_empty() {
         truncated.pop();

@@ -5,64 +5,31 @@ use callbus_schemas::subjects::{self, Subject, SubjectError, Verb};
 #[test]
 fn every_subject_round_trips() {
     let samples = [
-        Subject::Event {
-            node: "n1".into(),
-            event: "E_DLG_STATE_CHANGED".into(),
-        },
+        Subject::Event { node: "n1".into(), event: "E_DLG_STATE_CHANGED".into() },
         Subject::Invalid { node: "n1".into() },
-        Subject::Mi {
-            node: "edge-2".into(),
-            command: "call_hold".into(),
-        },
-        Subject::Status {
-            node: "default".into(),
-        },
-        Subject::CallNotification {
-            call_id: "01JD8Z3Q".into(),
-            event: "answered".into(),
-        },
+        Subject::Mi { node: "edge-2".into(), command: "call_hold".into() },
+        Subject::Status { node: "default".into() },
+        Subject::CallNotification { call_id: "01JD8Z3Q".into(), event: "answered".into() },
     ];
-    for s in samples
-        .into_iter()
-        .chain(Verb::ALL.map(|verb| Subject::Cmd { verb }))
-    {
+    for s in samples.into_iter().chain(Verb::ALL.map(|verb| Subject::Cmd { verb })) {
         let text = s.to_string();
         assert_eq!(Subject::parse(&text), Ok(s), "{text}");
     }
-    assert_eq!(
-        subjects::event("n1", "E_UA_SESSION").as_deref(),
-        Ok("opensips.n1.event.E_UA_SESSION")
-    );
-    assert_eq!(
-        subjects::mi("n1", "dlg_list").as_deref(),
-        Ok("opensips.n1.mi.dlg_list")
-    );
-    assert_eq!(
-        subjects::cmd(Verb::CallTransferBlind),
-        "callbus.cmd.call.transfer.blind"
-    );
-    assert_eq!(
-        subjects::all_events("n1").as_deref(),
-        Ok("opensips.n1.event.>")
-    );
+    assert_eq!(subjects::event("n1", "E_UA_SESSION").as_deref(), Ok("opensips.n1.event.E_UA_SESSION"));
+    assert_eq!(subjects::mi("n1", "dlg_list").as_deref(), Ok("opensips.n1.mi.dlg_list"));
+    assert_eq!(subjects::cmd(Verb::CallTransferBlind), "callbus.cmd.call.transfer.blind");
+    assert_eq!(subjects::all_events("n1").as_deref(), Ok("opensips.n1.event.>"));
 }
 
 #[test]
 fn bad_tokens_are_refused_with_the_culprit_named() {
     for bad in ["a.b", "a*", "a>", "a b", "a\tb", "x\n"] {
         match subjects::event(bad, "E_X") {
-            Err(SubjectError::BadToken {
-                what: "node",
-                token,
-                ..
-            }) => assert_eq!(token, bad),
+            Err(SubjectError::BadToken { what: "node", token, .. }) => assert_eq!(token, bad),
             other => panic!("{bad:?}: {other:?}"),
         }
     }
-    assert_eq!(
-        subjects::status(""),
-        Err(SubjectError::EmptyToken { what: "node" })
-    );
+    assert_eq!(subjects::status(""), Err(SubjectError::EmptyToken { what: "node" }));
     // A SIP Call-ID is not a usable subject token.
     assert!(subjects::call_notification("1-16765@127.0.0.1", "ended").is_err());
 }
@@ -81,8 +48,5 @@ fn foreign_subjects_are_refused() {
     ] {
         assert!(Subject::parse(bad).is_err(), "{bad:?} must not parse");
     }
-    assert!(
-        Subject::parse("opensips.*.event.E_X").is_err(),
-        "wildcards are not concrete subjects"
-    );
+    assert!(Subject::parse("opensips.*.event.E_X").is_err(), "wildcards are not concrete subjects");
 }

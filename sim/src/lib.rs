@@ -107,13 +107,11 @@ pub(crate) struct Subscription {
 impl Subscription {
     /// Alive for `expire` seconds (OpenSIPS's 1-second granularity lets it live up to one more).
     pub fn is_live(&self, now: Instant) -> bool {
-        self.expire_secs > 0
-            && now.duration_since(self.since) < Duration::from_secs(self.expire_secs)
+        self.expire_secs > 0 && now.duration_since(self.since) < Duration::from_secs(self.expire_secs)
     }
 
     pub fn ttl_secs(&self, now: Instant) -> u64 {
-        self.expire_secs
-            .saturating_sub(now.duration_since(self.since).as_secs())
+        self.expire_secs.saturating_sub(now.duration_since(self.since).as_secs())
     }
 }
 
@@ -213,8 +211,7 @@ impl State {
 
     pub fn insert_dialog(&mut self, dialog: Dialog) {
         self.order_seq += 1;
-        self.dialog_order
-            .insert(self.order_seq, dialog.callid.clone());
+        self.dialog_order.insert(self.order_seq, dialog.callid.clone());
         self.dialogs.insert(dialog.callid.clone(), dialog);
     }
 
@@ -226,8 +223,7 @@ impl State {
 
     pub fn insert_session(&mut self, session: UaSession) {
         self.order_seq += 1;
-        self.session_order
-            .insert(self.order_seq, session.key.clone());
+        self.session_order.insert(self.order_seq, session.key.clone());
         self.sessions.insert(session.key.clone(), session);
     }
 
@@ -239,9 +235,7 @@ impl State {
 
     /// Dialogs in creation order.
     pub fn dialogs_in_order(&self) -> impl Iterator<Item = &Dialog> {
-        self.dialog_order
-            .values()
-            .filter_map(|c| self.dialogs.get(c))
+        self.dialog_order.values().filter_map(|c| self.dialogs.get(c))
     }
 
     /// Finds a dialog by its `hex.hex` ID first, then by Call-ID, as `dlg_end_dlg` does.
@@ -250,11 +244,7 @@ impl State {
             .values()
             .find(|d| d.id == dialog_id)
             .map(|d| d.callid.clone())
-            .or_else(|| {
-                self.dialogs
-                    .contains_key(dialog_id)
-                    .then(|| dialog_id.to_owned())
-            })
+            .or_else(|| self.dialogs.contains_key(dialog_id).then(|| dialog_id.to_owned()))
     }
 }
 
@@ -273,9 +263,7 @@ pub(crate) struct Inner {
 impl Inner {
     /// Locks the state; a poisoned lock (a panicked task) still yields the data.
     pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Raises an event: sends it to every live subscriber of its name from the socket of the
@@ -285,9 +273,7 @@ impl Inner {
         let now = Instant::now();
         let name = event.name();
         // Dead subscribers are purged lazily, at the next raise of their event.
-        state
-            .subscriptions
-            .retain(|s| s.event != name || s.is_live(now));
+        state.subscriptions.retain(|s| s.event != name || s.is_live(now));
         let bytes = event.to_bytes();
         let socket = match source {
             Source::Mi => &self.event_sockets[0],
@@ -300,11 +286,7 @@ impl Inner {
         let mut ok = true;
         for sub in state.subscriptions.iter().filter(|s| s.event == name) {
             if bytes.len() > MAX_UDP_PAYLOAD {
-                tracing::warn!(
-                    event = name,
-                    size = bytes.len(),
-                    "Cannot raise datagram event: Message too long"
-                );
+                tracing::warn!(event = name, size = bytes.len(), "Cannot raise datagram event: Message too long");
                 self.events_failed.fetch_add(1, Ordering::Relaxed);
                 ok = false;
                 continue;
@@ -343,11 +325,7 @@ impl Sim {
             s.set_nonblocking(true)?;
             event_sockets.push(s);
         }
-        let seed = if config.seed == 0 {
-            sip::unix_now() ^ u64::from(std::process::id()) << 20
-        } else {
-            config.seed
-        };
+        let seed = if config.seed == 0 { sip::unix_now() ^ u64::from(std::process::id()) << 20 } else { config.seed };
         let inner = Arc::new(Inner {
             config,
             state: Mutex::new(State::new(seed)),
@@ -360,11 +338,7 @@ impl Sim {
         });
         let mi_task = tokio::spawn(mi::serve(Arc::clone(&inner), mi_socket));
         tracing::info!(%mi_addr, "OpenSIPS simulator listening for MI datagrams");
-        Ok(Sim {
-            inner,
-            mi_addr,
-            mi_task,
-        })
+        Ok(Sim { inner, mi_addr, mi_task })
     }
 
     /// The MI socket's address.
@@ -374,11 +348,7 @@ impl Sim {
 
     /// The source addresses events are sent from (index 0: the MI process).
     pub fn event_source_addrs(&self) -> Vec<SocketAddr> {
-        self.inner
-            .event_sockets
-            .iter()
-            .filter_map(|s| s.local_addr().ok())
-            .collect()
+        self.inner.event_sockets.iter().filter_map(|s| s.local_addr().ok()).collect()
     }
 
     /// Starts a proxied call (a SIP caller through OpenSIPS to a SIP callee) that behaves as
@@ -422,10 +392,7 @@ impl Sim {
         state.ids = ids;
         state.generation = generation;
         state.ua_peers = peers;
-        tracing::info!(
-            generation,
-            "OpenSIPS simulator restarted: subscriptions and calls forgotten"
-        );
+        tracing::info!(generation, "OpenSIPS simulator restarted: subscriptions and calls forgotten");
     }
 
     /// Live subscriptions: (event, socket, seconds left).

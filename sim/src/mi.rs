@@ -14,9 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use callbus_schemas::event::{DlgState, Leg};
-use callbus_schemas::mi::{
-    codes, MiErrorReply, MiId, MiParams, MiPlainText, MiRequest, MiRequestError, MiSuccess,
-};
+use callbus_schemas::mi::{codes, MiErrorReply, MiId, MiParams, MiPlainText, MiRequest, MiRequestError, MiSuccess};
 use callbus_schemas::MI_DATAGRAM_BUFFER;
 use serde_json::{json, Map, Value};
 use tokio::net::UdpSocket;
@@ -142,14 +140,10 @@ async fn send(socket: &UdpSocket, reply: &[u8], to: SocketAddr) {
 pub(crate) fn handle_datagram(inner: &Arc<Inner>, bytes: &[u8]) -> Option<Vec<u8>> {
     let request = match MiRequest::parse(bytes) {
         Ok(r) => r,
-        Err(MiRequestError::NotJson { .. }) => {
-            return Some(MiPlainText::ParseError.as_text().into_bytes())
-        }
+        Err(MiRequestError::NotJson { .. }) => return Some(MiPlainText::ParseError.as_text().into_bytes()),
         // -32600 is the one error OpenSIPS answers even without an id (with "id":null).
         Err(MiRequestError::InvalidRequest { id, .. }) => {
-            return Some(
-                MiErrorReply::new(codes::INVALID_REQUEST, "Invalid Request", None, id).to_bytes(),
-            )
+            return Some(MiErrorReply::new(codes::INVALID_REQUEST, "Invalid Request", None, id).to_bytes())
         }
         Err(MiRequestError::Oversized { .. }) => return None,
     };
@@ -192,27 +186,15 @@ pub(crate) struct Fail {
 }
 
 fn fail(code: i64, message: &str) -> Fail {
-    Fail {
-        code,
-        message: message.to_owned(),
-        data: None,
-    }
+    Fail { code, message: message.to_owned(), data: None }
 }
 
 fn invalid_params(data: &str) -> Fail {
-    Fail {
-        code: codes::INVALID_PARAMS,
-        message: "Invalid params".into(),
-        data: Some(data.to_owned()),
-    }
+    Fail { code: codes::INVALID_PARAMS, message: "Invalid params".into(), data: Some(data.to_owned()) }
 }
 
 fn server_error(data: &str) -> Fail {
-    Fail {
-        code: codes::SERVER_ERROR,
-        message: "Server error".into(),
-        data: Some(data.to_owned()),
-    }
+    Fail { code: codes::SERVER_ERROR, message: "Server error".into(), data: Some(data.to_owned()) }
 }
 
 type Recipe = Vec<&'static str>;
@@ -222,13 +204,7 @@ fn with_optional(required: &[&'static str], optional: &[&'static str]) -> Vec<Re
     (0..1u32 << optional.len())
         .map(|mask| {
             let mut r = required.to_vec();
-            r.extend(
-                optional
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| mask & (1 << i) != 0)
-                    .map(|(_, n)| *n),
-            );
+            r.extend(optional.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, n)| *n));
             r
         })
         .collect()
@@ -258,41 +234,19 @@ fn recipes(command: &str) -> Option<(Vec<Recipe>, bool)> {
     Some(match command {
         "which" | "version" | "uptime" | "ps" | "events_list" => (sets(&[&[]]), false),
         "get_statistics" => (sets(&[&["statistics"]]), false),
-        "event_subscribe" => (
-            sets(&[&["event", "socket"], &["event", "socket", "expire"]]),
-            false,
-        ),
+        "event_subscribe" => (sets(&[&["event", "socket"], &["event", "socket", "expire"]]), false),
         "subscribers_list" => (sets(&[&[], &["event"], &["event", "socket"]]), false),
-        "dlg_list" | "dlg_list_ctx" => (
-            sets(&[
-                &[],
-                &["callid"],
-                &["callid", "from_tag"],
-                &["index", "counter"],
-            ]),
-            true,
-        ),
+        "dlg_list" | "dlg_list_ctx" => {
+            (sets(&[&[], &["callid"], &["callid", "from_tag"], &["index", "counter"]]), true)
+        }
         "dlg_end_dlg" => (sets(&[&["dialog_id"], &["dialog_id", "extra_hdrs"]]), false),
         "call_hold" | "call_unhold" => (sets(&[&["callid"]]), false),
         "call_transfer" => (
             sets(&[
                 &["callid", "leg", "destination"],
                 &["callid", "leg", "transfer_callid", "transfer_leg"],
-                &[
-                    "callid",
-                    "leg",
-                    "transfer_callid",
-                    "transfer_leg",
-                    "destination",
-                ],
-                &[
-                    "callid",
-                    "leg",
-                    "transfer_callid",
-                    "transfer_fromtag",
-                    "transfer_totag",
-                    "transfer_destination",
-                ],
+                &["callid", "leg", "transfer_callid", "transfer_leg", "destination"],
+                &["callid", "leg", "transfer_callid", "transfer_fromtag", "transfer_totag", "transfer_destination"],
             ]),
             false,
         ),
@@ -301,14 +255,7 @@ fn recipes(command: &str) -> Option<(Vec<Recipe>, bool)> {
             // recipe table is full at 48 entries (reference notes §4.5).
             let all = with_optional(
                 &["ruri", "to", "from"],
-                &[
-                    "proxy",
-                    "body",
-                    "content_type",
-                    "extra_headers",
-                    "flags",
-                    "socket",
-                ],
+                &["proxy", "body", "content_type", "extra_headers", "flags", "socket"],
             );
             let recipes = all
                 .into_iter()
@@ -342,9 +289,7 @@ impl Params {
     fn str(&self, name: &str) -> Result<String, Fail> {
         match self.0.get(name) {
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(Value::Number(n)) => {
-                Ok(n.as_i64().map_or_else(|| n.to_string(), |i| i.to_string()))
-            }
+            Some(Value::Number(n)) => Ok(n.as_i64().map_or_else(|| n.to_string(), |i| i.to_string())),
             Some(_) => Err(invalid_params(&format!("Bad type for parameter '{name}'"))),
             None => Err(server_error("Failed to handle parameter")),
         }
@@ -361,13 +306,12 @@ impl Params {
     /// An "int" param: a JSON number, or a numeric string.
     fn int(&self, name: &str) -> Result<i64, Fail> {
         match self.0.get(name) {
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .ok_or_else(|| invalid_params(&format!("Bad type for parameter '{name}'"))),
-            Some(Value::String(s)) => s
-                .trim()
-                .parse()
-                .map_err(|_| invalid_params(&format!("Bad type for parameter '{name}'"))),
+            Some(Value::Number(n)) => {
+                n.as_i64().ok_or_else(|| invalid_params(&format!("Bad type for parameter '{name}'")))
+            }
+            Some(Value::String(s)) => {
+                s.trim().parse().map_err(|_| invalid_params(&format!("Bad type for parameter '{name}'")))
+            }
             Some(_) => Err(invalid_params(&format!("Bad type for parameter '{name}'"))),
             None => Err(server_error("Failed to handle parameter")),
         }
@@ -385,9 +329,7 @@ fn match_recipe(request: &MiRequest, recipes: &[Recipe], named_only: bool) -> Re
             }
         }
         Some(MiParams::Named(map)) => {
-            let fits = recipes
-                .iter()
-                .any(|r| r.len() == map.len() && r.iter().all(|n| map.contains_key(*n)));
+            let fits = recipes.iter().any(|r| r.len() == map.len() && r.iter().all(|n| map.contains_key(*n)));
             if fits {
                 Ok(Params(map.clone()))
             } else {
@@ -400,15 +342,8 @@ fn match_recipe(request: &MiRequest, recipes: &[Recipe], named_only: bool) -> Re
             }
             let mut same_count = recipes.iter().filter(|r| r.len() == list.len());
             match (same_count.next(), same_count.next()) {
-                (Some(r), None) => Ok(Params(
-                    r.iter()
-                        .map(|n| (*n).to_owned())
-                        .zip(list.iter().cloned())
-                        .collect(),
-                )),
-                (Some(_), Some(_)) => Err(invalid_params(
-                    "Ambiguous call, use named parameters instead",
-                )),
+                (Some(r), None) => Ok(Params(r.iter().map(|n| (*n).to_owned()).zip(list.iter().cloned()).collect())),
+                (Some(_), Some(_)) => Err(invalid_params("Ambiguous call, use named parameters instead")),
                 (None, _) => Err(invalid_params("Too few or too many parameters")),
             }
         }
@@ -442,19 +377,14 @@ fn dispatch(inner: &Arc<Inner>, state: &mut State, request: &MiRequest) -> Resul
         "dlg_list" | "dlg_list_ctx" => dlg_list(state, &p),
         "dlg_end_dlg" => {
             let dialog_id = p.str("dialog_id")?;
-            let callid = state
-                .find_dialog_key(&dialog_id)
-                .ok_or_else(|| fail(404, "Requested Dialog not found"))?;
+            let callid = state.find_dialog_key(&dialog_id).ok_or_else(|| fail(404, "Requested Dialog not found"))?;
             scenario::end_dialog_later(inner, state.generation, callid);
             Ok(json!("OK"))
         }
         "call_hold" | "call_unhold" => {
             let hold = command == "call_hold";
             let callid = p.str("callid")?;
-            let dialog = state
-                .dialogs
-                .get(&callid)
-                .ok_or_else(|| fail(404, "Dialog not found"))?;
+            let dialog = state.dialogs.get(&callid).ok_or_else(|| fail(404, "Dialog not found"))?;
             if dialog.state != DlgState::Confirmed {
                 return Err(fail(410, "Dialog not ready"));
             }
@@ -483,11 +413,7 @@ fn dispatch(inner: &Arc<Inner>, state: &mut State, request: &MiRequest) -> Resul
                 .map_err(|_| fail(500, "Failed to send sequential request"))
         }
         "ua_session_reply" => {
-            let (key, method, code) = (
-                p.str("key")?,
-                p.str("method")?.to_ascii_uppercase(),
-                p.int("code")?,
-            );
+            let (key, method, code) = (p.str("key")?, p.str("method")?.to_ascii_uppercase(), p.int("code")?);
             p.str("reason")?;
             scenario::reply(inner, state, &key, &method, code)
                 .map(|()| json!("OK"))
@@ -512,69 +438,40 @@ fn dispatch(inner: &Arc<Inner>, state: &mut State, request: &MiRequest) -> Resul
 
 fn ps(inner: &Inner) -> Value {
     let base = std::process::id();
-    let mut types = vec![
-        "attendant".to_owned(),
-        "MI Datagram".to_owned(),
-        "time_keeper".to_owned(),
-        "timer".to_owned(),
-    ];
-    types.extend(
-        (0..inner.config.sip_workers.max(1)).map(|_| "SIP receiver udp:127.0.0.1:5060".to_owned()),
-    );
+    let mut types =
+        vec!["attendant".to_owned(), "MI Datagram".to_owned(), "time_keeper".to_owned(), "timer".to_owned()];
+    types.extend((0..inner.config.sip_workers.max(1)).map(|_| "SIP receiver udp:127.0.0.1:5060".to_owned()));
     types.push("Timer handler".to_owned());
-    let list: Vec<Value> = types
-        .iter()
-        .enumerate()
-        .map(|(i, t)| json!({"ID": i, "PID": base + i as u32, "Type": t}))
-        .collect();
+    let list: Vec<Value> =
+        types.iter().enumerate().map(|(i, t)| json!({"ID": i, "PID": base + i as u32, "Type": t})).collect();
     json!({ "Processes": list })
 }
 
 fn event_subscribe(state: &mut State, p: &Params) -> Result<Value, Fail> {
     let event = p.str("event")?;
     let socket = p.str("socket")?;
-    let expire = if p.has("expire") {
-        p.int("expire")?
-    } else {
-        3600
-    };
+    let expire = if p.has("expire") { p.int("expire")? } else { 3600 };
     if expire < 0 {
         return Err(invalid_params("Negative expire value"));
     }
     if !EVENTS.contains(&event.as_str()) {
         return Err(fail(400, "Bad parameter value"));
     }
-    let addr: SocketAddr = socket
-        .strip_prefix("udp:")
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| fail(400, "Bad parameter value"))?;
+    let addr: SocketAddr =
+        socket.strip_prefix("udp:").and_then(|a| a.parse().ok()).ok_or_else(|| fail(400, "Bad parameter value"))?;
     let now = Instant::now();
     // Renewal: the same event and socket string refreshes the existing entry.
-    if let Some(sub) = state
-        .subscriptions
-        .iter_mut()
-        .find(|s| s.event == event && s.socket == socket)
-    {
+    if let Some(sub) = state.subscriptions.iter_mut().find(|s| s.event == event && s.socket == socket) {
         sub.expire_secs = expire as u64;
         sub.since = now;
     } else {
-        state.subscriptions.push(Subscription {
-            event,
-            socket,
-            addr,
-            expire_secs: expire as u64,
-            since: now,
-        });
+        state.subscriptions.push(Subscription { event, socket, addr, expire_secs: expire as u64, since: now });
     }
     Ok(json!("OK"))
 }
 
 fn subscriber_json(s: &Subscription, now: Instant) -> Value {
-    let ttl = if s.is_live(now) {
-        json!(s.ttl_secs(now))
-    } else {
-        json!("expired")
-    };
+    let ttl = if s.is_live(now) { json!(s.ttl_secs(now)) } else { json!("expired") };
     json!({ "socket": s.socket, "expire": s.expire_secs, "ttl": ttl })
 }
 
@@ -599,19 +496,15 @@ fn subscribers_list(state: &mut State, p: &Params) -> Result<Value, Fail> {
             json!({ "Events": events })
         }
         Some(event) => {
-            let id = EVENTS
-                .iter()
-                .position(|e| *e == event)
-                .ok_or_else(|| fail(404, "Event not published"))?;
+            let id = EVENTS.iter().position(|e| *e == event).ok_or_else(|| fail(404, "Event not published"))?;
             let mut subs = state.subscriptions.iter().filter(|s| s.event == event);
             match p.opt_str("socket")? {
                 None => {
                     json!({ "Event": event_json(&event, id, subs.map(|s| subscriber_json(s, now)).collect()) })
                 }
                 Some(socket) => {
-                    let sub = subs
-                        .find(|s| s.socket == socket)
-                        .ok_or_else(|| fail(404, "Subscriber does not exist"))?;
+                    let sub =
+                        subs.find(|s| s.socket == socket).ok_or_else(|| fail(404, "Subscriber does not exist"))?;
                     json!({ "Event": {"name": event, "id": id, "Subscriber": subscriber_json(sub, now)} })
                 }
             }
@@ -624,25 +517,15 @@ fn subscribers_list(state: &mut State, p: &Params) -> Result<Value, Fail> {
 
 fn get_statistics(state: &State, p: &Params) -> Result<Value, Fail> {
     let wanted: Vec<String> = match p.0.get("statistics") {
-        Some(Value::Array(items)) if !items.is_empty() => items
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect(),
-        Some(Value::Array(_)) => {
-            return Err(invalid_params("Empty array in parameter 'statistics'"))
+        Some(Value::Array(items)) if !items.is_empty() => {
+            items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
         }
+        Some(Value::Array(_)) => return Err(invalid_params("Empty array in parameter 'statistics'")),
         _ => return Err(invalid_params("Bad type for parameter 'statistics'")),
     };
-    let active = state
-        .dialogs
-        .values()
-        .filter(|d| d.state == DlgState::Confirmed || d.state == DlgState::Answered)
-        .count();
-    let early = state
-        .dialogs
-        .values()
-        .filter(|d| d.state == DlgState::Early)
-        .count();
+    let active =
+        state.dialogs.values().filter(|d| d.state == DlgState::Confirmed || d.state == DlgState::Answered).count();
+    let early = state.dialogs.values().filter(|d| d.state == DlgState::Early).count();
     let dialog_stats = [
         ("dialog:active_dialogs", active as u64),
         ("dialog:early_dialogs", early as u64),
@@ -658,10 +541,7 @@ fn get_statistics(state: &State, p: &Params) -> Result<Value, Fail> {
     ];
     let mut out = Map::new();
     for (name, value) in dialog_stats {
-        if wanted
-            .iter()
-            .any(|w| w == "all" || w == name || (w.ends_with(':') && name.starts_with(w.as_str())))
-        {
+        if wanted.iter().any(|w| w == "all" || w == name || (w.ends_with(':') && name.starts_with(w.as_str()))) {
             out.insert(name.to_owned(), json!(value));
         }
     }
@@ -720,12 +600,8 @@ fn dlg_list(state: &State, p: &Params) -> Result<Value, Fail> {
         if index < 0 || counter <= 0 {
             return Err(invalid_params("Bad type for parameter 'index'"));
         }
-        let page: Vec<Value> = state
-            .dialogs_in_order()
-            .skip(index as usize)
-            .take(counter as usize)
-            .map(dialog_json)
-            .collect();
+        let page: Vec<Value> =
+            state.dialogs_in_order().skip(index as usize).take(counter as usize).map(dialog_json).collect();
         return Ok(json!({ "count": state.dialogs.len(), "Dialogs": page }));
     }
     Ok(json!({ "Dialogs": state.dialogs_in_order().map(dialog_json).collect::<Vec<_>>() }))
@@ -733,10 +609,7 @@ fn dlg_list(state: &State, p: &Params) -> Result<Value, Fail> {
 
 fn call_transfer(inner: &Arc<Inner>, state: &mut State, p: &Params) -> Result<Value, Fail> {
     let callid = p.str("callid")?;
-    let dialog = state
-        .dialogs
-        .get(&callid)
-        .ok_or_else(|| fail(404, "Dialog not found"))?;
+    let dialog = state.dialogs.get(&callid).ok_or_else(|| fail(404, "Dialog not found"))?;
     if p.has("transfer_fromtag") {
         // The third attended recipe reads `destination` while it names `transfer_destination`:
         // it always fails in 3.4 (reference notes §3.2).
@@ -757,10 +630,7 @@ fn call_transfer(inner: &Arc<Inner>, state: &mut State, p: &Params) -> Result<Va
     }
     let transfer = if p.has("transfer_callid") {
         let b_callid = p.str("transfer_callid")?;
-        let b = state
-            .dialogs
-            .get(&b_callid)
-            .ok_or_else(|| fail(404, "Transfer dialog not found"))?;
+        let b = state.dialogs.get(&b_callid).ok_or_else(|| fail(404, "Transfer dialog not found"))?;
         let b_leg = match p.str("transfer_leg")?.as_str() {
             "caller" => Leg::Caller,
             "callee" => Leg::Callee,
@@ -771,19 +641,9 @@ fn call_transfer(inner: &Arc<Inner>, state: &mut State, p: &Params) -> Result<Va
             None if b_leg == Leg::Caller => b.from_uri.clone(),
             None => b.to_uri.clone(),
         };
-        Transfer {
-            callid,
-            leg,
-            destination,
-            replaces: Some((b_callid, b_leg)),
-        }
+        Transfer { callid, leg, destination, replaces: Some((b_callid, b_leg)) }
     } else {
-        Transfer {
-            callid,
-            leg,
-            destination: p.str("destination")?,
-            replaces: None,
-        }
+        Transfer { callid, leg, destination: p.str("destination")?, replaces: None }
     };
     scenario::transfer(inner, state, transfer);
     Ok(json!("Accepted"))
@@ -808,38 +668,19 @@ fn session_json(s: &crate::UaSession) -> Value {
     o.insert("from".into(), json!(s.from_display));
     o.insert("from_uri".into(), json!(s.from_uri));
     o.insert("from_tag".into(), json!(s.from_tag));
-    o.insert(
-        "to".into(),
-        json!(if s.uac {
-            String::new()
-        } else {
-            s.to_display.clone()
-        }),
-    );
+    o.insert("to".into(), json!(if s.uac { String::new() } else { s.to_display.clone() }));
     o.insert("to_uri".into(), json!(s.to_uri));
     o.insert("to_tag".into(), json!(s.to_tag));
-    o.insert(
-        "cseq".into(),
-        json!({"caller": if s.uac { s.cseq_local } else { s.cseq_remote }, "callee": 1}),
-    );
+    o.insert("cseq".into(), json!({"caller": if s.uac { s.cseq_local } else { s.cseq_remote }, "callee": 1}));
     let (caller_contact, callee_contact) = if s.uac {
-        (
-            "sip:opensips@127.0.0.1:5060".to_owned(),
-            s.remote_contact.trim_matches(['<', '>']).to_owned(),
-        )
+        ("sip:opensips@127.0.0.1:5060".to_owned(), s.remote_contact.trim_matches(['<', '>']).to_owned())
     } else {
         (s.remote_contact.clone(), "sip:127.0.0.1:5060".to_owned())
     };
-    o.insert(
-        "contact".into(),
-        json!({"caller": caller_contact, "callee": callee_contact}),
-    );
+    o.insert("contact".into(), json!({"caller": caller_contact, "callee": callee_contact}));
     o.insert("send_sock".into(), json!("127.0.0.1"));
     if s.uac && s.b2b_state >= 4 {
-        o.insert(
-            "LEGS".into(),
-            json!([{"id": 0, "tag": s.to_tag, "cseq": s.cseq_local, "contact": callee_contact}]),
-        );
+        o.insert("LEGS".into(), json!([{"id": 0, "tag": s.to_tag, "cseq": s.cseq_local, "contact": callee_contact}]));
     }
     Value::Object(o)
 }
@@ -852,19 +693,11 @@ fn ua_session_list(state: &State, p: &Params) -> Result<Value, Fail> {
             if parts.len() < 3 || parts[1..3].iter().any(|n| n.parse::<u64>().is_err()) {
                 return Err(fail(400, "Bad format for b2b key"));
             }
-            let session = state
-                .sessions
-                .get(&key)
-                .ok_or_else(|| fail(404, "Entity not found"))?;
+            let session = state.sessions.get(&key).ok_or_else(|| fail(404, "Entity not found"))?;
             Ok(session_json(session))
         }
         None => Ok(Value::Array(
-            state
-                .session_order
-                .values()
-                .filter_map(|k| state.sessions.get(k))
-                .map(session_json)
-                .collect(),
+            state.session_order.values().filter_map(|k| state.sessions.get(k)).map(session_json).collect(),
         )),
     }
 }

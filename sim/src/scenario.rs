@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use callbus_schemas::event::{
-    CallHold, CallTransfer, DlgState, DlgStateChanged, Event, HoldAction, HoldState, Leg,
-    TransferState, UaEntity, UaEventType, UaSession as UaSessionEvent,
+    CallHold, CallTransfer, DlgState, DlgStateChanged, Event, HoldAction, HoldState, Leg, TransferState, UaEntity,
+    UaEventType, UaSession as UaSessionEvent,
 };
 use serde_json::Map;
 
@@ -162,11 +162,7 @@ async fn step(inner: &Inner) {
 }
 
 /// Runs `f` on the state if the sim has not restarted since `generation`.
-fn with_state<T>(
-    inner: &Inner,
-    generation: u64,
-    f: impl FnOnce(&mut State) -> Option<T>,
-) -> Option<T> {
+fn with_state<T>(inner: &Inner, generation: u64, f: impl FnOnce(&mut State) -> Option<T>) -> Option<T> {
     let mut state = inner.lock();
     if state.generation != generation {
         return None;
@@ -175,12 +171,7 @@ fn with_state<T>(
 }
 
 /// Creates a dialog in state 1 (no event: OpenSIPS raises none for creation).
-pub(crate) fn new_dialog(
-    state: &mut State,
-    from_uri: &str,
-    to_uri: &str,
-    script: CallScript,
-) -> String {
+pub(crate) fn new_dialog(state: &mut State, from_uri: &str, to_uri: &str, script: CallScript) -> String {
     let n = state.ids.next_counter();
     let pid = 16_000 + (state.ids.next_u64() % 9_000);
     let callid = format!("{n}-{pid}@127.0.0.1");
@@ -211,12 +202,7 @@ pub(crate) fn new_dialog(
 
 /// Moves a dialog to `new_state` and raises `E_DLG_STATE_CHANGED`. False when the dialog is
 /// gone, already there, or the sim restarted.
-pub(crate) fn transition(
-    inner: &Inner,
-    generation: u64,
-    callid: &str,
-    new_state: DlgState,
-) -> bool {
+pub(crate) fn transition(inner: &Inner, generation: u64, callid: &str, new_state: DlgState) -> bool {
     with_state(inner, generation, |state| {
         let dialog = state.dialogs.get_mut(callid)?;
         if dialog.state == new_state || dialog.state == DlgState::Deleted {
@@ -257,12 +243,7 @@ pub(crate) fn transition(
 pub(crate) fn start_proxied(inner: &Arc<Inner>, script: CallScript) -> String {
     let (generation, callid) = {
         let mut state = inner.lock();
-        let callid = new_dialog(
-            &mut state,
-            &script.from_uri.clone(),
-            &script.to_uri.clone(),
-            script.clone(),
-        );
+        let callid = new_dialog(&mut state, &script.from_uri.clone(), &script.to_uri.clone(), script.clone());
         (state.generation, callid)
     };
     let task_inner = Arc::clone(inner);
@@ -313,11 +294,7 @@ fn hold_event(callid: &str, leg: Leg, hold: bool, state: HoldState) -> Event {
     Event::CallHold(CallHold {
         callid: callid.to_owned(),
         leg,
-        action: if hold {
-            HoldAction::Hold
-        } else {
-            HoldAction::Unhold
-        },
+        action: if hold { HoldAction::Hold } else { HoldAction::Unhold },
         state,
         extra: Map::new(),
     })
@@ -333,23 +310,17 @@ pub(crate) fn hold(inner: &Arc<Inner>, state: &mut State, callid: &str, hold: bo
         return false;
     };
     let legs: Vec<Leg> = if hold {
-        [
-            (Leg::Caller, dialog.held_caller),
-            (Leg::Callee, dialog.held_callee),
-        ]
-        .into_iter()
-        .filter(|(_, held)| !held)
-        .map(|(leg, _)| leg)
-        .collect()
+        [(Leg::Caller, dialog.held_caller), (Leg::Callee, dialog.held_callee)]
+            .into_iter()
+            .filter(|(_, held)| !held)
+            .map(|(leg, _)| leg)
+            .collect()
     } else {
-        [
-            (Leg::Callee, dialog.held_callee),
-            (Leg::Caller, dialog.held_caller),
-        ]
-        .into_iter()
-        .filter(|(_, held)| *held)
-        .map(|(leg, _)| leg)
-        .collect()
+        [(Leg::Callee, dialog.held_callee), (Leg::Caller, dialog.held_caller)]
+            .into_iter()
+            .filter(|(_, held)| *held)
+            .map(|(leg, _)| leg)
+            .collect()
     };
     if legs.is_empty() {
         return false;
@@ -365,29 +336,17 @@ pub(crate) fn hold(inner: &Arc<Inner>, state: &mut State, callid: &str, hold: bo
     let rejects = dialog.script.callee_rejects_reinvite;
     let generation = state.generation;
     for leg in &legs {
-        inner.raise(
-            state,
-            Source::Mi,
-            &hold_event(callid, leg.clone(), hold, HoldState::Start),
-        );
+        inner.raise(state, Source::Mi, &hold_event(callid, leg.clone(), hold, HoldState::Start));
     }
     let task_inner = Arc::clone(inner);
     let callid = callid.to_owned();
     tokio::spawn(async move {
         step(&task_inner).await;
         for leg in legs {
-            let outcome = if rejects && leg == Leg::Callee {
-                HoldState::Fail
-            } else {
-                HoldState::Ok
-            };
+            let outcome = if rejects && leg == Leg::Callee { HoldState::Fail } else { HoldState::Ok };
             let raised = with_state(&task_inner, generation, |state| {
                 state.dialogs.contains_key(&callid).then_some(())?;
-                task_inner.raise(
-                    state,
-                    Source::Sip,
-                    &hold_event(&callid, leg.clone(), hold, outcome),
-                );
+                task_inner.raise(state, Source::Sip, &hold_event(&callid, leg.clone(), hold, outcome));
                 Some(())
             });
             if raised.is_none() {
@@ -398,14 +357,7 @@ pub(crate) fn hold(inner: &Arc<Inner>, state: &mut State, callid: &str, hold: bo
     true
 }
 
-fn transfer_event(
-    callid: &str,
-    leg: Leg,
-    new_call: &str,
-    destination: &str,
-    st: TransferState,
-    status: &str,
-) -> Event {
+fn transfer_event(callid: &str, leg: Leg, new_call: &str, destination: &str, st: TransferState, status: &str) -> Event {
     Event::CallTransfer(CallTransfer {
         callid: callid.to_owned(),
         leg,
@@ -466,37 +418,14 @@ pub(crate) fn transfer(inner: &Arc<Inner>, state: &mut State, t: Transfer) {
             return;
         }
         let new_call = with_state(inner, generation, |state| {
-            let new_call = new_dialog(
-                state,
-                &transferee_uri,
-                &t.destination,
-                new_call_script.clone(),
-            );
+            let new_call = new_dialog(state, &transferee_uri, &t.destination, new_call_script.clone());
             // OpenSIPS 3.4.18 puts the new call's Call-ID in `leg` of a blind transfer's start
             // (fixture events/E_CALL_TRANSFER.1.call_transfer_blind.json); attended is right.
-            let start_leg = if t.replaces.is_some() {
-                t.leg.clone()
-            } else {
-                Leg::Unknown(new_call.clone())
-            };
-            let start = transfer_event(
-                &t.callid,
-                start_leg,
-                &new_call,
-                &t.destination,
-                TransferState::Start,
-                "",
-            );
+            let start_leg = if t.replaces.is_some() { t.leg.clone() } else { Leg::Unknown(new_call.clone()) };
+            let start = transfer_event(&t.callid, start_leg, &new_call, &t.destination, TransferState::Start, "");
             inner.raise(state, Source::Sip, &start);
             if let Some((b, b_leg)) = &t.replaces {
-                let start_b = transfer_event(
-                    b,
-                    b_leg.clone(),
-                    &new_call,
-                    &t.destination,
-                    TransferState::Start,
-                    "",
-                );
+                let start_b = transfer_event(b, b_leg.clone(), &new_call, &t.destination, TransferState::Start, "");
                 inner.raise(state, Source::Sip, &start_b);
             }
             Some(new_call)
@@ -508,24 +437,10 @@ pub(crate) fn transfer(inner: &Arc<Inner>, state: &mut State, t: Transfer) {
         transition(inner, generation, &new_call, DlgState::Answered);
         with_state(inner, generation, |state| {
             if let Some((b, b_leg)) = &t.replaces {
-                let ok_b = transfer_event(
-                    b,
-                    b_leg.clone(),
-                    &new_call,
-                    &t.destination,
-                    TransferState::Ok,
-                    "200 OK",
-                );
+                let ok_b = transfer_event(b, b_leg.clone(), &new_call, &t.destination, TransferState::Ok, "200 OK");
                 inner.raise(state, Source::Sip, &ok_b);
             }
-            let ok = transfer_event(
-                &t.callid,
-                t.leg.clone(),
-                &new_call,
-                &t.destination,
-                TransferState::Ok,
-                "200 OK",
-            );
+            let ok = transfer_event(&t.callid, t.leg.clone(), &new_call, &t.destination, TransferState::Ok, "200 OK");
             inner.raise(state, Source::Sip, &ok);
             finish(state);
             Some(())
@@ -534,14 +449,8 @@ pub(crate) fn transfer(inner: &Arc<Inner>, state: &mut State, t: Transfer) {
         transition(inner, generation, &new_call, DlgState::Confirmed);
         step(inner).await;
         with_state(inner, generation, |state| {
-            let notify = transfer_event(
-                &t.callid,
-                Leg::Unknown(String::new()),
-                &new_call,
-                "",
-                TransferState::Notify,
-                "200 OK",
-            );
+            let notify =
+                transfer_event(&t.callid, Leg::Unknown(String::new()), &new_call, "", TransferState::Notify, "200 OK");
             inner.raise(state, Source::Sip, &notify);
             Some(())
         });
@@ -572,11 +481,7 @@ fn ua_event(
     Event::UaSession(UaSessionEvent {
         key: session.key.clone(),
         event_type,
-        entity_type: if session.uac {
-            UaEntity::Uac
-        } else {
-            UaEntity::Uas
-        },
+        entity_type: if session.uac { UaEntity::Uac } else { UaEntity::Uas },
         status,
         reason,
         method: method.to_owned(),
@@ -587,30 +492,15 @@ fn ua_event(
 }
 
 /// Headers of a reply the remote side sent to one of our requests.
-fn reply_headers(
-    state: &mut State,
-    session: &UaSession,
-    cseq: u32,
-    method: &str,
-    body_len: usize,
-) -> String {
+fn reply_headers(state: &mut State, session: &UaSession, cseq: u32, method: &str, body_len: usize) -> String {
     let branch = format!("z9hG4bK{}.{}.0", state.ids.hex(4), state.ids.hex(8));
     let (ours, theirs) = if session.uac {
-        (
-            sip::name_addr(Some(&session.from_display), &session.from_uri),
-            session.to_uri.clone(),
-        )
+        (sip::name_addr(Some(&session.from_display), &session.from_uri), session.to_uri.clone())
     } else {
-        (
-            sip::name_addr(Some(&session.to_display), &session.to_uri),
-            session.from_uri.clone(),
-        )
+        (sip::name_addr(Some(&session.to_display), &session.to_uri), session.from_uri.clone())
     };
-    let (our_tag, their_tag) = if session.uac {
-        (&session.from_tag, &session.to_tag)
-    } else {
-        (&session.to_tag, &session.from_tag)
-    };
+    let (our_tag, their_tag) =
+        if session.uac { (&session.from_tag, &session.to_tag) } else { (&session.to_tag, &session.from_tag) };
     HeaderBlock {
         via: format!("127.0.0.1:5060;branch={branch}"),
         from: format!("{ours};tag={our_tag}"),
@@ -636,20 +526,9 @@ fn request_headers(
 ) -> String {
     let to = sip::name_addr(Some(&session.to_display), &session.to_uri);
     HeaderBlock {
-        via: format!(
-            "127.0.0.1:5072;branch=z9hG4bK-{}-1-{}",
-            session.local_index, cseq
-        ),
-        from: format!(
-            "{};tag={}",
-            sip::name_addr(Some(&session.from_display), &session.from_uri),
-            session.from_tag
-        ),
-        to: if with_to_tag {
-            format!("{to};tag={}", session.to_tag)
-        } else {
-            to
-        },
+        via: format!("127.0.0.1:5072;branch=z9hG4bK-{}-1-{}", session.local_index, cseq),
+        from: format!("{};tag={}", sip::name_addr(Some(&session.from_display), &session.from_uri), session.from_tag),
+        to: if with_to_tag { format!("{to};tag={}", session.to_tag) } else { to },
         call_id: &session.callid,
         cseq,
         method,
@@ -664,13 +543,7 @@ fn new_key(state: &mut State) -> (String, u64) {
     let hash_index = state.ids.next_u64() % 512;
     let local_index = state.ids.next_u64() % 10_000_000;
     let rand = state.ids.next_u64() % 2_147_483_647;
-    (
-        format!(
-            "B2B.{hash_index}.{local_index}.{}.{rand}",
-            state.started_unix
-        ),
-        local_index,
-    )
+    (format!("B2B.{hash_index}.{local_index}.{}.{rand}", state.started_unix), local_index)
 }
 
 /// The peer behaviour for a client session towards `ruri`.
@@ -678,11 +551,7 @@ fn peer_for(state: &State, ruri: &str) -> UaPeer {
     if let Some(peer) = state.ua_peers.get(ruri) {
         return *peer;
     }
-    let user = ruri
-        .trim_start_matches("sip:")
-        .split(['@', ';'])
-        .next()
-        .unwrap_or_default();
+    let user = ruri.trim_start_matches("sip:").split(['@', ';']).next().unwrap_or_default();
     match user {
         "busy" => UaPeer::Busy,
         "nobody" => UaPeer::Unreachable,
@@ -747,14 +616,8 @@ fn uac_ringing(inner: &Inner, state: &mut State, key: &str) {
         return;
     };
     let headers = reply_headers(state, &session, 2, "INVITE", 0);
-    let event = ua_event(
-        &session,
-        UaEventType::Early,
-        Some((180, "Ringing")),
-        "INVITE",
-        Some(String::new()),
-        Some(headers),
-    );
+    let event =
+        ua_event(&session, UaEventType::Early, Some((180, "Ringing")), "INVITE", Some(String::new()), Some(headers));
     if let Some(s) = state.sessions.get_mut(key) {
         s.b2b_state = 3;
     }
@@ -769,38 +632,21 @@ fn uac_timeout(inner: &Inner, state: &mut State, key: &str) {
     let from = sip::name_addr(Some(&session.from_display), &session.from_uri);
     let tag = session.from_tag.trim_end_matches("-4a11");
     let headers = format!("From: {from};tag={tag}-0000\r\n");
-    let event = ua_event(
-        &session,
-        UaEventType::Rejected,
-        Some((408, "Timeout")),
-        "INVITE",
-        None,
-        Some(headers),
-    );
+    let event = ua_event(&session, UaEventType::Rejected, Some((408, "Timeout")), "INVITE", None, Some(headers));
     inner.raise(state, Source::Sip, &event);
     state.remove_session(key);
 }
 
-async fn run_uac(
-    inner: Arc<Inner>,
-    generation: u64,
-    key: String,
-    peer: UaPeer,
-    ringing_sent: bool,
-) {
+async fn run_uac(inner: Arc<Inner>, generation: u64, key: String, peer: UaPeer, ringing_sent: bool) {
     let inner = &*inner;
     if peer == UaPeer::Unreachable {
         tokio::time::sleep(inner.config.ua_timeout).await;
-        with_state(inner, generation, |state| {
-            Some(uac_timeout(inner, state, &key))
-        });
+        with_state(inner, generation, |state| Some(uac_timeout(inner, state, &key)));
         return;
     }
     if !ringing_sent {
         step(inner).await;
-        with_state(inner, generation, |state| {
-            Some(uac_ringing(inner, state, &key))
-        });
+        with_state(inner, generation, |state| Some(uac_ringing(inner, state, &key)));
     }
     match peer {
         UaPeer::Answer => {
@@ -809,14 +655,8 @@ async fn run_uac(
                 let session = state.sessions.get(&key)?.clone();
                 let body = session.remote_sdp.clone();
                 let headers = reply_headers(state, &session, 2, "INVITE", body.len());
-                let event = ua_event(
-                    &session,
-                    UaEventType::Answered,
-                    Some((200, "OK")),
-                    "INVITE",
-                    Some(body),
-                    Some(headers),
-                );
+                let event =
+                    ua_event(&session, UaEventType::Answered, Some((200, "OK")), "INVITE", Some(body), Some(headers));
                 let s = state.sessions.get_mut(&key)?;
                 s.b2b_state = if s.flags.no_auto_ack { 4 } else { 5 };
                 s.last_reply_code = Some(200);
@@ -847,9 +687,7 @@ async fn run_uac(
         }
         UaPeer::RingNoAnswer => {
             tokio::time::sleep(inner.config.ua_timeout).await;
-            with_state(inner, generation, |state| {
-                Some(uac_timeout(inner, state, &key))
-            });
+            with_state(inner, generation, |state| Some(uac_timeout(inner, state, &key)));
         }
         UaPeer::Unreachable => {}
     }
@@ -862,12 +700,7 @@ pub(crate) enum UaRefusal {
 }
 
 /// `ua_session_update`: sends an in-dialog request; the remote answers a step later.
-pub(crate) fn update(
-    inner: &Arc<Inner>,
-    state: &mut State,
-    key: &str,
-    method: &str,
-) -> Result<(), UaRefusal> {
+pub(crate) fn update(inner: &Arc<Inner>, state: &mut State, key: &str, method: &str) -> Result<(), UaRefusal> {
     let generation = state.generation;
     let session = state.sessions.get_mut(key).ok_or(UaRefusal::NoSession)?;
     let early = session.b2b_state < 4;
@@ -960,11 +793,7 @@ pub(crate) fn reply(
 ) -> Result<(), UaRefusal> {
     let generation = state.generation;
     let session = state.sessions.get_mut(key).ok_or(UaRefusal::NoSession)?;
-    let pos = session
-        .pending_remote
-        .iter()
-        .position(|m| m == method)
-        .ok_or(UaRefusal::BadState)?;
+    let pos = session.pending_remote.iter().position(|m| m == method).ok_or(UaRefusal::BadState)?;
     session.last_reply_code = Some(code);
     if code < 200 {
         if session.b2b_state < 3 {
@@ -995,14 +824,7 @@ pub(crate) fn reply(
                 s.last_method = method_bit("ACK");
             }
             if session.flags.report_ack {
-                let event = ua_event(
-                    &session,
-                    UaEventType::Updated,
-                    None,
-                    "ACK",
-                    Some(String::new()),
-                    Some(headers),
-                );
+                let event = ua_event(&session, UaEventType::Updated, None, "ACK", Some(String::new()), Some(headers));
                 inner.raise(state, Source::Sip, &event);
             }
             Some(())
@@ -1019,27 +841,17 @@ pub(crate) fn start_uas(inner: &Arc<Inner>, script: UasScript) -> Option<String>
     let pid = 17_000 + state.ids.next_u64() % 9_000;
     let (from_display, from_uri) = sip::split_display(&script.from_uri);
     let (to_display, to_uri) = sip::split_display(&script.to_uri);
-    let user = |uri: &str| {
-        uri.trim_start_matches("sip:")
-            .split('@')
-            .next()
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let user = |uri: &str| uri.trim_start_matches("sip:").split('@').next().unwrap_or_default().to_owned();
     let session = UaSession {
         key: key.clone(),
         uac: false,
         flags: UaFlags::parse(&script.flags),
         b2b_state: 1,
         callid: format!("{n}-{pid}@127.0.0.1"),
-        from_display: from_display
-            .map(str::to_owned)
-            .unwrap_or_else(|| user(from_uri)),
+        from_display: from_display.map(str::to_owned).unwrap_or_else(|| user(from_uri)),
         from_uri: from_uri.to_owned(),
         from_tag: format!("{pid}SIPpTag001"),
-        to_display: to_display
-            .map(str::to_owned)
-            .unwrap_or_else(|| user(to_uri)),
+        to_display: to_display.map(str::to_owned).unwrap_or_else(|| user(to_uri)),
         to_uri: to_uri.to_owned(),
         to_tag: key.clone(),
         local_index,
@@ -1056,23 +868,9 @@ pub(crate) fn start_uas(inner: &Arc<Inner>, script: UasScript) -> Option<String>
     if let Some(subject) = &script.subject {
         extra.push_str(&format!("Subject: {subject}\r\n"));
     }
-    let headers = request_headers(
-        &session,
-        1,
-        "INVITE",
-        &extra,
-        body.as_ref().map_or(0, String::len),
-        false,
-    );
+    let headers = request_headers(&session, 1, "INVITE", &extra, body.as_ref().map_or(0, String::len), false);
     let no_new = session.flags.no_new;
-    let event = ua_event(
-        &session,
-        UaEventType::New,
-        None,
-        "INVITE",
-        body,
-        Some(headers),
-    );
+    let event = ua_event(&session, UaEventType::New, None, "INVITE", body, Some(headers));
     state.insert_session(session);
     // A NEW event too large for a datagram is lost; OpenSIPS then deletes the session and the
     // caller gets 408 (PROTOCOL.md §2).
@@ -1084,20 +882,10 @@ pub(crate) fn start_uas(inner: &Arc<Inner>, script: UasScript) -> Option<String>
 }
 
 /// An in-dialog request from the remote side of a UA session; see [`crate::Sim::ua_remote_request`].
-pub(crate) fn remote_request(
-    inner: &Arc<Inner>,
-    key: &str,
-    request: RemoteRequest,
-) -> Result<(), SimError> {
+pub(crate) fn remote_request(inner: &Arc<Inner>, key: &str, request: RemoteRequest) -> Result<(), SimError> {
     let mut state = inner.lock();
-    let session = state
-        .sessions
-        .get_mut(key)
-        .ok_or_else(|| SimError::UnknownSession(key.to_owned()))?;
-    let bad = |reason: &str| SimError::BadState {
-        key: key.to_owned(),
-        reason: reason.to_owned(),
-    };
+    let session = state.sessions.get_mut(key).ok_or_else(|| SimError::UnknownSession(key.to_owned()))?;
+    let bad = |reason: &str| SimError::BadState { key: key.to_owned(), reason: reason.to_owned() };
     let (method, body, event_type) = match &request {
         RemoteRequest::ReInvite(sdp) => ("INVITE", Some(sdp.clone()), UaEventType::Updated),
         RemoteRequest::Info(body) => ("INFO", Some(body.clone()), UaEventType::Updated),
@@ -1108,9 +896,7 @@ pub(crate) fn remote_request(
         RemoteRequest::Cancel if session.uac || session.b2b_state >= 4 => {
             return Err(bad("CANCEL only applies to an unanswered incoming INVITE"))
         }
-        RemoteRequest::ReInvite(_) | RemoteRequest::Info(_)
-            if session.b2b_state < 4 || session.b2b_state == 7 =>
-        {
+        RemoteRequest::ReInvite(_) | RemoteRequest::Info(_) if session.b2b_state < 4 || session.b2b_state == 7 => {
             return Err(bad("in-dialog requests need an established session"))
         }
         _ => {}
@@ -1124,29 +910,12 @@ pub(crate) fn remote_request(
         session.remote_sdp = sdp.clone();
     }
     let session = session.clone();
-    let cseq = if matches!(request, RemoteRequest::Cancel) {
-        1
-    } else {
-        session.cseq_remote
-    };
+    let cseq = if matches!(request, RemoteRequest::Cancel) { 1 } else { session.cseq_remote };
     let headers = if session.uac {
-        reply_headers(
-            &mut state,
-            &session,
-            cseq,
-            method,
-            body.as_ref().map_or(0, String::len),
-        )
+        reply_headers(&mut state, &session, cseq, method, body.as_ref().map_or(0, String::len))
     } else {
         let tagged = !matches!(request, RemoteRequest::Cancel);
-        request_headers(
-            &session,
-            cseq,
-            method,
-            "Max-Forwards: 70\r\n",
-            body.as_ref().map_or(0, String::len),
-            tagged,
-        )
+        request_headers(&session, cseq, method, "Max-Forwards: 70\r\n", body.as_ref().map_or(0, String::len), tagged)
     };
     let event = ua_event(&session, event_type, None, method, body, Some(headers));
     inner.raise(&mut state, Source::Sip, &event);

@@ -14,14 +14,7 @@ pub struct Ids {
 impl Ids {
     /// A generator seeded with `seed` (0 is replaced by a fixed odd constant).
     pub fn new(seed: u64) -> Self {
-        Ids {
-            state: if seed == 0 {
-                0x9E37_79B9_7F4A_7C15
-            } else {
-                seed
-            },
-            counter: 0,
-        }
+        Ids { state: if seed == 0 { 0x9E37_79B9_7F4A_7C15 } else { seed }, counter: 0 }
     }
 
     /// The next pseudo-random number.
@@ -53,10 +46,7 @@ impl Ids {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A hex number with its digits reversed, as the dialog module prints `h_entry`/`h_id`
@@ -81,9 +71,7 @@ pub fn datetime(unix: u64) -> String {
 /// C `ctime()` text without the newline, e.g. `Mon Nov 23 07:12:11 2026` (UTC), as `uptime` prints.
 pub fn ctime(unix: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     let (y, mo, d, h, mi, s, days) = civil(unix);
     let weekday = DAYS[(days % 7) as usize];
     let month = MONTHS[(mo - 1) as usize];
@@ -175,10 +163,7 @@ impl HeaderBlock<'_> {
             self.via, self.from, self.to, self.call_id, self.cseq, self.method, self.contact, self.extra
         );
         if self.body_len > 0 {
-            h.push_str(&format!(
-                "Content-Type: application/sdp\r\nContent-Length: {:>5}\r\n",
-                self.body_len
-            ));
+            h.push_str(&format!("Content-Type: application/sdp\r\nContent-Length: {:>5}\r\n", self.body_len));
         } else {
             h.push_str("Content-Length: 0\r\n");
         }

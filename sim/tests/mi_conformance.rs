@@ -70,14 +70,7 @@ async fn requests_opensips_does_not_answer_get_no_reply() {
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
     let mi = Mi::new(&sim).await;
     // No id: no reply at all.
-    assert_eq!(
-        mi.raw(
-            &fixture("mi/version.notification_no_id.request.json"),
-            Duration::from_millis(200)
-        )
-        .await,
-        None
-    );
+    assert_eq!(mi.raw(&fixture("mi/version.notification_no_id.request.json"), Duration::from_millis(200)).await, None);
     // Larger than the 65457-byte buffer: dropped without a reply (sent here at a size UDP allows).
     let mut big = br#"{"jsonrpc":"2.0","method":"version","id":1,"params":{"pad":""#.to_vec();
     big.resize(65_480, b'x');
@@ -85,42 +78,24 @@ async fn requests_opensips_does_not_answer_get_no_reply() {
     assert_eq!(mi.raw(&big, Duration::from_millis(300)).await, None);
     assert_eq!(sim.stats().mi_dropped, 1);
     // Still serving afterwards.
-    assert!(mi
-        .raw(
-            &fixture("mi/version.ok.request.json"),
-            Duration::from_secs(1)
-        )
-        .await
-        .is_some());
+    assert!(mi.raw(&fixture("mi/version.ok.request.json"), Duration::from_secs(1)).await.is_some());
 }
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_with_their_ids() {
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     socket.connect(sim.mi_addr()).await.expect("connect");
     for n in 1..=4 {
-        socket
-            .send(&fixture(&format!("mi/concurrent.{n}.request.json")))
-            .await
-            .expect("send");
+        socket.send(&fixture(&format!("mi/concurrent.{n}.request.json"))).await.expect("send");
     }
     let mut buf = vec![0u8; 65_536];
     for n in 1..=4 {
-        let len = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf))
-            .await
-            .expect("reply")
-            .expect("recv");
+        let len =
+            tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await.expect("reply").expect("recv");
         let ours: Value = serde_json::from_slice(&buf[..len]).expect("json");
-        let captured: Value =
-            serde_json::from_slice(&fixture(&format!("mi/concurrent.{n}.reply.json")))
-                .expect("json");
-        assert_eq!(
-            ours["id"], captured["id"],
-            "reply {n} carries its request's id"
-        );
+        let captured: Value = serde_json::from_slice(&fixture(&format!("mi/concurrent.{n}.reply.json"))).expect("json");
+        assert_eq!(ours["id"], captured["id"], "reply {n} carries its request's id");
         let mut diffs = Vec::new();
         shape_diff(&captured, &ours, "", &|_| true, &mut diffs);
         assert!(diffs.is_empty(), "concurrent.{n}: {diffs:?}");
@@ -128,15 +103,10 @@ async fn pipelined_requests_are_answered_in_order_with_their_ids() {
 }
 
 fn assert_shape(case: &str, ours: &Value) {
-    let captured: Value =
-        serde_json::from_slice(&fixture(&format!("mi/{case}.reply.json"))).expect("json");
+    let captured: Value = serde_json::from_slice(&fixture(&format!("mi/{case}.reply.json"))).expect("json");
     let mut diffs = Vec::new();
     shape_diff(&captured["result"], ours, "result", &|_| true, &mut diffs);
-    assert!(
-        diffs.is_empty(),
-        "{case} differs in shape:\n{}",
-        diffs.join("\n")
-    );
+    assert!(diffs.is_empty(), "{case} differs in shape:\n{}", diffs.join("\n"));
 }
 
 #[tokio::test]
@@ -150,59 +120,35 @@ async fn stateful_replies_have_the_captured_shapes() {
 
     let callid = lab.sim.proxied_call(CallScript::default());
     lab.expect(3).await;
-    assert_shape(
-        "dlg_list.one_call",
-        &lab.mi.call("dlg_list", Value::Null).await,
-    );
-    assert_shape(
-        "dlg_list.by_callid",
-        &lab.mi.call("dlg_list", json!({"callid": callid})).await,
-    );
-    assert_shape(
-        "get_statistics.dialog",
-        &lab.mi
-            .call("get_statistics", json!({"statistics": ["dialog:"]}))
-            .await,
-    );
+    assert_shape("dlg_list.one_call", &lab.mi.call("dlg_list", Value::Null).await);
+    assert_shape("dlg_list.by_callid", &lab.mi.call("dlg_list", json!({"callid": callid})).await);
+    assert_shape("get_statistics.dialog", &lab.mi.call("get_statistics", json!({"statistics": ["dialog:"]})).await);
 
     let key = lab
         .mi
         .call(
             "ua_session_client_start",
-            serde_json::from_slice::<Value>(&fixture("mi/ua_session_client_start.ok.request.json"))
-                .expect("json")["params"]
+            serde_json::from_slice::<Value>(&fixture("mi/ua_session_client_start.ok.request.json")).expect("json")
+                ["params"]
                 .clone(),
         )
         .await;
-    let key = key
-        .as_str()
-        .expect("the result is the session key")
-        .to_owned();
-    assert!(
-        key.starts_with("B2B.") && key.split('.').count() == 5,
-        "{key}"
-    );
+    let key = key.as_str().expect("the result is the session key").to_owned();
+    assert!(key.starts_with("B2B.") && key.split('.').count() == 5, "{key}");
     lab.expect(2).await;
-    assert_shape(
-        "ua_session_list.one",
-        &lab.mi.call("ua_session_list", json!({"key": key})).await,
-    );
-    assert_shape(
-        "ua_session_list.all",
-        &lab.mi.call("ua_session_list", Value::Null).await,
-    );
+    assert_shape("ua_session_list.one", &lab.mi.call("ua_session_list", json!({"key": key})).await);
+    assert_shape("ua_session_list.all", &lab.mi.call("ua_session_list", Value::Null).await);
 
-    let server = lab
-        .sim
-        .incoming_ua_call(Default::default())
-        .expect("NEW raised");
+    let server = lab.sim.incoming_ua_call(Default::default()).expect("NEW raised");
     lab.expect(1).await;
-    lab.mi.call("ua_session_reply", json!({"key": server, "method": "INVITE", "code": 200, "reason": "OK", "body": "v=0\r\n"})).await;
+    lab.mi
+        .call(
+            "ua_session_reply",
+            json!({"key": server, "method": "INVITE", "code": 200, "reason": "OK", "body": "v=0\r\n"}),
+        )
+        .await;
     lab.expect(1).await;
-    assert_shape(
-        "ua_session_list.server",
-        &lab.mi.call("ua_session_list", json!({"key": server})).await,
-    );
+    assert_shape("ua_session_list.server", &lab.mi.call("ua_session_list", json!({"key": server})).await);
 }
 
 #[tokio::test]
@@ -212,60 +158,25 @@ async fn dlg_list_pages_and_an_unpaged_list_of_120_calls_is_too_large() {
         lab.sim.proxied_call(CallScript::default());
     }
     lab.expect(360).await;
-    let page = lab
-        .mi
-        .call("dlg_list", json!({"index": 0, "counter": 10}))
-        .await;
+    let page = lab.mi.call("dlg_list", json!({"index": 0, "counter": 10})).await;
     assert_shape("dlg_list.paged_index0_counter10", &page);
     assert_eq!(page["count"], json!(120));
     assert_eq!(page["Dialogs"].as_array().map(Vec::len), Some(10));
-    let reply = lab
-        .mi
-        .raw(
-            &fixture("mi/dlg_list.too_large_120_calls.request.json"),
-            Duration::from_secs(2),
-        )
-        .await;
-    assert_eq!(
-        reply,
-        Some(fixture("mi/dlg_list.too_large_120_calls.reply.json")),
-        "500 Internal error, as captured"
-    );
+    let reply = lab.mi.raw(&fixture("mi/dlg_list.too_large_120_calls.request.json"), Duration::from_secs(2)).await;
+    assert_eq!(reply, Some(fixture("mi/dlg_list.too_large_120_calls.reply.json")), "500 Internal error, as captured");
 }
 
 #[tokio::test]
 async fn subscriptions_lapse_renew_and_vanish_on_restart() {
     let mut lab = Lab::start().await;
-    let listener = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let socket = format!("udp:{}", listener.local_addr().expect("addr"));
-    lab.mi
-        .call(
-            "event_subscribe",
-            json!({"event": "E_DLG_STATE_CHANGED", "socket": socket, "expire": 1}),
-        )
-        .await;
+    lab.mi.call("event_subscribe", json!({"event": "E_DLG_STATE_CHANGED", "socket": socket, "expire": 1})).await;
     // Renewal replaces the entry, it does not add one.
-    lab.mi
-        .call(
-            "event_subscribe",
-            json!({"event": "E_DLG_STATE_CHANGED", "socket": socket, "expire": "1"}),
-        )
-        .await;
-    assert_eq!(
-        lab.sim
-            .live_subscriptions()
-            .iter()
-            .filter(|s| s.1 == socket)
-            .count(),
-        1
-    );
+    lab.mi.call("event_subscribe", json!({"event": "E_DLG_STATE_CHANGED", "socket": socket, "expire": "1"})).await;
+    assert_eq!(lab.sim.live_subscriptions().iter().filter(|s| s.1 == socket).count(), 1);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    lab.sim.proxied_call(CallScript {
-        outcome: opensips_sim::Outcome::Rejected,
-        ..Default::default()
-    });
+    lab.sim.proxied_call(CallScript { outcome: opensips_sim::Outcome::Rejected, ..Default::default() });
     lab.expect(2).await; // the lab's own subscription still gets them
     let mut buf = [0u8; 2048];
     let lapsed = tokio::time::timeout(Duration::from_millis(100), listener.recv(&mut buf)).await;
@@ -273,10 +184,7 @@ async fn subscriptions_lapse_renew_and_vanish_on_restart() {
 
     let uptime_before = lab.mi.call("uptime", Value::Null).await;
     lab.sim.restart();
-    assert!(
-        lab.sim.live_subscriptions().is_empty(),
-        "a restart forgets every subscription"
-    );
+    assert!(lab.sim.live_subscriptions().is_empty(), "a restart forgets every subscription");
     let uptime_after = lab.mi.call("uptime", Value::Null).await;
     assert_eq!(uptime_after["Up time"], json!("0 [sec]"));
     assert!(uptime_before["Up time"].is_string());
@@ -287,21 +195,10 @@ async fn silent_sim_answers_nothing_until_it_speaks_again() {
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
     let mi = Mi::new(&sim).await;
     sim.set_mi_silent(true);
-    assert_eq!(
-        mi.raw(
-            &fixture("mi/version.ok.request.json"),
-            Duration::from_millis(150)
-        )
-        .await,
-        None
-    );
+    assert_eq!(mi.raw(&fixture("mi/version.ok.request.json"), Duration::from_millis(150)).await, None);
     sim.set_mi_silent(false);
     assert_eq!(
-        mi.raw(
-            &fixture("mi/version.ok.request.json"),
-            Duration::from_secs(1)
-        )
-        .await,
+        mi.raw(&fixture("mi/version.ok.request.json"), Duration::from_secs(1)).await,
         Some(fixture("mi/version.ok.reply.json"))
     );
 }
@@ -309,37 +206,23 @@ async fn silent_sim_answers_nothing_until_it_speaks_again() {
 #[tokio::test]
 async fn ua_client_start_follows_the_recipe_table() {
     let mut lab = Lab::start().await;
-    let base = json!({"ruri": "sip:uas@127.0.0.1:5080", "to": "sip:uas@127.0.0.1:5080", "from": "sip:engine@127.0.0.1"});
+    let base =
+        json!({"ruri": "sip:uas@127.0.0.1:5080", "to": "sip:uas@127.0.0.1:5080", "from": "sip:engine@127.0.0.1"});
     let mut odd = base.clone();
-    for (k, v) in [
-        ("proxy", "sip:127.0.0.1"),
-        ("body", "v=0\r\n"),
-        ("flags", "a"),
-        ("socket", "udp:127.0.0.1:5060"),
-    ] {
+    for (k, v) in [("proxy", "sip:127.0.0.1"), ("body", "v=0\r\n"), ("flags", "a"), ("socket", "udp:127.0.0.1:5060")] {
         odd[k] = json!(v);
     }
-    let err = lab
-        .mi
-        .try_call("ua_session_client_start", odd)
-        .await
-        .expect_err("the one missing recipe");
+    let err = lab.mi.try_call("ua_session_client_start", odd).await.expect_err("the one missing recipe");
     assert_eq!(err["data"], json!("Named parameters do not match"));
     let err = lab
         .mi
-        .try_call(
-            "ua_session_reply",
-            json!({"key": "B2B.1.2.3", "method": "INVITE", "code": 200}),
-        )
+        .try_call("ua_session_reply", json!({"key": "B2B.1.2.3", "method": "INVITE", "code": 200}))
         .await
         .expect_err("reason is mandatory");
     assert_eq!(err["code"], json!(-32602));
     let err = lab
         .mi
-        .try_call(
-            "ua_session_reply",
-            json!({"key": "B2B.1.2.3", "method": "INVITE", "code": [200], "reason": "OK"}),
-        )
+        .try_call("ua_session_reply", json!({"key": "B2B.1.2.3", "method": "INVITE", "code": [200], "reason": "OK"}))
         .await
         .expect_err("wrong type");
     assert_eq!(err["data"], json!("Bad type for parameter 'code'"));

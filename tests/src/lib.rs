@@ -1,1 +1,132 @@
-//! placeholder
+//! End-to-end test harness for callbus: a real `nats-server` per test on a free loopback
+//! port (killed on drop), plus helpers shared by the end-to-end tests in `tests/`.
+//!
+//! `nats-server` is looked up on `PATH`, then in `/usr/sbin` and `/usr/local/bin` (Debian
+//! installs it in `/usr/sbin`); `CALLBUS_NATS_SERVER` names another binary. When none is
+//! found the test fails with a message saying how to install it.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a starting nats-server may take to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Finds the `nats-server` binary.
+pub fn nats_server_binary() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("CALLBUS_NATS_SERVER") {
+        return Ok(PathBuf::from(path));
+    }
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/usr/local/bin", "/usr/local/sbin"].map(PathBuf::from));
+    dirs.into_iter()
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| "nats-server not found on PATH or in /usr/sbin: install it with `apt-get install -y nats-server` (or set CALLBUS_NATS_SERVER)".to_owned())
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+}
+
+/// A `nats-server` child process on a loopback port; killed when dropped.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store_dir: Option<tempfile::TempDir>,
+}
+
+impl NatsServer {
+    /// Starts a plain nats-server on a free port and waits until it accepts clients.
+    pub fn start() -> NatsServer {
+        let mut server = NatsServer { child: None, port: free_port(), store_dir: None };
+        server.spawn();
+        server
+    }
+
+    /// Starts a nats-server with JetStream (file storage in a temporary directory).
+    pub fn start_jetstream() -> NatsServer {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temporary JetStream dir: {e}"));
+        let mut server = NatsServer { child: None, port: free_port(), store_dir: Some(dir) };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let binary = nats_server_binary().unwrap_or_else(|e| panic!("{e}"));
+        let mut cmd = Command::new(&binary);
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(dir) = &self.store_dir {
+            cmd.arg("-js").arg("-sd").arg(dir.path());
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(stream) = TcpStream::connect(self.addr()) {
+                let mut line = String::new();
+                stream.set_read_timeout(Some(Duration::from_secs(1))).ok();
+                if BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO ") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nats-server on port {} did not accept connections within {START_TIMEOUT:?}", self.port);
+    }
+
+    /// The client URL, `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Kills the server (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (and the same JetStream store).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The OpenSIPS fixtures directory (`../shared/fixtures/opensips` beside the repository, or
+/// `CALLBUS_FIXTURES`).
+pub fn fixtures_dir() -> PathBuf {
+    let dir = std::env::var_os("CALLBUS_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/opensips"));
+    assert!(
+        dir.is_dir(),
+        "fixtures not found at {}: clone shared/ beside the repo or set CALLBUS_FIXTURES",
+        dir.display()
+    );
+    dir
+}

@@ -13,9 +13,7 @@ use tokio::net::UdpSocket;
 pub fn fixtures_dir() -> PathBuf {
     let dir = std::env::var_os("CALLBUS_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/opensips")
-        });
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/opensips"));
     assert!(
         dir.is_dir(),
         "fixtures not found at {}: clone shared/ beside the repo or set CALLBUS_FIXTURES",
@@ -32,20 +30,12 @@ pub fn fixture(rel: &str) -> Vec<u8> {
 pub fn scenario_events(scenario: &str) -> BTreeMap<String, Vec<Value>> {
     let mut found: BTreeMap<String, Vec<(u32, Value)>> = BTreeMap::new();
     for entry in std::fs::read_dir(fixtures_dir().join("events")).expect("events dir") {
-        let name = entry
-            .expect("entry")
-            .file_name()
-            .into_string()
-            .expect("utf-8");
+        let name = entry.expect("entry").file_name().into_string().expect("utf-8");
         let parts: Vec<&str> = name.splitn(3, '.').collect();
         if parts.len() == 3 && parts[2] == format!("{scenario}.json") {
             let n: u32 = parts[1].parse().expect("numbered fixture");
-            let value: Value =
-                serde_json::from_slice(&fixture(&format!("events/{name}"))).expect("JSON");
-            found
-                .entry(parts[0].to_owned())
-                .or_default()
-                .push((n, value));
+            let value: Value = serde_json::from_slice(&fixture(&format!("events/{name}"))).expect("JSON");
+            found.entry(parts[0].to_owned()).or_default().push((n, value));
         }
     }
     assert!(!found.is_empty(), "no fixtures for scenario {scenario}");
@@ -60,28 +50,12 @@ pub fn scenario_events(scenario: &str) -> BTreeMap<String, Vec<Value>> {
 
 /// Keys whose values differ between runs (ids, tags, keys, bodies).
 pub fn event_volatile(key: &str) -> bool {
-    matches!(
-        key,
-        "id" | "db_id"
-            | "callid"
-            | "from_tag"
-            | "to_tag"
-            | "key"
-            | "transfer_callid"
-            | "body"
-            | "headers"
-    )
+    matches!(key, "id" | "db_id" | "callid" | "from_tag" | "to_tag" | "key" | "transfer_callid" | "body" | "headers")
 }
 
 /// Differences in shape between a captured value and ours: the same keys in the same order,
 /// the same JSON types and nulls, and equal values except for keys `volatile` names.
-pub fn shape_diff(
-    fixture: &Value,
-    ours: &Value,
-    path: &str,
-    volatile: &dyn Fn(&str) -> bool,
-    out: &mut Vec<String>,
-) {
+pub fn shape_diff(fixture: &Value, ours: &Value, path: &str, volatile: &dyn Fn(&str) -> bool, out: &mut Vec<String>) {
     let key = path.rsplit('.').next().unwrap_or(path);
     match (fixture, ours) {
         (Value::Object(f), Value::Object(o)) => {
@@ -123,17 +97,13 @@ pub fn shape_diff(
 /// call's Call-ID in `leg`) must be reproduced, other values must match.
 pub fn event_diff(fixture: &Value, ours: &Value) -> Vec<String> {
     let mut out = Vec::new();
-    let quirk = fixture["params"]["leg"] == fixture["params"]["transfer_callid"]
-        && fixture["params"]["leg"] != "";
+    let quirk = fixture["params"]["leg"] == fixture["params"]["transfer_callid"] && fixture["params"]["leg"] != "";
     let volatile = move |k: &str| event_volatile(k) || (quirk && k == "leg") || k == "destination";
     shape_diff(fixture, ours, "", &volatile, &mut out);
     if quirk && ours["params"]["leg"] != ours["params"]["transfer_callid"] {
         out.push("params.leg: the blind transfer start must carry the new call's Call-ID".into());
     }
-    let (fd, od) = (
-        &fixture["params"]["destination"],
-        &ours["params"]["destination"],
-    );
+    let (fd, od) = (&fixture["params"]["destination"], &ours["params"]["destination"]);
     if (fd == "") != (od == "") {
         out.push(format!("params.destination: {od}, captured {fd}"));
     }
@@ -181,13 +151,7 @@ impl Mi {
         if !params.is_null() {
             req["params"] = params;
         }
-        let bytes = self
-            .raw(
-                &serde_json::to_vec(&req).expect("json"),
-                Duration::from_secs(2),
-            )
-            .await
-            .expect("MI reply");
+        let bytes = self.raw(&serde_json::to_vec(&req).expect("json"), Duration::from_secs(2)).await.expect("MI reply");
         let reply: Value = serde_json::from_slice(&bytes).expect("JSON reply");
         assert_eq!(reply["id"], json!(self.next_id), "reply id");
         match reply.get("result") {
@@ -221,11 +185,7 @@ impl Lab {
         let socket = format!("udp:{}", events.local_addr().expect("addr"));
         for e in callbus_schemas::event::DEFAULT_EVENTS {
             assert_eq!(
-                mi.call(
-                    "event_subscribe",
-                    json!({"event": e, "socket": socket, "expire": 60})
-                )
-                .await,
+                mi.call("event_subscribe", json!({"event": e, "socket": socket, "expire": 60})).await,
                 json!("OK")
             );
         }
@@ -261,19 +221,13 @@ pub fn assert_scenario(scenario: &str, ours: &[Value], keep: impl Fn(&Value) -> 
     let captured = scenario_events(scenario);
     let mut mine: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for e in ours.iter().filter(|e| keep(e)) {
-        mine.entry(e["method"].as_str().unwrap_or_default().to_owned())
-            .or_default()
-            .push(e.clone());
+        mine.entry(e["method"].as_str().unwrap_or_default().to_owned()).or_default().push(e.clone());
     }
     let mut problems = Vec::new();
     for (name, expected) in &captured {
         let got = mine.remove(name).unwrap_or_default();
         if got.len() != expected.len() {
-            problems.push(format!(
-                "{name}: {} events, captured {}:\n{got:#?}",
-                got.len(),
-                expected.len()
-            ));
+            problems.push(format!("{name}: {} events, captured {}:\n{got:#?}", got.len(), expected.len()));
             continue;
         }
         for (i, (f, o)) in expected.iter().zip(&got).enumerate() {
@@ -283,14 +237,7 @@ pub fn assert_scenario(scenario: &str, ours: &[Value], keep: impl Fn(&Value) -> 
         }
     }
     for (name, extra) in mine {
-        problems.push(format!(
-            "{name}: {} events the capture does not have",
-            extra.len()
-        ));
+        problems.push(format!("{name}: {} events the capture does not have", extra.len()));
     }
-    assert!(
-        problems.is_empty(),
-        "scenario {scenario} differs from the capture:\n{}",
-        problems.join("\n")
-    );
+    assert!(problems.is_empty(), "scenario {scenario} differs from the capture:\n{}", problems.join("\n"));
 }
