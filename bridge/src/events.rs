@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::connection::State as NatsState;
-use async_nats::{HeaderMap, HeaderValue, Subject};
+use async_nats::header::HeaderName;
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use callbus_schemas::bus::{HEADER_INVALID_REASON, HEADER_MSG_ID, HEADER_NODE, HEADER_RECEIVED_US, HEADER_SEQ};
 use callbus_schemas::event::event_name;
@@ -40,11 +41,43 @@ const BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
 /// must not overflow the default ~200 kB while the bridge is busy publishing.
 const SOCKET_RCVBUF: usize = 8 << 20;
 
-/// One datagram waiting to be published.
+/// One datagram waiting to be published. Headers are built when it is published (not
+/// kept as a `HeaderMap`, which would have to be cloned for every attempt).
+#[derive(Clone)]
 struct Outgoing {
     subject: Subject,
-    headers: HeaderMap,
+    seq: u64,
+    received_us: u64,
+    invalid_reason: Option<Arc<str>>,
     payload: Bytes,
+}
+
+const NODE_HEADER: HeaderName = HeaderName::from_static(HEADER_NODE);
+const RECEIVED_HEADER: HeaderName = HeaderName::from_static(HEADER_RECEIVED_US);
+const SEQ_HEADER: HeaderName = HeaderName::from_static(HEADER_SEQ);
+const MSG_ID_HEADER: HeaderName = HeaderName::from_static(HEADER_MSG_ID);
+const INVALID_HEADER: HeaderName = HeaderName::from_static(HEADER_INVALID_REASON);
+
+/// Names the bridge run in `Nats-Msg-Id` values.
+pub(crate) struct MsgIds {
+    pub node: String,
+    /// `<node>.<run id>.`, the prefix of every `Nats-Msg-Id`.
+    pub prefix: String,
+}
+
+impl Outgoing {
+    fn headers(&self, ids: &MsgIds) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE_HEADER, ids.node.as_str());
+        headers.insert(RECEIVED_HEADER, self.received_us.to_string().as_str());
+        let seq = self.seq.to_string();
+        headers.insert(MSG_ID_HEADER, format!("{}{seq}", ids.prefix).as_str());
+        headers.insert(SEQ_HEADER, seq.as_str());
+        if let Some(reason) = &self.invalid_reason {
+            headers.insert(INVALID_HEADER, &**reason);
+        }
+        headers
+    }
 }
 
 /// The bounded buffer between the UDP receiver and the NATS publisher.
@@ -88,16 +121,10 @@ fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-/// What the receiver needs to name and stamp datagrams.
+/// What the receiver needs to name datagrams.
 pub(crate) struct Stamp {
     pub node: String,
-    pub run_id: String,
     pub invalid_subject: Subject,
-}
-
-fn header(value: &str) -> HeaderValue {
-    // Header values built here are plain ASCII without CR/LF.
-    HeaderValue::from(value)
 }
 
 /// Reads event datagrams until cancelled.
@@ -129,11 +156,8 @@ pub(crate) async fn receive(
         counters.last_datagram_us.store(now_us(), Ordering::Relaxed);
         seq += 1;
         let bytes = &buf[..len];
-        let mut headers = HeaderMap::new();
-        headers.insert(HEADER_NODE, header(&stamp.node));
-        headers.insert(HEADER_RECEIVED_US, header(&now_us().to_string()));
-        headers.insert(HEADER_SEQ, header(&seq.to_string()));
-        headers.insert(HEADER_MSG_ID, header(&format!("{}.{}.{seq}", stamp.node, stamp.run_id)));
+        let received_us = now_us();
+        let mut invalid_reason = None;
         let subject = match event_name(bytes) {
             Ok(name) => match subjects_by_event.get(&name) {
                 Some(s) => Ok(s.clone()),
@@ -157,11 +181,11 @@ pub(crate) async fn receive(
                 if short.is_empty() {
                     short.push('?');
                 }
-                headers.insert(HEADER_INVALID_REASON, header(&short));
+                invalid_reason = Some(Arc::from(short));
                 stamp.invalid_subject.clone()
             }
         };
-        let out = Outgoing { subject, headers, payload: Bytes::copy_from_slice(bytes) };
+        let out = Outgoing { subject, seq, received_us, invalid_reason, payload: Bytes::copy_from_slice(bytes) };
         let accepted = {
             let mut queue = buffer.lock();
             if queue.len() >= buffer.capacity {
@@ -192,6 +216,7 @@ pub(crate) async fn receive(
 /// `drain_for` has passed after cancellation).
 pub(crate) async fn publish(
     client: async_nats::Client,
+    ids: MsgIds,
     barrier_subject: String,
     buffer: Arc<Buffer>,
     counters: Arc<Counters>,
@@ -218,10 +243,7 @@ pub(crate) async fn publish(
             }
             return;
         }
-        let batch: Vec<(Subject, HeaderMap, Bytes)> = {
-            let queue = buffer.lock();
-            queue.iter().take(MAX_BATCH).map(|o| (o.subject.clone(), o.headers.clone(), o.payload.clone())).collect()
-        };
+        let batch: Vec<Outgoing> = buffer.lock().iter().take(MAX_BATCH).cloned().collect();
         if batch.is_empty() {
             if drain_deadline.is_some() {
                 return;
@@ -238,8 +260,9 @@ pub(crate) async fn publish(
         }
         let n = batch.len();
         let mut sent = true;
-        for (subject, headers, payload) in batch {
-            if let Err(e) = client.publish_with_headers(subject, headers, payload).await {
+        for out in batch {
+            let headers = out.headers(&ids);
+            if let Err(e) = client.publish_with_headers(out.subject, headers, out.payload).await {
                 tracing::warn!(error = %e, "publishing an event failed; the batch will be retried");
                 sent = false;
                 break;
@@ -250,6 +273,7 @@ pub(crate) async fn publish(
         if confirmed {
             buffer.lock().drain(..n);
             counters.published.fetch_add(n as u64, Ordering::Relaxed);
+            counters.batches.fetch_add(1, Ordering::Relaxed);
         } else {
             tracing::warn!(
                 batch = n,

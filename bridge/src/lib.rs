@@ -116,6 +116,7 @@ pub(crate) struct Counters {
     pub mi_timeouts: AtomicU64,
     pub mi_refused: AtomicU64,
     pub opensips_restarts: AtomicU64,
+    pub batches: AtomicU64,
     pub last_datagram_us: AtomicU64,
 }
 
@@ -132,6 +133,7 @@ impl Counters {
             mi_timeouts: get(&self.mi_timeouts),
             mi_refused: get(&self.mi_refused),
             opensips_restarts: get(&self.opensips_restarts),
+            batches: get(&self.batches),
         }
     }
 }
@@ -198,7 +200,6 @@ impl Bridge {
         let run_id = format!("{:x}", unix_ms());
         let stamp = events::Stamp {
             node: config.node.clone(),
-            run_id: run_id.clone(),
             invalid_subject: Subject::from(
                 subjects::invalid(&config.node).map_err(|e| BridgeError::Config(e.to_string()))?,
             ),
@@ -213,6 +214,7 @@ impl Bridge {
         )));
         let publisher = tokio::spawn(events::publish(
             client.clone(),
+            events::MsgIds { node: config.node.clone(), prefix: format!("{}.{run_id}.", config.node) },
             format!("_CALLBUS.bridge.{}.{run_id}.barrier", config.node),
             Arc::clone(&buffer),
             Arc::clone(&counters),

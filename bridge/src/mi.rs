@@ -112,16 +112,28 @@ struct Inner {
     counters: Arc<Counters>,
 }
 
-/// Builds the reply for a datagram from OpenSIPS, or None if it answers nothing in flight.
-fn reply_for(reply: MiReply) -> Result<(u64, MiBusReply), MiReply> {
+/// What a datagram on the MI socket is, for the bridge.
+enum Incoming {
+    /// A JSON-RPC reply to request `id`.
+    Reply(u64, MiBusReply),
+    /// A plain-text reply (no id).
+    PlainText(String),
+    /// Nothing the bridge can match.
+    Stray(String),
+}
+
+fn classify(bytes: &[u8]) -> Incoming {
+    let reply = MiReply::classify(bytes);
     let id = match reply.id() {
         Some(MiId::String(s)) => s.strip_prefix('b').and_then(|n| n.parse().ok()),
         _ => None,
     };
     match (id, reply) {
-        (Some(id), MiReply::Success(s)) => Ok((id, MiBusReply::Result { result: s.result })),
-        (Some(id), MiReply::Error(e)) => Ok((id, MiBusReply::Error { error: e.error })),
-        (_, other) => Err(other),
+        (Some(id), MiReply::Success(s)) => Incoming::Reply(id, MiBusReply::Result { result: s.result }),
+        (Some(id), MiReply::Error(e)) => Incoming::Reply(id, MiBusReply::Error { error: e.error }),
+        (_, MiReply::PlainText(text)) => Incoming::PlainText(text.as_text()),
+        (_, MiReply::Unrecognized { reason }) => Incoming::Stray(reason),
+        (_, other) => Incoming::Stray(format!("reply with an id the bridge did not give: {:?}", other.id())),
     }
 }
 
@@ -286,8 +298,8 @@ impl MiClient {
     }
 
     async fn on_datagram(&self, bytes: &[u8]) {
-        match reply_for(MiReply::classify(bytes)) {
-            Ok((id, reply)) => {
+        match classify(bytes) {
+            Incoming::Reply(id, reply) => {
                 let waiting = self.pending().take(id);
                 match waiting {
                     Some(w) => {
@@ -299,9 +311,8 @@ impl MiClient {
                     None => tracing::info!(id, "MI reply for a request no longer waiting (it timed out): ignored"),
                 }
             }
-            Err(MiReply::PlainText(text)) => {
+            Incoming::PlainText(text) => {
                 let oldest = self.pending().take_oldest_sent();
-                let text = text.as_text();
                 match oldest {
                     Some((id, w)) => {
                         tracing::warn!(id, command = %w.command, reply = %text, "OpenSIPS answered with a plain-text error; it carries no id, so it is given to the oldest request in flight");
@@ -320,10 +331,9 @@ impl MiClient {
                     None => tracing::warn!(reply = %text, "plain-text MI reply with no request in flight: ignored"),
                 }
             }
-            Err(MiReply::Unrecognized { reason }) => {
-                tracing::warn!(%reason, size = bytes.len(), "unrecognized datagram on the MI socket: ignored");
+            Incoming::Stray(reason) => {
+                tracing::warn!(%reason, size = bytes.len(), "unmatched datagram on the MI socket: ignored");
             }
-            Err(other) => tracing::warn!(?other, "MI reply without a bridge id: ignored"),
         }
     }
 

@@ -1,1 +1,109 @@
-fn main() {}
+//! `callbus`: the one binary. It runs the parts (`up`, `bridge`, `engine`, `sim`, `demo`) and
+//! the clients (`call`, `ua`, `events`, `mi`, `replay`). Every flag has a `CALLBUS_*`
+//! environment variable.
+
+mod bridge_cmd;
+mod duration;
+mod mi_cmd;
+mod nats;
+mod sim_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Drive OpenSIPS calls from NATS, with a replayable event log.
+#[derive(Parser, Debug)]
+#[command(name = "callbus", version, about, long_about = None)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value = "pretty", env = "CALLBUS_LOG_FORMAT", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run bridge and engine in one process (the single-node default); starts a local nats-server if none answers.
+    Up(bridge_cmd::UpArgs),
+    /// Run the bridge alone: OpenSIPS MI and event datagrams on NATS.
+    Bridge(bridge_cmd::BridgeArgs),
+    /// Run an engine alone (not built yet).
+    Engine(NotYet),
+    /// Run the OpenSIPS simulator (MI and event datagrams, scripted calls).
+    Sim(sim_cmd::SimArgs),
+    /// Start everything locally and run a scripted call (not built yet).
+    Demo(NotYet),
+    /// Read, check, export and republish the call log (not built yet).
+    Replay(NotYet),
+    /// Start, end, hold, transfer and inspect calls (not built yet).
+    Call(NotYet),
+    /// Drive user-agent sessions (not built yet).
+    Ua(NotYet),
+    /// Tail call notifications or raw OpenSIPS events (not built yet).
+    Events(NotYet),
+    /// Run an OpenSIPS MI command through the bridge.
+    Mi(mi_cmd::MiArgs),
+}
+
+/// Arguments of a command that is not built yet.
+#[derive(clap::Args, Debug)]
+struct NotYet {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn not_yet(what: &str, issue: u32) -> ExitCode {
+    eprintln!("callbus {what}: not built yet (tracked in issue {issue}); nothing was done.");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("callbus: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Up(args) => bridge_cmd::up(args).await,
+            Command::Bridge(args) => bridge_cmd::bridge(args).await,
+            Command::Sim(args) => sim_cmd::run(args).await,
+            Command::Mi(args) => mi_cmd::run(args).await,
+            Command::Engine(_) => Ok(not_yet("engine", 4)),
+            Command::Demo(_) => Ok(not_yet("demo", 8)),
+            Command::Replay(_) => Ok(not_yet("replay", 6)),
+            Command::Call(_) => Ok(not_yet("call", 8)),
+            Command::Ua(_) => Ok(not_yet("ua", 8)),
+            Command::Events(_) => Ok(not_yet("events", 8)),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("callbus: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -157,6 +157,8 @@ pub struct BridgeCounters {
     pub mi_refused: u64,
     /// Times OpenSIPS was seen to restart (or come back after being unreachable).
     pub opensips_restarts: u64,
+    /// Batches of events NATS confirmed (`published / batches` is the mean batch size).
+    pub batches: u64,
 }
 
 /// Published on `opensips.<node>.status` every few seconds.

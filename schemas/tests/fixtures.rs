@@ -113,13 +113,13 @@ fn every_event_fixture_is_typed_and_round_trips_byte_for_byte() {
         let expected_name = name.split('.').next().unwrap_or_default();
         match Event::parse(bytes) {
             Ok(event) => {
-                let typed = match (&event, expected_name) {
+                let typed = matches!(
+                    (&event, expected_name),
                     (Event::DlgStateChanged(_), E_DLG_STATE_CHANGED)
-                    | (Event::UaSession(_), E_UA_SESSION)
-                    | (Event::CallHold(_), E_CALL_HOLD)
-                    | (Event::CallTransfer(_), E_CALL_TRANSFER) => true,
-                    _ => false,
-                };
+                        | (Event::UaSession(_), E_UA_SESSION)
+                        | (Event::CallHold(_), E_CALL_HOLD)
+                        | (Event::CallTransfer(_), E_CALL_TRANSFER)
+                );
                 if !typed {
                     failures.push(format!("{name}: parsed as {}, not typed", event.name()));
                 }

@@ -259,7 +259,7 @@ fn recipes(command: &str) -> Option<(Vec<Recipe>, bool)> {
             );
             let recipes = all
                 .into_iter()
-                .filter(|r| !(r.contains(&"content_type") && !r.contains(&"body")))
+                .filter(|r| !r.contains(&"content_type") || r.contains(&"body"))
                 .filter(|r| {
                     let mut opt: Vec<&str> = r[3..].to_vec();
                     opt.sort_unstable();

@@ -170,6 +170,14 @@ fn with_state<T>(inner: &Inner, generation: u64, f: impl FnOnce(&mut State) -> O
     f(&mut state)
 }
 
+/// Runs `f` on the state if the sim has not restarted since `generation`.
+fn if_current(inner: &Inner, generation: u64, f: impl FnOnce(&mut State)) {
+    let mut state = inner.lock();
+    if state.generation == generation {
+        f(&mut state);
+    }
+}
+
 /// Creates a dialog in state 1 (no event: OpenSIPS raises none for creation).
 pub(crate) fn new_dialog(state: &mut State, from_uri: &str, to_uri: &str, script: CallScript) -> String {
     let n = state.ids.next_counter();
@@ -414,7 +422,7 @@ pub(crate) fn transfer(inner: &Arc<Inner>, state: &mut State, t: Transfer) {
             }
         };
         if declines {
-            with_state(inner, generation, |state| Some(finish(state)));
+            if_current(inner, generation, |state| finish(state));
             return;
         }
         let new_call = with_state(inner, generation, |state| {
@@ -641,12 +649,12 @@ async fn run_uac(inner: Arc<Inner>, generation: u64, key: String, peer: UaPeer, 
     let inner = &*inner;
     if peer == UaPeer::Unreachable {
         tokio::time::sleep(inner.config.ua_timeout).await;
-        with_state(inner, generation, |state| Some(uac_timeout(inner, state, &key)));
+        if_current(inner, generation, |state| uac_timeout(inner, state, &key));
         return;
     }
     if !ringing_sent {
         step(inner).await;
-        with_state(inner, generation, |state| Some(uac_ringing(inner, state, &key)));
+        if_current(inner, generation, |state| uac_ringing(inner, state, &key));
     }
     match peer {
         UaPeer::Answer => {
@@ -687,7 +695,7 @@ async fn run_uac(inner: Arc<Inner>, generation: u64, key: String, peer: UaPeer, 
         }
         UaPeer::RingNoAnswer => {
             tokio::time::sleep(inner.config.ua_timeout).await;
-            with_state(inner, generation, |state| Some(uac_timeout(inner, state, &key)));
+            if_current(inner, generation, |state| uac_timeout(inner, state, &key));
         }
         UaPeer::Unreachable => {}
     }

@@ -1,0 +1,103 @@
+//! Connecting to NATS, and starting a local nats-server for `callbus up` when none answers.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// A nats-server started by callbus; killed when dropped.
+pub struct LocalNats(Child);
+
+impl Drop for LocalNats {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The host:port of a `nats://host:port` URL.
+fn address(url: &str) -> anyhow::Result<SocketAddr> {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let hostport = rest.rsplit('@').next().unwrap_or(rest).split(['/', ',']).next().unwrap_or(rest);
+    let hostport = if hostport.contains(':') { hostport.to_owned() } else { format!("{hostport}:4222") };
+    hostport
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve the NATS address in {url:?}"))?
+        .next()
+        .with_context(|| format!("no address for {url:?}"))
+}
+
+fn answers(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+}
+
+fn nats_server_binary() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/usr/local/bin", "/usr/local/sbin"].map(PathBuf::from));
+    dirs.into_iter().map(|d| d.join("nats-server")).find(|p| p.is_file())
+}
+
+/// Makes sure a NATS server answers at `url`: when none does and the address is on this
+/// machine, starts `nats-server` as a child process.
+pub fn ensure_local(url: &str) -> anyhow::Result<Option<LocalNats>> {
+    let addr = address(url)?;
+    if answers(addr) {
+        return Ok(None);
+    }
+    if !addr.ip().is_loopback() {
+        bail!("no NATS server answers at {url}; start one there or point --nats at one");
+    }
+    let Some(binary) = nats_server_binary() else {
+        bail!(
+            "no NATS server answers at {url} and nats-server is not installed: install it (`apt-get install -y nats-server`) or point --nats at a running server"
+        );
+    };
+    tracing::info!(binary = %binary.display(), %addr, "no NATS server answers: starting nats-server as a child process");
+    let child = Command::new(&binary)
+        .args(["-a", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let local = LocalNats(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !answers(addr) {
+        if Instant::now() > deadline {
+            bail!("started {} but it does not answer at {addr} after 10 s", binary.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Some(local))
+}
+
+/// Connects to NATS, retrying in the background if it is down (the bridge keeps working and
+/// buffers meanwhile).
+pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    let url_for_log = url.to_owned();
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(|attempt| Duration::from_millis((100 * attempt as u64).min(2000)))
+        .event_callback(move |event| {
+            let url = url_for_log.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!(%url, "connected to NATS"),
+                    async_nats::Event::Disconnected => tracing::warn!(%url, "disconnected from NATS: reconnecting"),
+                    other => tracing::info!(%url, event = %other, "NATS"),
+                }
+            }
+        })
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url}"))
+}
+
+/// Connects to NATS for a client command, failing fast when nothing answers.
+pub async fn connect_client(url: &str) -> anyhow::Result<async_nats::Client> {
+    let options = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(3));
+    options.connect(url).await.with_context(|| format!("cannot connect to NATS at {url}: is it running? (--nats)"))
+}

@@ -1,0 +1,135 @@
+//! The `callbus` binary as a user runs it.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use callbus_tests::{free_port, NatsServer};
+use opensips_sim::{Sim, SimConfig};
+
+fn callbus() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_callbus"));
+    cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
+    cmd
+}
+
+fn run(args: &[&str]) -> Output {
+    callbus().args(args).output().expect("callbus runs")
+}
+
+#[test]
+fn help_lists_every_subcommand_with_a_line_each() {
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["up", "bridge", "engine", "sim", "demo", "replay", "call", "ua", "events", "mi"] {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{cmd} ")))
+            .unwrap_or_else(|| panic!("{cmd} missing:\n{text}"));
+        assert!(line.split_whitespace().count() > 2, "{cmd} has no description");
+    }
+}
+
+#[test]
+fn unfinished_commands_say_so_and_exit_non_zero() {
+    for cmd in ["engine", "demo", "replay", "call", "ua", "events"] {
+        let out = run(&[cmd, "anything"]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"), "{cmd}");
+    }
+}
+
+#[test]
+fn bad_flags_are_refused_with_the_flag_named() {
+    let out = run(&["bridge", "--mi-timeout", "soon"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--mi-timeout"));
+    let out = run(&["mi", "--nats", "nats://127.0.0.1:1", "version"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to NATS"));
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "callbus did not exit within 10 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn mi_until_ok(nats: &str, args: &[&str]) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut all = vec!["mi", "--nats", nats, "--timeout", "2s"];
+        all.extend_from_slice(args);
+        let out = run(&all);
+        if out.status.success() || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mi_through_a_running_bridge() {
+    let nats = NatsServer::start();
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let events = format!("127.0.0.1:{}", free_port());
+    let mut bridge = Running(
+        callbus()
+            .args(["bridge", "--nats", &nats.url(), "--mi", &sim.mi_addr().to_string(), "--events-listen", &events])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bridge starts"),
+    );
+    let out = mi_until_ok(&nats.url(), &["version"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OpenSIPS (3.4.18"));
+    let out = run(&["mi", "--nats", &nats.url(), "dlg_end_dlg", "dialog_id=nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404 Requested Dialog not found"));
+    let out = run(&["mi", "--nats", &nats.url(), "kill"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(bridge)"), "refused by the allow-list");
+    assert!(terminate(&mut bridge.0).success(), "SIGTERM exits 0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_starts_nats_when_none_answers_and_stops_cleanly() {
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let events = format!("127.0.0.1:{}", free_port());
+    let mut up = Running(
+        callbus()
+            .args(["up", "--nats", &url, "--mi", &sim.mi_addr().to_string(), "--events-listen", &events])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("up starts"),
+    );
+    let out = mi_until_ok(&url, &["uptime"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let subscribed_deadline = Instant::now() + Duration::from_secs(5);
+    while sim.live_subscriptions().len() < 4 {
+        assert!(Instant::now() < subscribed_deadline, "up subscribes to the default events");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(terminate(&mut up.0).success(), "SIGTERM exits 0");
+    assert!(sim.live_subscriptions().is_empty(), "a clean stop unsubscribes");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the child nats-server is stopped too");
+}
