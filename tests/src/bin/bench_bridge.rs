@@ -112,7 +112,14 @@ fn main() {
     } else {
         Sizes { events: 500_000, runs: 3, mi_sequential: 20_000, mi_parallel: 200_000 }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    // WORKERS=1 runs everything in-process on one thread (cross-thread wake-ups cost ~20 µs here).
+    let workers: usize = std::env::var("WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let runtime = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
+    }
+    .expect("runtime");
     runtime.block_on(async {
         let nats = NatsServer::start();
         let sim = Sim::start(SimConfig::default()).await.expect("sim");
