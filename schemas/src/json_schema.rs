@@ -7,6 +7,7 @@
 use schemars::{schema_for, Schema};
 
 use crate::bus::{BridgeStatus, MiBusReply};
+use crate::command::{CallNotification, CommandError, CommandReply};
 use crate::event::{CallHold, CallTransfer, DlgStateChanged, Notification, UaSession};
 use crate::mi::{MiErrorReply, MiRequest, MiSuccess};
 
@@ -22,6 +23,9 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("event_call_transfer", schema_for!(Notification<CallTransfer>)),
         ("bus_mi_reply", schema_for!(MiBusReply)),
         ("bus_bridge_status", schema_for!(BridgeStatus)),
+        ("command_reply", schema_for!(CommandReply)),
+        ("command_error", schema_for!(CommandError)),
+        ("call_notification", schema_for!(CallNotification)),
     ]
 }
 

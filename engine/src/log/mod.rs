@@ -1,0 +1,105 @@
+//! The append-only event log: every input that can change a call, with what the call's
+//! machine made of it, in one global sequence.
+//!
+//! [`EventLog`] is the store's contract (the sled log here; a JetStream log for the cluster).
+//! Writing is two steps: [`EventLog::stage`] records and snapshots (cheap, not durable), then
+//! [`EventLog::commit`] makes everything staged so far durable. The engine acknowledges an
+//! input (command reply, MI request, notification) only after the commit that covers it: group
+//! commit, one flush for a whole batch of inputs.
+
+mod sled_log;
+
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+
+use crate::machines::{CallState, Effect, Input};
+
+pub use sled_log::SledLog;
+
+/// The version of [`Record`]'s encoding; bumped when it changes incompatibly.
+pub const RECORD_FORMAT: u8 = 1;
+
+/// One input and its outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Encoding version ([`RECORD_FORMAT`]).
+    pub format: u8,
+    /// Global sequence number (1, 2, 3...).
+    pub seq: u64,
+    /// When the input was processed, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// callbus's call id.
+    pub call_id: String,
+    /// The call's partition (0 in single-node mode).
+    pub partition: u16,
+    /// The input.
+    pub input: Input,
+    /// The call's state before (None for its first record).
+    pub before: Option<CallState>,
+    /// The call's state after.
+    pub after: CallState,
+    /// What the machine asked for.
+    pub effects: Vec<Effect>,
+}
+
+/// The latest state of a live call, so a restart does not re-read its history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The sequence of the last record applied.
+    pub seq: u64,
+    /// callbus's call id.
+    pub call_id: String,
+    /// The state.
+    pub state: CallState,
+}
+
+/// What can go wrong with the log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The store failed (disk full, I/O error...).
+    #[error("the event log at {path} failed: {reason}; check the disk and the data dir")]
+    Store {
+        /// The data dir.
+        path: String,
+        /// The store's error.
+        reason: String,
+    },
+    /// A record could not be decoded.
+    #[error("log record {seq} is corrupt: {reason}")]
+    Corrupt {
+        /// Its sequence number.
+        seq: u64,
+        /// The decoder's error.
+        reason: String,
+    },
+    /// A record could not be encoded.
+    #[error("log record {seq} could not be encoded: {reason}")]
+    Encode {
+        /// Its sequence number.
+        seq: u64,
+        /// The encoder's error.
+        reason: String,
+    },
+}
+
+/// An append-only store of records and snapshots.
+pub trait EventLog: Send + Sync + 'static {
+    /// The sequence number the next record gets.
+    fn next_seq(&self) -> u64;
+    /// Adds a record (not durable until [`EventLog::commit`]).
+    fn stage(&self, record: &Record) -> Result<(), LogError>;
+    /// Replaces a live call's snapshot (not durable until [`EventLog::commit`]).
+    fn stage_snapshot(&self, snapshot: &Snapshot) -> Result<(), LogError>;
+    /// Removes an ended call's snapshot.
+    fn remove_snapshot(&self, call_id: &str) -> Result<(), LogError>;
+    /// Makes everything staged so far durable.
+    fn commit(&self) -> impl Future<Output = Result<(), LogError>> + Send;
+    /// Every snapshot.
+    fn snapshots(&self) -> Result<Vec<Snapshot>, LogError>;
+    /// Records with sequence ≥ `from`, in order; a corrupt record is returned as its error
+    /// and reading goes on.
+    fn records_from(&self, from: u64) -> Box<dyn Iterator<Item = Result<Record, LogError>> + '_>;
+    /// The records of one call, in order.
+    fn records_of_call(&self, call_id: &str) -> Result<Vec<Record>, LogError>;
+}

@@ -1,0 +1,228 @@
+//! Per-call state machines: pure `(state, input, ctx) -> (state, effects)`, no clock, I/O or
+//! randomness inside; time and ids arrive in [`Ctx`]. One file per kind of call.
+//!
+//! Replaying a log through the same code gives the same states and effects; through new code
+//! it shows where behaviour changed.
+
+pub mod dialog;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use callbus_schemas::bus::MiBusReply;
+use callbus_schemas::command::Command;
+
+pub use dialog::DialogState;
+
+/// An input to a call's machine, exactly as it is logged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Input {
+    /// An OpenSIPS event datagram as the bridge published it.
+    Event {
+        /// The OpenSIPS node.
+        node: String,
+        /// The bridge's sequence number for it, when known.
+        bridge_seq: Option<u64>,
+        /// The datagram (JSON text).
+        datagram: String,
+    },
+    /// An app command (already validated; other calls it names are resolved to SIP Call-IDs).
+    Command {
+        /// The command's id.
+        cmd_id: String,
+        /// The command.
+        command: Command,
+    },
+    /// The answer to an MI request the machine asked for.
+    MiReply {
+        /// The request's id (from [`Effect::Mi`]).
+        request: String,
+        /// OpenSIPS's (or the bridge's) answer.
+        reply: MiBusReply,
+    },
+    /// A timer the machine started has fired.
+    Timer {
+        /// Its name (from [`Effect::StartTimer`]).
+        name: String,
+    },
+    /// What OpenSIPS said of the call when the engine reconciled after a restart.
+    Reconcile {
+        /// The state OpenSIPS reports (dialog state number), or None when it no longer has the call.
+        opensips_state: Option<i64>,
+    },
+}
+
+impl Input {
+    /// A short name for timelines and metrics.
+    pub fn label(&self) -> String {
+        match self {
+            Input::Event { datagram, .. } => {
+                callbus_schemas::event::event_name(datagram.as_bytes()).unwrap_or_default()
+            }
+            Input::Command { command, .. } => format!("cmd {}", command_verb(command)),
+            Input::MiReply { request, .. } => format!("mi reply {request}"),
+            Input::Timer { name } => format!("timer {name}"),
+            Input::Reconcile { .. } => "reconcile".into(),
+        }
+    }
+}
+
+/// The verb of a command, as on the subject.
+pub fn command_verb(command: &Command) -> &'static str {
+    match command {
+        Command::End { .. } => "call.end",
+        Command::Hold { .. } => "call.hold",
+        Command::Unhold { .. } => "call.unhold",
+        Command::TransferBlind { .. } => "call.transfer.blind",
+        Command::TransferAttended { .. } => "call.transfer.attended",
+        Command::Get { .. } => "call.get",
+        Command::List { .. } => "call.list",
+    }
+}
+
+/// What a machine asks the engine to do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Effect {
+    /// Run an MI command through the node's bridge; its answer comes back as [`Input::MiReply`].
+    Mi {
+        /// The request's id (unique, derived from the record's sequence).
+        request: String,
+        /// The OpenSIPS node.
+        node: String,
+        /// The MI command.
+        command: String,
+        /// Its named params.
+        params: Value,
+    },
+    /// Publish a notification on `callbus.call.<call_id>.<event>`.
+    Notify {
+        /// The event (a subject token).
+        event: String,
+        /// The command it concerns, if any.
+        cmd_id: Option<String>,
+        /// Details.
+        data: Value,
+    },
+    /// Start (or restart) a timer; it comes back as [`Input::Timer`].
+    StartTimer {
+        /// Its name, unique within the call.
+        name: String,
+        /// After how long.
+        after_ms: u64,
+    },
+    /// Stop a timer.
+    CancelTimer {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// A call's state, by kind.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CallState {
+    /// A proxied call (OpenSIPS dialog + callops).
+    Dialog(DialogState),
+}
+
+impl CallState {
+    /// The state's name, as notifications and `call.list` show it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CallState::Dialog(d) => d.state_name(),
+        }
+    }
+
+    /// Whether the call is over.
+    pub fn is_ended(&self) -> bool {
+        match self {
+            CallState::Dialog(d) => d.is_ended(),
+        }
+    }
+
+    /// The kind's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallState::Dialog(_) => "dialog",
+        }
+    }
+
+    /// The OpenSIPS node.
+    pub fn node(&self) -> &str {
+        match self {
+            CallState::Dialog(d) => &d.node,
+        }
+    }
+
+    /// The SIP Call-ID, when there is one.
+    pub fn sip_call_id(&self) -> Option<&str> {
+        match self {
+            CallState::Dialog(d) => Some(&d.sip_call_id),
+        }
+    }
+
+    /// Feeds one input through the call's machine.
+    pub fn step(&self, input: &Input, ctx: &Ctx) -> (CallState, Vec<Effect>) {
+        match self {
+            CallState::Dialog(d) => {
+                let (next, effects) = d.step(input, ctx);
+                (CallState::Dialog(next), effects)
+            }
+        }
+    }
+
+    /// Checks a command against the state without changing anything.
+    pub fn check(&self, command: &Command) -> Result<(), callbus_schemas::command::CommandError> {
+        match self {
+            CallState::Dialog(d) => d.check(command),
+        }
+    }
+}
+
+/// How long the machines wait for OpenSIPS, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeouts {
+    /// A re-INVITE of hold/unhold (Timer B 32 s + margin).
+    pub reinvite_ms: u64,
+    /// A REFER: OpenSIPS raises nothing when it is declined.
+    pub refer_ms: u64,
+    /// The transferee's new call to be answered.
+    pub transfer_answer_ms: u64,
+    /// The dialog to end after `dlg_end_dlg`.
+    pub end_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { reinvite_ms: 35_000, refer_ms: 32_000, transfer_answer_ms: 130_000, end_ms: 35_000 }
+    }
+}
+
+/// What a step may know besides state and input.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    /// callbus's id of the call.
+    pub call_id: String,
+    /// The record's sequence (ids derived from it are the same on replay).
+    pub seq: u64,
+    /// The time of the input.
+    pub now_ms: u64,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl Ctx {
+    /// The id of the `n`-th MI request made while handling this input.
+    pub fn request_id(&self, n: usize) -> String {
+        format!("{}-{}-{n}", self.call_id, self.seq)
+    }
+}
+
+/// The call id in an MI request id made by [`Ctx::request_id`].
+pub fn call_of_request(request: &str) -> Option<&str> {
+    let mut parts = request.rsplitn(3, '-');
+    let (_n, _seq, call) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(call)
+}
