@@ -3,7 +3,158 @@
 //!
 //! - [`log`]: the append-only event log (sled), with group commit.
 //! - [`machines`]: pure per-call state machines.
+//! - `driver`: the I/O around them: NATS in, log, effects out.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod driver;
 pub mod log;
 pub mod machines;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use callbus_schemas::subjects;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::log::SledLog;
+pub use crate::machines::Timeouts;
+
+/// How the engine is set up.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Where the log lives.
+    pub data_dir: PathBuf,
+    /// How long the machines wait for OpenSIPS.
+    pub timeouts: Timeouts,
+    /// OpenSIPS nodes to reconcile with on start (besides those of live calls).
+    pub nodes: Vec<String>,
+    /// How long to wait for a bridge's MI answer (the bridge's own timeout is 5 s).
+    pub mi_timeout: Duration,
+    /// How long an ended call stays in memory (late events for it are absorbed meanwhile).
+    pub ended_retention: Duration,
+    /// Reconcile with OpenSIPS (`dlg_list`) on start.
+    pub reconcile: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            data_dir: PathBuf::from("./callbus-data"),
+            timeouts: Timeouts::default(),
+            nodes: vec!["default".into()],
+            mi_timeout: Duration::from_secs(7),
+            ended_retention: Duration::from_secs(60),
+            reconcile: true,
+        }
+    }
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The log could not be opened or read.
+    #[error(transparent)]
+    Log(#[from] log::LogError),
+    /// NATS refused a subscription.
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// A running engine.
+pub struct Engine {
+    cancel: CancellationToken,
+    owner: Option<JoinHandle<()>>,
+    forwarders: Vec<JoinHandle<()>>,
+    recovered_live: usize,
+}
+
+impl Engine {
+    /// Opens the log, rebuilds live calls, subscribes to events and commands, and starts.
+    pub async fn start(config: EngineConfig, client: async_nats::Client) -> Result<Engine, EngineError> {
+        let log = Arc::new(SledLog::open(&config.data_dir)?);
+        let (mut owner, rx) = driver::owner(config.clone(), Arc::clone(&log), client.clone());
+        let (live, tail) = driver::recover(&mut owner)?;
+        tracing::info!(data_dir = %config.data_dir.display(), live, tail_records = tail, next_seq = log::EventLog::next_seq(&*log), "engine recovered its calls");
+        let candidates = owner.live_call_ids();
+        let recovered_live = candidates.len();
+        let cancel = CancellationToken::new();
+        let tx = owner.sender();
+        let events = client
+            .subscribe(subjects::ALL_NODES_EVENTS)
+            .await
+            .map_err(|e| EngineError::Nats(format!("cannot subscribe to {}: {e}", subjects::ALL_NODES_EVENTS)))?;
+        let commands = client
+            .queue_subscribe("callbus.cmd.>", "callbus-engine".into())
+            .await
+            .map_err(|e| EngineError::Nats(format!("cannot subscribe to callbus.cmd.>: {e}")))?;
+        let forwarders = vec![
+            tokio::spawn(driver::forward_events(events, tx.clone(), cancel.clone())),
+            tokio::spawn(driver::forward_commands(commands, tx.clone(), client.clone(), cancel.clone())),
+        ];
+        if config.reconcile {
+            let mut nodes = config.nodes.clone();
+            nodes.extend(owner.live_nodes());
+            nodes.sort();
+            nodes.dedup();
+            let client = client.clone();
+            let timeout = config.mi_timeout;
+            tokio::spawn(async move {
+                for node in nodes {
+                    for attempt in 1..=5u32 {
+                        match driver::list_dialogs(&client, &node, timeout).await {
+                            Ok(dialogs) => {
+                                let work = driver::Work::Reconciled {
+                                    node: node.clone(),
+                                    dialogs,
+                                    candidates: candidates.clone(),
+                                };
+                                let _ = tx.send(work).await;
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(%node, attempt, error = %e, "cannot reconcile with OpenSIPS yet");
+                                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        let owner = tokio::spawn(owner.run(rx, cancel.clone()));
+        Ok(Engine { cancel, owner: Some(owner), forwarders, recovered_live })
+    }
+
+    /// Live calls found in the log at start.
+    pub fn recovered_live_calls(&self) -> usize {
+        self.recovered_live
+    }
+
+    /// Stops taking new work, finishes and commits what is in flight, and stops.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        for f in self.forwarders.drain(..) {
+            let _ = f.await;
+        }
+        if let Some(owner) = self.owner.take() {
+            let _ = owner.await;
+        }
+    }
+
+    /// Stops at once, as a crash would (nothing more is committed or carried out).
+    pub fn abort(mut self) {
+        for f in self.forwarders.drain(..) {
+            f.abort();
+        }
+        if let Some(owner) = self.owner.take() {
+            owner.abort();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}

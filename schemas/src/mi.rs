@@ -404,3 +404,32 @@ impl MiErrorReply {
         serde_json::to_vec(self).unwrap_or_default()
     }
 }
+
+/// One dialog in a `dlg_list` result (the fields callbus reads; the rest is ignored).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DlgListEntry {
+    /// Dialog ID, `hex.hex`.
+    #[serde(rename = "ID")]
+    pub id: String,
+    /// Dialog state number (1..5).
+    pub state: i64,
+    /// The SIP Call-ID.
+    pub callid: String,
+    /// The caller's URI.
+    #[serde(default)]
+    pub from_uri: Option<String>,
+    /// The callee's URI.
+    #[serde(default)]
+    pub to_uri: Option<String>,
+}
+
+/// A `dlg_list` result: paged (`index`+`counter`: with `count`) or not.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DlgListPage {
+    /// Total dialogs (paged requests only).
+    #[serde(default)]
+    pub count: Option<u64>,
+    /// The dialogs of this page.
+    #[serde(rename = "Dialogs")]
+    pub dialogs: Vec<DlgListEntry>,
+}

@@ -226,3 +226,19 @@ pub fn call_of_request(request: &str) -> Option<&str> {
     let (_n, _seq, call) = (parts.next()?, parts.next()?, parts.next()?);
     Some(call)
 }
+
+/// The state a call starts in before its first record (what `before: None` stands for).
+pub fn initial_state(after: &CallState) -> CallState {
+    match after {
+        CallState::Dialog(d) => CallState::Dialog(DialogState::new(&d.node, &d.sip_call_id)),
+    }
+}
+
+/// What today's machines make of a logged record's input, from its logged `before` state:
+/// compare with the record's `after` and `effects` to check determinism or find where
+/// behaviour changed.
+pub fn recheck(record: &crate::log::Record, timeouts: Timeouts) -> (CallState, Vec<Effect>) {
+    let before = record.before.clone().unwrap_or_else(|| initial_state(&record.after));
+    let ctx = Ctx { call_id: record.call_id.clone(), seq: record.seq, now_ms: record.time_ms, timeouts };
+    before.step(&record.input, &ctx)
+}

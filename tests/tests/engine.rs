@@ -1,0 +1,336 @@
+//! The engine end to end: a real nats-server, the simulator as OpenSIPS, the bridge, the
+//! engine with its sled log in a temporary directory, and an app speaking NATS.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use callbus_bridge::{Bridge, BridgeConfig};
+use callbus_engine::log::{EventLog, SledLog};
+use callbus_engine::machines::{recheck, Timeouts};
+use callbus_engine::{Engine, EngineConfig};
+use callbus_schemas::command::{CallNotification, CommandErrorCode, CommandReply};
+use callbus_tests::NatsServer;
+use futures::StreamExt;
+use opensips_sim::{CallScript, Sim, SimConfig};
+use serde_json::{json, Value};
+
+const NODE: &str = "n1";
+
+fn timeouts() -> Timeouts {
+    Timeouts { reinvite_ms: 3_000, refer_ms: 600, transfer_answer_ms: 3_000, end_ms: 3_000 }
+}
+
+struct Stack {
+    _nats: NatsServer,
+    sim: Sim,
+    bridge: Option<Bridge>,
+    engine: Option<Engine>,
+    client: async_nats::Client,
+    notes: async_nats::Subscriber,
+    data: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let nats = NatsServer::start();
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let notes = client.subscribe("callbus.call.>").await.expect("sub");
+        let sim = Sim::start(SimConfig { step: Duration::from_millis(3), ..SimConfig::default() }).await.expect("sim");
+        let bridge_config = BridgeConfig {
+            node: NODE.into(),
+            mi: sim.mi_addr(),
+            events_listen: "127.0.0.1:0".parse().expect("addr"),
+            health_interval: Duration::from_millis(200),
+            ..BridgeConfig::default()
+        };
+        let bridge = Bridge::start(bridge_config, client.clone()).await.expect("bridge");
+        let data = tempfile::tempdir().expect("tmp");
+        let mut stack = Stack { _nats: nats, sim, bridge: Some(bridge), engine: None, client, notes, data };
+        stack.start_engine().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stack.sim.live_subscriptions().len() < 4 {
+            assert!(Instant::now() < deadline, "the bridge subscribes");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stack
+    }
+
+    async fn start_engine(&mut self) {
+        let config = EngineConfig {
+            data_dir: self.data.path().to_owned(),
+            timeouts: timeouts(),
+            nodes: vec![NODE.into()],
+            mi_timeout: Duration::from_secs(3),
+            ..EngineConfig::default()
+        };
+        self.engine = Some(Engine::start(config, self.client.clone()).await.expect("engine"));
+        self.client.flush().await.expect("flush");
+    }
+
+    async fn cmd(&self, verb: &str, body: Value) -> CommandReply {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.client.request(format!("callbus.cmd.{verb}"), Bytes::from(body.to_string())),
+        )
+        .await
+        .expect("the engine answers")
+        .expect("request");
+        serde_json::from_slice(&reply.payload)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&reply.payload)))
+    }
+
+    /// Notifications until one matches `until` (included), or panics after 10 s.
+    async fn notes_until(&mut self, until: impl Fn(&CallNotification) -> bool) -> Vec<CallNotification> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, self.notes.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "notification not seen; got {:#?}",
+                        out.iter().map(|n: &CallNotification| (&n.event, &n.call_id)).collect::<Vec<_>>()
+                    )
+                })
+                .expect("open");
+            let note: CallNotification = serde_json::from_slice(&msg.payload).expect("CallNotification");
+            assert_eq!(msg.subject.as_str(), format!("callbus.call.{}.{}", note.call_id, note.event));
+            let done = until(&note);
+            out.push(note);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// A confirmed proxied call: (call_id, sip_call_id).
+    async fn confirmed_call(&mut self, script: CallScript) -> (String, String) {
+        let sip = self.sim.proxied_call(script);
+        let notes =
+            self.notes_until(|n| n.event == "confirmed" && n.sip_call_id.as_deref() == Some(sip.as_str())).await;
+        (notes.last().expect("note").call_id.clone(), sip)
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(engine) = self.engine.take() {
+            engine.shutdown().await;
+        }
+        if let Some(bridge) = self.bridge.take() {
+            bridge.shutdown().await;
+        }
+    }
+}
+
+fn accepted(reply: &CommandReply) -> (String, String) {
+    match reply {
+        CommandReply::Accepted { call_id, cmd_id, accepted: true } => (call_id.clone(), cmd_id.clone()),
+        other => panic!("not accepted: {other:?}"),
+    }
+}
+
+fn refused(reply: &CommandReply) -> CommandErrorCode {
+    match reply {
+        CommandReply::Refused { error, .. } => error.code,
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+/// Every record of the log re-runs to the same state and effects through today's machines.
+fn assert_log_replays(data: &std::path::Path) -> usize {
+    let log = SledLog::open(data).expect("open log");
+    let mut n = 0;
+    for record in log.records_from(1) {
+        let record = record.expect("readable");
+        let (after, effects) = recheck(&record, timeouts());
+        assert_eq!((&after, &effects), (&record.after, &record.effects), "record {} diverges", record.seq);
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxied_call_is_notified_listed_and_logged() {
+    let mut s = Stack::start().await;
+    let sip = s.sim.proxied_call(CallScript { hangup_after: Some(Duration::from_millis(300)), ..Default::default() });
+    let notes = s.notes_until(|n| n.event == "confirmed").await;
+    let call_id = notes[0].call_id.clone();
+    let listed = s.cmd("call.list", json!({})).await;
+    let CommandReply::Data { result, .. } = &listed else { panic!("{listed:?}") };
+    assert_eq!(result["calls"][0]["call_id"], json!(call_id));
+    assert_eq!(result["calls"][0]["state"], json!("confirmed"));
+    let mut all = notes;
+    all.extend(s.notes_until(|n| n.event == "ended").await);
+    assert_eq!(all.iter().map(|n| n.event.as_str()).collect::<Vec<_>>(), ["early", "answered", "confirmed", "ended"]);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "ordered by seq");
+    assert!(all.iter().all(|n| n.call_id == call_id && n.sip_call_id.as_deref() == Some(sip.as_str())));
+    assert_eq!(all[3].data["reason"], json!("hung_up"));
+    let got = s.cmd("call.get", json!({"sip_call_id": sip})).await;
+    let CommandReply::Data { result, .. } = &got else { panic!("{got:?}") };
+    assert_eq!(result["history"].as_array().map(Vec::len), Some(4));
+    assert_eq!(result["call"]["state"], json!("ended"));
+    s.shutdown().await;
+    assert_eq!(assert_log_replays(s.data.path()), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_and_unhold_succeed_and_a_refusing_leg_fails_the_command() {
+    let mut s = Stack::start().await;
+    let (call_id, sip) = s.confirmed_call(CallScript::default()).await;
+    let (_, cmd_id) = accepted(&s.cmd("call.hold", json!({"sip_call_id": sip, "cmd_id": "h1"})).await);
+    assert_eq!(cmd_id, "h1");
+    let notes = s.notes_until(|n| n.event == "command_succeeded").await;
+    let held: Vec<_> = notes.iter().filter(|n| n.event == "held").map(|n| n.data["leg"].clone()).collect();
+    assert_eq!(held.len(), 2);
+    assert!(notes.iter().all(|n| n.cmd_id.as_deref() == Some("h1")));
+    assert_eq!(refused(&s.cmd("call.hold", json!({"call_id": call_id})).await), CommandErrorCode::WrongState);
+    accepted(&s.cmd("call.unhold", json!({"call_id": call_id, "cmd_id": "u1"})).await);
+    let notes = s.notes_until(|n| n.event == "command_succeeded").await;
+    assert_eq!(notes.iter().filter(|n| n.event == "resumed").count(), 2);
+
+    let (_, sip2) = s.confirmed_call(CallScript { callee_rejects_reinvite: true, ..Default::default() }).await;
+    accepted(&s.cmd("call.hold", json!({"sip_call_id": sip2, "cmd_id": "h2"})).await);
+    let notes = s.notes_until(|n| n.event == "command_failed" || n.event == "command_succeeded").await;
+    let last = notes.last().expect("note");
+    assert_eq!(last.event, "command_failed");
+    assert!(last.data["reason"].as_str().is_some_and(|r| r.contains("callee")), "{last:?}");
+    s.shutdown().await;
+    assert_log_replays(s.data.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blind_transfer_ends_the_transferor_and_a_second_one_is_refused() {
+    let mut s = Stack::start().await;
+    let (call_id, sip) = s.confirmed_call(CallScript::default()).await;
+    let body =
+        json!({"call_id": call_id, "leg": "callee", "destination": "sip:transfer@127.0.0.1:5060", "cmd_id": "t1"});
+    accepted(&s.cmd("call.transfer.blind", body.clone()).await);
+    let notes = s.notes_until(|n| n.call_id == call_id && n.event == "ended").await;
+    let mine: Vec<&str> = notes.iter().filter(|n| n.call_id == call_id).map(|n| n.event.as_str()).collect();
+    for e in ["transfer_requested", "transfer_started", "transferred", "command_succeeded", "ended"] {
+        assert!(mine.contains(&e), "{e} missing from {mine:?}");
+    }
+    assert_eq!(notes.last().expect("ended").data["reason"], json!("transferred"));
+    assert!(
+        notes.iter().any(|n| n.call_id != call_id && n.event == "confirmed"),
+        "the transferee's new call is a call of its own"
+    );
+    let _ = sip;
+    s.shutdown().await;
+    assert_log_replays(s.data.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_refer_is_reported_failed_and_attended_transfer_succeeds() {
+    let mut s = Stack::start().await;
+    let (call_id, _) = s.confirmed_call(CallScript { declines_refer: true, ..Default::default() }).await;
+    let body = json!({"call_id": call_id, "leg": "callee", "destination": "sip:transfer@127.0.0.1:5060"});
+    accepted(&s.cmd("call.transfer.blind", body.clone()).await);
+    let notes = s.notes_until(|n| n.event == "command_failed").await;
+    assert!(notes.last().expect("failed").data["reason"].as_str().is_some_and(|r| r.contains("declined or lost")));
+    assert_eq!(
+        refused(&s.cmd("call.transfer.blind", body).await),
+        CommandErrorCode::WrongState,
+        "one attempt per call"
+    );
+
+    let (a, _) = s.confirmed_call(CallScript::default()).await;
+    let (b, _) = s.confirmed_call(CallScript { to_uri: "sip:carol@127.0.0.1:5060".into(), ..Default::default() }).await;
+    let body = json!({"call_id": a, "leg": "caller", "transfer_call_id": b, "transfer_leg": "callee", "cmd_id": "x1"});
+    accepted(&s.cmd("call.transfer.attended", body).await);
+    let notes = s.notes_until(|n| n.cmd_id.as_deref() == Some("x1") && n.event.starts_with("command_")).await;
+    assert_eq!(notes.last().expect("note").event, "command_succeeded");
+    let body = json!({"call_id": a, "leg": "caller", "transfer_call_id": "nope", "transfer_leg": "callee"});
+    assert_eq!(refused(&s.cmd("call.transfer.attended", body).await), CommandErrorCode::UnknownCall);
+    s.shutdown().await;
+    assert_log_replays(s.data.path());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_once_per_cmd_id_and_bad_commands_change_nothing() {
+    let mut s = Stack::start().await;
+    let (call_id, _) = s.confirmed_call(CallScript::default()).await;
+    let history = |r: &CommandReply| match r {
+        CommandReply::Data { result, .. } => result["history"].as_array().map(Vec::len).unwrap_or(0),
+        other => panic!("{other:?}"),
+    };
+    let before = history(&s.cmd("call.get", json!({"call_id": call_id})).await);
+    for (verb, body, code) in [
+        ("call.hold", json!({"call_id": "c-none"}), CommandErrorCode::UnknownCall),
+        ("call.hold", json!({"call_id": 12}), CommandErrorCode::WrongType),
+        ("call.hold", json!({}), CommandErrorCode::MissingField),
+        (
+            "call.transfer.blind",
+            json!({"call_id": call_id, "leg": "nobody", "destination": "sip:a@b"}),
+            CommandErrorCode::BadValue,
+        ),
+        ("call.start", json!({"caller": "sip:a@b", "callee": "sip:c@d"}), CommandErrorCode::Unsupported),
+    ] {
+        assert_eq!(refused(&s.cmd(verb, body.clone()).await), code, "{verb} {body}");
+    }
+    let raw = s.client.request("callbus.cmd.call.end", Bytes::from_static(b"{not json")).await.expect("reply");
+    let reply: CommandReply = serde_json::from_slice(&raw.payload).expect("typed");
+    assert_eq!(refused(&reply), CommandErrorCode::BadRequest);
+    assert_eq!(history(&s.cmd("call.get", json!({"call_id": call_id})).await), before, "refused commands log nothing");
+
+    let first = s.cmd("call.end", json!({"call_id": call_id, "cmd_id": "e1"})).await;
+    let again = s.cmd("call.end", json!({"call_id": call_id, "cmd_id": "e1"})).await;
+    assert_eq!(first, again, "a repeated cmd_id gets the first answer");
+    let notes = s.notes_until(|n| n.event == "command_succeeded").await;
+    assert_eq!(notes.iter().filter(|n| n.event == "ending").count(), 1, "acted on once");
+    assert!(notes.iter().any(|n| n.event == "ended" && n.data["reason"] == json!("ended_by_command")));
+    let after = history(&s.cmd("call.get", json!({"call_id": call_id})).await);
+    s.shutdown().await;
+    let log = SledLog::open(s.data.path()).expect("log");
+    let labels: Vec<String> = log.records_of_call(&call_id).expect("records").iter().map(|r| r.input.label()).collect();
+    println!("{labels:?}");
+    assert_eq!(labels.iter().filter(|l| *l == "cmd call.end").count(), 1, "{labels:?}");
+    assert_eq!(after, before + 3, "one end command, its MI reply, the 4→5 event: {labels:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_engine_restarts_with_every_acknowledged_input_and_reconciles() {
+    let mut s = Stack::start().await;
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        calls.push(s.confirmed_call(CallScript::default()).await);
+    }
+    let (held_id, _) = accepted(&s.cmd("call.hold", json!({"call_id": calls[0].0, "cmd_id": "before-crash"})).await);
+    s.notes_until(|n| n.event == "command_succeeded").await;
+    // Crash: no clean shutdown, nothing more committed.
+    s.engine.take().expect("engine").abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // While the engine is down, one call ends in OpenSIPS (its events reach nobody).
+    let mi = s
+        .client
+        .request(format!("opensips.{NODE}.mi.dlg_end_dlg"), Bytes::from(json!({"dialog_id": calls[1].1}).to_string()));
+    mi.await.expect("bridge answers");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // And one call starts that the engine never saw.
+    let stranger = s.sim.proxied_call(CallScript::default());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    s.start_engine().await;
+    assert!(s.engine.as_ref().expect("engine").recovered_live_calls() >= 3);
+    let notes = s.notes_until(|n| n.call_id == calls[1].0 && n.event == "ended").await;
+    assert_eq!(notes.last().expect("ended").data["reason"], json!("ended_while_engine_away"));
+    let listed = s.cmd("call.list", json!({})).await;
+    let CommandReply::Data { result, .. } = &listed else { panic!("{listed:?}") };
+    let sips: Vec<&str> =
+        result["calls"].as_array().expect("calls").iter().filter_map(|c| c["sip_call_id"].as_str()).collect();
+    assert!(sips.contains(&stranger.as_str()), "a live dialog the engine never saw is adopted: {sips:?}");
+    // A call from before the crash goes on.
+    accepted(&s.cmd("call.unhold", json!({"call_id": held_id, "cmd_id": "after-crash"})).await);
+    let notes = s.notes_until(|n| n.cmd_id.as_deref() == Some("after-crash") && n.event.starts_with("command_")).await;
+    assert_eq!(notes.last().expect("note").event, "command_succeeded");
+    // The repeated cmd_id from before the crash is still answered, not acted on.
+    let again = s.cmd("call.hold", json!({"call_id": calls[0].0, "cmd_id": "before-crash"})).await;
+    assert_eq!(accepted(&again).1, "before-crash");
+    s.shutdown().await;
+    let log = SledLog::open(s.data.path()).expect("log");
+    let labels: Vec<String> =
+        log.records_of_call(&calls[0].0).expect("records").iter().map(|r| r.input.label()).collect();
+    assert!(labels.contains(&"cmd call.hold".to_owned()), "the acknowledged command is in the log: {labels:?}");
+    drop(log);
+    assert_log_replays(s.data.path());
+}
