@@ -54,6 +54,8 @@ pub struct BridgeArgs {
 pub struct UpArgs {
     #[command(flatten)]
     pub bridge: BridgeArgs,
+    #[command(flatten)]
+    pub engine: crate::engine_cmd::EngineFlags,
 }
 
 impl BridgeArgs {
@@ -126,15 +128,32 @@ pub async fn bridge(args: BridgeArgs) -> anyhow::Result<ExitCode> {
     run_bridge(&args).await
 }
 
-/// `callbus up`: a local NATS if needed, then the parts that exist.
-pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+/// `callbus up`: a local NATS if needed, then bridge and engine in one process.
+pub async fn up(mut args: UpArgs) -> anyhow::Result<ExitCode> {
     let url = args.bridge.nats.clone();
     let local = tokio::task::spawn_blocking(move || nats::ensure_local(&url)).await??;
     if local.is_some() {
         println!("callbus up: started nats-server at {} (stopped on exit)", args.bridge.nats);
     }
-    tracing::warn!("the engine is not built yet (issue 4): `up` runs the bridge only");
-    let code = run_bridge(&args.bridge).await;
+    if !args.engine.nodes.contains(&args.bridge.node) {
+        args.engine.nodes = vec![args.bridge.node.clone()];
+    }
+    let config = args.bridge.config()?;
+    let client = nats::connect(&args.bridge.nats, &format!("callbus-up-{}", args.bridge.node)).await?;
+    let bridge = Bridge::start(config, client.clone()).await?;
+    let engine = crate::engine_cmd::start(&args.engine, client.clone()).await?;
+    println!(
+        "callbus up: node {} | OpenSIPS MI {} | events on {} | NATS {} | log in {} | Ctrl-C to stop",
+        args.bridge.node,
+        args.bridge.mi,
+        bridge.events_addr(),
+        args.bridge.nats,
+        args.engine.data_dir.display()
+    );
+    shutdown_signal().await;
+    engine.shutdown().await;
+    bridge.shutdown().await;
+    let _ = client.flush().await;
     drop(local);
-    code
+    Ok(ExitCode::SUCCESS)
 }

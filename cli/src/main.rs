@@ -4,6 +4,7 @@
 
 mod bridge_cmd;
 mod duration;
+mod engine_cmd;
 mod mi_cmd;
 mod nats;
 mod sim_cmd;
@@ -35,8 +36,8 @@ enum Command {
     Up(bridge_cmd::UpArgs),
     /// Run the bridge alone: OpenSIPS MI and event datagrams on NATS.
     Bridge(bridge_cmd::BridgeArgs),
-    /// Run an engine alone (not built yet).
-    Engine(NotYet),
+    /// Run an engine alone: call state machines, the event log, commands and notifications.
+    Engine(engine_cmd::EngineArgs),
     /// Run the OpenSIPS simulator (MI and event datagrams, scripted calls).
     Sim(sim_cmd::SimArgs),
     /// Start everything locally and run a scripted call (not built yet).
@@ -91,7 +92,7 @@ fn main() -> ExitCode {
             Command::Bridge(args) => bridge_cmd::bridge(args).await,
             Command::Sim(args) => sim_cmd::run(args).await,
             Command::Mi(args) => mi_cmd::run(args).await,
-            Command::Engine(_) => Ok(not_yet("engine", 4)),
+            Command::Engine(args) => engine_cmd::run(args).await,
             Command::Demo(_) => Ok(not_yet("demo", 8)),
             Command::Replay(_) => Ok(not_yet("replay", 6)),
             Command::Call(_) => Ok(not_yet("call", 8)),

@@ -32,7 +32,7 @@ fn help_lists_every_subcommand_with_a_line_each() {
 
 #[test]
 fn unfinished_commands_say_so_and_exit_non_zero() {
-    for cmd in ["engine", "demo", "replay", "call", "ua", "events"] {
+    for cmd in ["demo", "replay", "call", "ua", "events"] {
         let out = run(&[cmd, "anything"]);
         assert_eq!(out.status.code(), Some(2), "{cmd}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"), "{cmd}");
@@ -114,9 +114,11 @@ async fn up_starts_nats_when_none_answers_and_stops_cleanly() {
     let url = format!("nats://127.0.0.1:{port}");
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
     let events = format!("127.0.0.1:{}", free_port());
+    let data = tempfile::tempdir().expect("tmp");
     let mut up = Running(
         callbus()
             .args(["up", "--nats", &url, "--mi", &sim.mi_addr().to_string(), "--events-listen", &events])
+            .args(["--data-dir", &data.path().display().to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -124,6 +126,19 @@ async fn up_starts_nats_when_none_answers_and_stops_cleanly() {
     );
     let out = mi_until_ok(&url, &["uptime"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The engine runs too: a call placed in OpenSIPS shows up in call.list.
+    let callid = sim.proxied_call(opensips_sim::CallScript::default());
+    let client = async_nats::connect(&url).await.expect("connect");
+    let listed_deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply =
+            client.request("callbus.cmd.call.list", bytes::Bytes::from_static(b"{}")).await.expect("engine answers");
+        if String::from_utf8_lossy(&reply.payload).contains(&callid) {
+            break;
+        }
+        assert!(Instant::now() < listed_deadline, "the call never showed in call.list");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let subscribed_deadline = Instant::now() + Duration::from_secs(5);
     while sim.live_subscriptions().len() < 4 {
         assert!(Instant::now() < subscribed_deadline, "up subscribes to the default events");
@@ -131,5 +146,6 @@ async fn up_starts_nats_when_none_answers_and_stops_cleanly() {
     }
     assert!(terminate(&mut up.0).success(), "SIGTERM exits 0");
     assert!(sim.live_subscriptions().is_empty(), "a clean stop unsubscribes");
+    assert!(data.path().join("db").exists(), "the log was written in --data-dir");
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the child nats-server is stopped too");
 }
