@@ -593,6 +593,8 @@ impl DialogState {
             let verb = if hold { "call.hold" } else { "call.unhold" };
             if ok {
                 op.accepted = true;
+                let event = if hold { "hold_requested" } else { "unhold_requested" };
+                notify(effects, event, Some(&cmd_id), json!({}));
                 self.complete_hold(effects);
             } else if code == Some(480) {
                 // 480: "Both dialog legs are on hold" / "No dialog legs on hold": already so.
