@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use callbus_engine::callapi::CallApiDoor;
 use callbus_engine::{Engine, EngineConfig};
 
 use crate::{bridge_cmd, duration, nats};
@@ -20,9 +21,10 @@ pub struct EngineFlags {
     /// How long an ended call stays in memory to absorb late events.
     #[arg(long, env = "CALLBUS_ENDED_RETENTION", default_value = "60s", value_parser = duration::parse)]
     pub ended_retention: Duration,
-    /// Serve the OpenSIPS Call API protocol (JSON-RPC over WebSocket) on this address (not built yet).
+    /// Serve the OpenSIPS Call API protocol (JSON-RPC over WebSocket, path /call-api) here,
+    /// e.g. 127.0.0.1:5059; off unless set.
     #[arg(long, env = "CALLBUS_CALLAPI_LISTEN")]
-    pub callapi_listen: Option<String>,
+    pub callapi_listen: Option<std::net::SocketAddr>,
 }
 
 impl EngineFlags {
@@ -47,13 +49,38 @@ pub struct EngineArgs {
     pub engine: EngineFlags,
 }
 
-/// Starts the engine on `client`.
-pub async fn start(flags: &EngineFlags, client: async_nats::Client) -> anyhow::Result<Engine> {
-    if let Some(addr) = &flags.callapi_listen {
-        anyhow::bail!("--callapi-listen {addr}: the Call API door is not built yet (issue 4); run without it");
+/// A running engine and, when asked for, its Call API door.
+pub struct Running {
+    /// The engine.
+    pub engine: Engine,
+    door: Option<CallApiDoor>,
+}
+
+impl Running {
+    /// Stops the door, then the engine.
+    pub async fn shutdown(self) {
+        if let Some(door) = self.door {
+            door.shutdown().await;
+        }
+        self.engine.shutdown().await;
     }
-    let engine = Engine::start(flags.config(), client).await?;
-    Ok(engine)
+}
+
+/// Starts the engine (and its Call API door) on `client`.
+pub async fn start(flags: &EngineFlags, client: async_nats::Client) -> anyhow::Result<Running> {
+    let engine = Engine::start(flags.config(), client.clone()).await?;
+    let door = match flags.callapi_listen {
+        Some(addr) => Some(
+            CallApiDoor::start(addr, client)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen for Call API clients on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    if let Some(door) = &door {
+        println!("Call API door: ws://{}{}", door.local_addr(), callbus_engine::callapi::PATH);
+    }
+    Ok(Running { engine, door })
 }
 
 /// `callbus engine`.
@@ -64,7 +91,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<ExitCode> {
         "callbus engine: log in {} | NATS {} | {} live calls recovered | Ctrl-C to stop",
         args.engine.data_dir.display(),
         args.nats,
-        engine.recovered_live_calls()
+        engine.engine.recovered_live_calls()
     );
     bridge_cmd::shutdown_signal().await;
     engine.shutdown().await;

@@ -70,8 +70,13 @@ pub(crate) enum Work {
 
 struct CallEntry {
     state: CallState,
+    /// The sequence of the call's last record.
+    last_seq: u64,
     ended_at: Option<Instant>,
 }
+
+/// How often the snapshots of the calls touched since are written.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// What a batch must do once it is durable.
 #[derive(Default)]
@@ -96,6 +101,9 @@ pub(crate) struct Owner {
     remembered_order: VecDeque<String>,
     next_call: u64,
     tx: mpsc::Sender<Work>,
+    /// Calls changed since the last checkpoint.
+    dirty: std::collections::HashSet<String>,
+    last_checkpoint: Instant,
 }
 
 fn now_ms() -> u64 {
@@ -142,11 +150,7 @@ impl Owner {
             effects: effects.clone(),
         };
         self.log.stage(&record)?;
-        if after.is_ended() {
-            self.log.remove_snapshot(call_id)?;
-        } else {
-            self.log.stage_snapshot(&Snapshot { seq, call_id: call_id.to_owned(), state: after.clone() })?;
-        }
+        self.dirty.insert(call_id.to_owned());
         out.staged += 1;
         for effect in effects {
             match effect {
@@ -183,8 +187,13 @@ impl Owner {
         if let Some(sip) = after.sip_call_id() {
             self.by_sip.entry(sip.to_owned()).or_insert_with(|| call_id.to_owned());
         }
-        let entry = self.calls.entry(call_id.to_owned()).or_insert(CallEntry { state: after.clone(), ended_at: None });
+        let entry = self.calls.entry(call_id.to_owned()).or_insert(CallEntry {
+            state: after.clone(),
+            last_seq: seq,
+            ended_at: None,
+        });
         entry.state = after;
+        entry.last_seq = seq;
         if ended && entry.ended_at.is_none() {
             entry.ended_at = Some(Instant::now());
         }
@@ -454,6 +463,27 @@ impl Owner {
         }
     }
 
+    /// Writes the snapshots of the calls changed since the last checkpoint, then the checkpoint
+    /// itself (durable with the next commit).
+    fn checkpoint(&mut self) -> Result<(), LogError> {
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        for call_id in std::mem::take(&mut self.dirty) {
+            match self.calls.get(&call_id) {
+                Some(entry) if !entry.state.is_ended() => {
+                    let snapshot =
+                        Snapshot { seq: entry.last_seq, call_id: call_id.clone(), state: entry.state.clone() };
+                    self.log.stage_snapshot(&snapshot)?;
+                }
+                _ => self.log.remove_snapshot(&call_id)?,
+            }
+        }
+        self.log.stage_checkpoint(self.log.next_seq().saturating_sub(1))?;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
     /// Forgets calls that ended a while ago (late events for them are then ignored).
     fn forget_ended(&mut self) {
         let retention = self.config.ended_retention;
@@ -532,13 +562,13 @@ pub(crate) async fn list_dialogs(
 pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
     let snapshots = owner.log.snapshots()?;
     let mut last_seq: HashMap<String, u64> = HashMap::new();
-    let from = snapshots.iter().map(|s| s.seq).max().map_or(1, |s| s + 1);
+    let from = owner.log.checkpoint()? + 1;
     for snap in snapshots {
         last_seq.insert(snap.call_id.clone(), snap.seq);
         if let Some(sip) = snap.state.sip_call_id() {
             owner.by_sip.insert(sip.to_owned(), snap.call_id.clone());
         }
-        owner.calls.insert(snap.call_id, CallEntry { state: snap.state, ended_at: None });
+        owner.calls.insert(snap.call_id, CallEntry { state: snap.state, last_seq: snap.seq, ended_at: None });
     }
     let mut tail = 0;
     let log = Arc::clone(&owner.log);
@@ -564,7 +594,8 @@ pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
             owner.by_sip.insert(sip.to_owned(), record.call_id.clone());
         }
         let ended_at = record.after.is_ended().then(Instant::now);
-        owner.calls.insert(record.call_id.clone(), CallEntry { state: record.after, ended_at });
+        owner.dirty.insert(record.call_id.clone());
+        owner.calls.insert(record.call_id.clone(), CallEntry { state: record.after, last_seq: record.seq, ended_at });
     }
     let live = owner.calls.values().filter(|e| !e.state.is_ended()).count();
     Ok((live, tail))
@@ -589,6 +620,8 @@ pub(crate) fn owner(
         remembered_order: VecDeque::new(),
         next_call: 0,
         tx,
+        dirty: Default::default(),
+        last_checkpoint: Instant::now(),
     };
     (owner, rx)
 }
@@ -631,6 +664,13 @@ impl Owner {
                     break;
                 }
             }
+            if failed.is_none() && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+                if let Err(e) = self.checkpoint() {
+                    failed = Some(e);
+                } else {
+                    out.staged += 1;
+                }
+            }
             let committed = match failed {
                 None if out.staged == 0 => Ok(()),
                 None => self.log.commit().await,
@@ -652,6 +692,15 @@ impl Owner {
                     }
                 }
             }
+        }
+        // A clean stop leaves snapshots up to date, so the next start reads no tail.
+        match self.checkpoint() {
+            Ok(()) => {
+                if let Err(e) = self.log.commit().await {
+                    tracing::warn!(error = %e, "final checkpoint not committed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "final checkpoint not written"),
         }
         let _ = self.client.flush().await;
     }

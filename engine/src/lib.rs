@@ -4,8 +4,10 @@
 //! - [`log`]: the append-only event log (sled), with group commit.
 //! - [`machines`]: pure per-call state machines.
 //! - `driver`: the I/O around them: NATS in, log, effects out.
+//! - [`callapi`]: the OpenSIPS Call API compatibility door (WebSocket).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod callapi;
 mod driver;
 pub mod log;
 pub mod machines;
@@ -36,6 +38,8 @@ pub struct EngineConfig {
     pub ended_retention: Duration,
     /// Reconcile with OpenSIPS (`dlg_list`) on start.
     pub reconcile: bool,
+    /// The log's page cache, in bytes.
+    pub cache_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -47,6 +51,7 @@ impl Default for EngineConfig {
             mi_timeout: Duration::from_secs(7),
             ended_retention: Duration::from_secs(60),
             reconcile: true,
+            cache_bytes: log::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -73,7 +78,7 @@ pub struct Engine {
 impl Engine {
     /// Opens the log, rebuilds live calls, subscribes to events and commands, and starts.
     pub async fn start(config: EngineConfig, client: async_nats::Client) -> Result<Engine, EngineError> {
-        let log = Arc::new(SledLog::open(&config.data_dir)?);
+        let log = Arc::new(SledLog::open_with_cache(&config.data_dir, config.cache_bytes)?);
         let (mut owner, rx) = driver::owner(config.clone(), Arc::clone(&log), client.clone());
         let (live, tail) = driver::recover(&mut owner)?;
         tracing::info!(data_dir = %config.data_dir.display(), live, tail_records = tail, next_seq = log::EventLog::next_seq(&*log), "engine recovered its calls");

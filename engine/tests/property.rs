@@ -78,7 +78,8 @@ fn command(rng: &mut Rng) -> Command {
 }
 
 fn mi_reply(rng: &mut Rng) -> MiBusReply {
-    let error = |code: i64, message: &str| MiBusReply::Error { error: MiError { code, message: message.into(), data: None } };
+    let error =
+        |code: i64, message: &str| MiBusReply::Error { error: MiError { code, message: message.into(), data: None } };
     match rng.below(8) {
         0 | 1 => MiBusReply::Result { result: json!("OK") },
         2 => MiBusReply::Result { result: json!("Accepted") },
@@ -107,7 +108,11 @@ fn random_interleavings_never_panic_and_replay_exactly() {
         let mut records = Vec::new();
         for seq in 1..=(10 + r.below(60)) as u64 {
             let input = match r.below(10) {
-                0..=3 => Input::Event { node: "n1".into(), bridge_seq: None, datagram: datagrams[r.below(datagrams.len())].clone() },
+                0..=3 => Input::Event {
+                    node: "n1".into(),
+                    bridge_seq: None,
+                    datagram: datagrams[r.below(datagrams.len())].clone(),
+                },
                 4 | 5 => Input::Command { cmd_id: format!("k{seq}"), command: command(&mut r) },
                 6 | 7 => {
                     let request = if !requests.is_empty() && r.below(4) > 0 {
@@ -118,11 +123,14 @@ fn random_interleavings_never_panic_and_replay_exactly() {
                     Input::MiReply { request, reply: mi_reply(&mut r) }
                 }
                 8 => Input::Timer { name: ["hold", "transfer", "end", "bogus"][r.below(4)].into() },
-                _ => Input::Reconcile { opensips_state: [None, Some(1), Some(2), Some(3), Some(4), Some(5), Some(42)][r.below(7)] },
+                _ => Input::Reconcile {
+                    opensips_state: [None, Some(1), Some(2), Some(3), Some(4), Some(5), Some(42)][r.below(7)],
+                },
             };
             let ctx = Ctx { call_id: "c1".into(), seq, now_ms: 1_000 * seq, timeouts };
             let outcome = std::panic::catch_unwind(|| state.step(&input, &ctx));
-            let (after, effects) = outcome.unwrap_or_else(|_| panic!("panic in case {case} (seed {case_seed}) at step {seq}: {input:?}"));
+            let (after, effects) =
+                outcome.unwrap_or_else(|_| panic!("panic in case {case} (seed {case_seed}) at step {seq}: {input:?}"));
             for e in &effects {
                 if let Effect::Mi { request, .. } = e {
                     requests.push(request.clone());
@@ -149,7 +157,12 @@ fn random_interleavings_never_panic_and_replay_exactly() {
             let decoded: Record = rmp_serde::from_slice(&bytes).expect("decode");
             assert_eq!(&decoded, record, "case {case}: the record does not survive its encoding");
             let (after, effects) = recheck(&decoded, timeouts);
-            assert_eq!((&after, &effects), (&record.after, &record.effects), "case {case} (seed {case_seed}) diverges at {}", record.seq);
+            assert_eq!(
+                (&after, &effects),
+                (&record.after, &record.effects),
+                "case {case} (seed {case_seed}) diverges at {}",
+                record.seq
+            );
         }
     }
     println!("{cases} cases, {steps} steps");

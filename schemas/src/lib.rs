@@ -5,6 +5,7 @@
 //! - [`event`]: OpenSIPS event datagrams (`event_datagram` JSON-RPC notifications), typed for
 //!   the events callbus uses and kept intact for every other one.
 //! - [`bus`]: what the bridge publishes besides raw events: MI replies, its errors, its status.
+//! - [`callapi`]: the OpenSIPS Call API's own protocol, for the compatibility door.
 //! - [`command`]: app commands, their replies, and per-call notifications.
 //! - [`subjects`]: building and parsing every NATS subject of the public contract.
 //! - [`json_schema`]: the JSON Schemas of the public message types, as checked into `schemas/json/`.
@@ -17,6 +18,7 @@
 #[macro_use]
 mod string_enum;
 pub mod bus;
+pub mod callapi;
 pub mod command;
 pub mod event;
 pub mod json_schema;

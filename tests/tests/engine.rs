@@ -1,126 +1,15 @@
 //! The engine end to end: a real nats-server, the simulator as OpenSIPS, the bridge, the
 //! engine with its sled log in a temporary directory, and an app speaking NATS.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use callbus_bridge::{Bridge, BridgeConfig};
 use callbus_engine::log::{EventLog, SledLog};
-use callbus_engine::machines::{recheck, Timeouts};
-use callbus_engine::{Engine, EngineConfig};
-use callbus_schemas::command::{CallNotification, CommandErrorCode, CommandReply};
-use callbus_tests::NatsServer;
-use futures::StreamExt;
-use opensips_sim::{CallScript, Sim, SimConfig};
-use serde_json::{json, Value};
-
-const NODE: &str = "n1";
-
-fn timeouts() -> Timeouts {
-    Timeouts { reinvite_ms: 3_000, refer_ms: 600, transfer_answer_ms: 3_000, end_ms: 3_000 }
-}
-
-struct Stack {
-    _nats: NatsServer,
-    sim: Sim,
-    bridge: Option<Bridge>,
-    engine: Option<Engine>,
-    client: async_nats::Client,
-    notes: async_nats::Subscriber,
-    data: tempfile::TempDir,
-}
-
-impl Stack {
-    async fn start() -> Stack {
-        let nats = NatsServer::start();
-        let client = async_nats::connect(nats.url()).await.expect("connect");
-        let notes = client.subscribe("callbus.call.>").await.expect("sub");
-        let sim = Sim::start(SimConfig { step: Duration::from_millis(3), ..SimConfig::default() }).await.expect("sim");
-        let bridge_config = BridgeConfig {
-            node: NODE.into(),
-            mi: sim.mi_addr(),
-            events_listen: "127.0.0.1:0".parse().expect("addr"),
-            health_interval: Duration::from_millis(200),
-            ..BridgeConfig::default()
-        };
-        let bridge = Bridge::start(bridge_config, client.clone()).await.expect("bridge");
-        let data = tempfile::tempdir().expect("tmp");
-        let mut stack = Stack { _nats: nats, sim, bridge: Some(bridge), engine: None, client, notes, data };
-        stack.start_engine().await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while stack.sim.live_subscriptions().len() < 4 {
-            assert!(Instant::now() < deadline, "the bridge subscribes");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        stack
-    }
-
-    async fn start_engine(&mut self) {
-        let config = EngineConfig {
-            data_dir: self.data.path().to_owned(),
-            timeouts: timeouts(),
-            nodes: vec![NODE.into()],
-            mi_timeout: Duration::from_secs(3),
-            ..EngineConfig::default()
-        };
-        self.engine = Some(Engine::start(config, self.client.clone()).await.expect("engine"));
-        self.client.flush().await.expect("flush");
-    }
-
-    async fn cmd(&self, verb: &str, body: Value) -> CommandReply {
-        let reply = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.client.request(format!("callbus.cmd.{verb}"), Bytes::from(body.to_string())),
-        )
-        .await
-        .expect("the engine answers")
-        .expect("request");
-        serde_json::from_slice(&reply.payload)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&reply.payload)))
-    }
-
-    /// Notifications until one matches `until` (included), or panics after 10 s.
-    async fn notes_until(&mut self, until: impl Fn(&CallNotification) -> bool) -> Vec<CallNotification> {
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let msg = tokio::time::timeout(left, self.notes.next())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "notification not seen; got {:#?}",
-                        out.iter().map(|n: &CallNotification| (&n.event, &n.call_id)).collect::<Vec<_>>()
-                    )
-                })
-                .expect("open");
-            let note: CallNotification = serde_json::from_slice(&msg.payload).expect("CallNotification");
-            assert_eq!(msg.subject.as_str(), format!("callbus.call.{}.{}", note.call_id, note.event));
-            let done = until(&note);
-            out.push(note);
-            if done {
-                return out;
-            }
-        }
-    }
-
-    /// A confirmed proxied call: (call_id, sip_call_id).
-    async fn confirmed_call(&mut self, script: CallScript) -> (String, String) {
-        let sip = self.sim.proxied_call(script);
-        let notes =
-            self.notes_until(|n| n.event == "confirmed" && n.sip_call_id.as_deref() == Some(sip.as_str())).await;
-        (notes.last().expect("note").call_id.clone(), sip)
-    }
-
-    async fn shutdown(&mut self) {
-        if let Some(engine) = self.engine.take() {
-            engine.shutdown().await;
-        }
-        if let Some(bridge) = self.bridge.take() {
-            bridge.shutdown().await;
-        }
-    }
-}
+use callbus_engine::machines::recheck;
+use callbus_schemas::command::{CommandErrorCode, CommandReply};
+use callbus_tests::stack::{timeouts, Stack, NODE};
+use opensips_sim::CallScript;
+use serde_json::json;
 
 fn accepted(reply: &CommandReply) -> (String, String) {
     match reply {
@@ -167,10 +56,12 @@ async fn a_proxied_call_is_notified_listed_and_logged() {
     assert_eq!(all[3].data["reason"], json!("hung_up"));
     let got = s.cmd("call.get", json!({"sip_call_id": sip})).await;
     let CommandReply::Data { result, .. } = &got else { panic!("{got:?}") };
-    assert_eq!(result["history"].as_array().map(Vec::len), Some(4));
+    let inputs: Vec<&str> =
+        result["history"].as_array().expect("history").iter().filter_map(|h| h["input"].as_str()).collect();
+    assert_eq!(inputs.iter().filter(|i| **i == "E_DLG_STATE_CHANGED").count(), 4, "{inputs:?}");
     assert_eq!(result["call"]["state"], json!("ended"));
     s.shutdown().await;
-    assert_eq!(assert_log_replays(s.data.path()), 4);
+    assert!(assert_log_replays(s.data.path()) >= 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

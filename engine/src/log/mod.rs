@@ -6,6 +6,11 @@
 //! [`EventLog::commit`] makes everything staged so far durable. The engine acknowledges an
 //! input (command reply, MI request, notification) only after the commit that covers it: group
 //! commit, one flush for a whole batch of inputs.
+//!
+//! Snapshots are checkpoints, not part of every write: each record carries the call's state
+//! after it, so the engine writes the snapshots of the calls it touched at most once a second
+//! with [`EventLog::stage_checkpoint`], and a restart reads the snapshots and then only the
+//! records after the checkpoint.
 
 mod sled_log;
 
@@ -15,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::machines::{CallState, Effect, Input};
 
-pub use sled_log::SledLog;
+pub use sled_log::{SledLog, DEFAULT_CACHE_BYTES};
 
 /// The version of [`Record`]'s encoding; bumped when it changes incompatibly.
 pub const RECORD_FORMAT: u8 = 1;
@@ -93,6 +98,11 @@ pub trait EventLog: Send + Sync + 'static {
     fn stage_snapshot(&self, snapshot: &Snapshot) -> Result<(), LogError>;
     /// Removes an ended call's snapshot.
     fn remove_snapshot(&self, call_id: &str) -> Result<(), LogError>;
+    /// Records that every record up to `seq` is reflected in the snapshots (staged with them,
+    /// durable with the next commit).
+    fn stage_checkpoint(&self, seq: u64) -> Result<(), LogError>;
+    /// The last checkpoint (0 when none): recovery reads snapshots, then the records after it.
+    fn checkpoint(&self) -> Result<u64, LogError>;
     /// Makes everything staged so far durable.
     fn commit(&self) -> impl Future<Output = Result<(), LogError>> + Send;
     /// Every snapshot.

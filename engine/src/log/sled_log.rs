@@ -1,7 +1,8 @@
 //! The embedded log on sled 0.34.
 //!
 //! Trees: `records` (key: sequence, 8 bytes big-endian → MessagePack [`Record`]), `by_call`
-//! (key: call id, 0x00, sequence → empty), `snapshots` (call id → MessagePack [`Snapshot`]).
+//! (key: call id, 0x00, sequence → empty), `snapshots` (call id → MessagePack [`Snapshot`]),
+//! `meta` (`checkpoint` → the sequence the snapshots reflect).
 //! Big-endian keys keep sled's order equal to sequence order.
 //!
 //! Durability: sled's `flush_async` hangs with concurrent callers in 0.34 (spacejam/sled#1308),
@@ -19,6 +20,12 @@ use super::{EventLog, LogError, Record, Snapshot};
 
 type FlushReply = oneshot::Sender<Result<(), String>>;
 
+const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+
+/// sled's page cache unless configured: enough for the live calls' snapshots and recent
+/// records; sled's own default (1 GiB) is too much beside OpenSIPS on a small box.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
+
 /// The sled-backed [`EventLog`].
 pub struct SledLog {
     path: PathBuf,
@@ -26,6 +33,7 @@ pub struct SledLog {
     records: sled::Tree,
     by_call: sled::Tree,
     snapshots: sled::Tree,
+    meta: sled::Tree,
     next_seq: AtomicU64,
     /// Requests to the flusher thread; dropping it stops the thread.
     flusher: Option<mpsc::Sender<FlushReply>>,
@@ -51,13 +59,19 @@ fn call_key(call_id: &str, seq: u64) -> Vec<u8> {
 }
 
 impl SledLog {
-    /// Opens (or creates) the log in `dir`.
+    /// Opens (or creates) the log in `dir` with sled's page cache bounded to [`DEFAULT_CACHE_BYTES`].
     pub fn open(dir: &Path) -> Result<SledLog, LogError> {
+        SledLog::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the log in `dir` with a page cache of `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<SledLog, LogError> {
         let store = |e: sled::Error| LogError::Store { path: dir.display().to_string(), reason: e.to_string() };
-        let db = sled::Config::new().path(dir).open().map_err(store)?;
+        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(store)?;
         let records = db.open_tree("records").map_err(store)?;
         let by_call = db.open_tree("by_call").map_err(store)?;
         let snapshots = db.open_tree("snapshots").map_err(store)?;
+        let meta = db.open_tree("meta").map_err(store)?;
         let last = records.last().map_err(store)?.and_then(|(k, _)| k.as_ref().try_into().ok()).map(u64::from_be_bytes);
         let (tx, rx) = mpsc::channel::<FlushReply>();
         let flush_db = db.clone();
@@ -74,6 +88,7 @@ impl SledLog {
             records,
             by_call,
             snapshots,
+            meta,
             next_seq: AtomicU64::new(last.map_or(1, |s| s + 1)),
             flusher: Some(tx),
             flusher_thread: Some(flusher_thread),
@@ -131,6 +146,16 @@ impl EventLog for SledLog {
     fn remove_snapshot(&self, call_id: &str) -> Result<(), LogError> {
         self.snapshots.remove(call_id.as_bytes()).map_err(|e| self.store_error(e))?;
         Ok(())
+    }
+
+    fn stage_checkpoint(&self, seq: u64) -> Result<(), LogError> {
+        self.meta.insert(CHECKPOINT_KEY, &seq.to_be_bytes()).map_err(|e| self.store_error(e))?;
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Result<u64, LogError> {
+        let value = self.meta.get(CHECKPOINT_KEY).map_err(|e| self.store_error(e))?;
+        Ok(value.and_then(|v| v.as_ref().try_into().ok()).map_or(0, u64::from_be_bytes))
     }
 
     async fn commit(&self) -> Result<(), LogError> {

@@ -1,0 +1,284 @@
+//! The Call API compatibility door: OpenSIPS Call API's own protocol (JSON-RPC 2.0 over
+//! WebSocket on `/call-api`), so existing Call API clients work unchanged.
+//!
+//! The door is a client of the engine over NATS: each request becomes a `callbus.cmd.*`
+//! command, and the command's notifications are translated back into Call API's event
+//! names. Unlike Call API, no method name can crash it, params of any JSON type get a clear
+//! error, and a command that fails says so (`Error`, then `Ended`), including a failed
+//! transfer, which Call API reported as pending for ever.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use callbus_schemas::callapi::{self, Method, Request};
+use callbus_schemas::command::{CallNotification, CommandReply};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request as HttpRequest, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// The WebSocket path Call API serves.
+pub const PATH: &str = "/call-api";
+/// How long a command may take before the door reports it failed.
+const OUTCOME_TIMEOUT: Duration = Duration::from_secs(140);
+/// Frames waiting to be written to one client.
+const OUTGOING_FRAMES: usize = 1024;
+
+/// A running door.
+pub struct CallApiDoor {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl CallApiDoor {
+    /// Listens on `listen` and serves every connection until shut down.
+    pub async fn start(listen: SocketAddr, client: async_nats::Client) -> std::io::Result<CallApiDoor> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(accept(listener, client, cancel.clone()));
+        tracing::info!(%addr, path = PATH, "Call API door listening");
+        Ok(CallApiDoor { addr, cancel, task })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting and closes the connections.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn accept(listener: TcpListener, client: async_nats::Client, cancel: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = cancel.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tokio::spawn(connection(stream, peer, client.clone(), cancel.child_token()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Call API door: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Accepts the WebSocket handshake on [`PATH`] only.
+// The callback's signature (and so its large error type) is tungstenite's.
+#[allow(clippy::result_large_err)]
+fn only_our_path(request: &HttpRequest, response: Response) -> Result<Response, ErrorResponse> {
+    if request.uri().path() == PATH {
+        Ok(response)
+    } else {
+        let mut refusal = ErrorResponse::new(Some(format!("the Call API is served on {PATH}")));
+        *refusal.status_mut() = StatusCode::NOT_FOUND;
+        Err(refusal)
+    }
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, client: async_nats::Client, cancel: CancellationToken) {
+    let ws = match tokio_tungstenite::accept_hdr_async(stream, only_our_path).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "Call API handshake refused");
+            return;
+        }
+    };
+    tracing::info!(%peer, "Call API client connected");
+    let (mut sink, mut source) = ws.split();
+    let (out, mut outgoing) = mpsc::channel::<String>(OUTGOING_FRAMES);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = outgoing.recv().await {
+            if sink.send(Message::text(frame)).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    loop {
+        let frame = tokio::select! {
+            f = source.next() => f,
+            _ = cancel.cancelled() => break,
+        };
+        let bytes = match frame {
+            Some(Ok(Message::Text(text))) => Bytes::copy_from_slice(text.as_bytes()),
+            Some(Ok(Message::Binary(bytes))) => bytes,
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
+                tracing::info!(%peer, error = %e, "Call API connection failed");
+                break;
+            }
+        };
+        match callapi::parse_request(&bytes) {
+            Ok(request) => {
+                tokio::spawn(run(request, client.clone(), out.clone()));
+            }
+            Err((id, error)) => {
+                tracing::info!(%peer, message = error.message(), "Call API request refused");
+                let _ = out.send(callapi::error(&id, error)).await;
+            }
+        }
+    }
+    drop(out);
+    let _ = writer.await;
+    tracing::info!(%peer, "Call API client gone");
+}
+
+async fn command(client: &async_nats::Client, verb: &str, body: Value) -> Result<CommandReply, String> {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(format!("callbus.cmd.{verb}"), Bytes::from(body.to_string())),
+    )
+    .await
+    .map_err(|_| "the engine did not answer within 10 s".to_owned())?
+    .map_err(|e| format!("the engine is not reachable: {e}"))?;
+    serde_json::from_slice(&reply.payload).map_err(|e| format!("unexpected reply from the engine: {e}"))
+}
+
+/// The callbus command for a Call API request, and the SIP Call-ID of the call it acts on.
+fn as_command(request: &Request, cmd_id: &str) -> Option<(&'static str, Value, String)> {
+    let p = |name: &str| request.param(name).to_owned();
+    Some(match request.method {
+        Method::CallStart => return None,
+        Method::CallEnd => ("call.end", json!({"sip_call_id": p("callid"), "cmd_id": cmd_id}), p("callid")),
+        Method::CallHold => ("call.hold", json!({"sip_call_id": p("callid"), "cmd_id": cmd_id}), p("callid")),
+        Method::CallUnhold => ("call.unhold", json!({"sip_call_id": p("callid"), "cmd_id": cmd_id}), p("callid")),
+        Method::CallBlindTransfer => (
+            "call.transfer.blind",
+            json!({"sip_call_id": p("callid"), "leg": p("leg"), "destination": p("destination"), "cmd_id": cmd_id}),
+            p("callid"),
+        ),
+        Method::CallAttendedTransfer => (
+            "call.transfer.attended",
+            json!({"sip_call_id": p("callidA"), "leg": p("legA"), "transfer_sip_call_id": p("callidB"), "transfer_leg": p("legB"), "cmd_id": cmd_id}),
+            p("callidA"),
+        ),
+    })
+}
+
+/// Call API's event for a callbus notification, if it has one.
+fn translate(request: &Request, note: &CallNotification) -> Option<(&'static str, Option<Value>)> {
+    let leg = || Some(json!({"leg": note.data["leg"]}));
+    let new_call = note.data["new_sip_call_id"].clone();
+    let attended = request.method == Method::CallAttendedTransfer;
+    let (callid, destination) = if attended {
+        (new_call, None)
+    } else {
+        (json!(request.param("callid")), Some(json!(request.param("destination"))))
+    };
+    let with_destination = |mut data: Value| {
+        if let Some(d) = &destination {
+            data["destination"] = d.clone();
+        }
+        Some(data)
+    };
+    Some(match note.event.as_str() {
+        "hold_requested" => ("CallHolding", None),
+        "hold_started" => ("CallHoldStart", leg()),
+        "held" => ("CallHoldSuccessful", leg()),
+        "unhold_requested" => ("CallUnholding", None),
+        "unhold_started" => ("CallUnholdStart", leg()),
+        "resumed" => ("CallUnholdSuccessful", leg()),
+        "transfer_requested" if attended => ("Transferring", None),
+        "transfer_requested" => ("Transferring", with_destination(json!({}))),
+        "transfer_started" => ("TransferStart", with_destination(json!({"callid": callid}))),
+        "transfer_progress" => {
+            ("TransferPending", with_destination(json!({"callid": callid, "extra": note.data["status"]})))
+        }
+        "transferred" => ("TransferSuccessful", with_destination(json!({"callid": callid}))),
+        _ => return None,
+    })
+}
+
+async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<String>) {
+    let method = request.method;
+    let cmd_id = request.cmd_id.clone().unwrap_or_else(|| {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        format!("callapi-{nanos:x}")
+    });
+    let send = |frame: String| {
+        let out = out.clone();
+        async move {
+            let _ = out.send(frame).await;
+        }
+    };
+    let fail = |reason: String| {
+        let cmd_id = cmd_id.clone();
+        async move {
+            send(callapi::notification(method, &cmd_id, "Error", Some(json!(reason)))).await;
+            send(callapi::notification(method, &cmd_id, "Ended", None)).await;
+        }
+    };
+    let Some((verb, body, sip_call_id)) = as_command(&request, &cmd_id) else {
+        send(callapi::started(&request.id, &cmd_id)).await;
+        fail("CallStart (click-to-dial) is not served by this engine version yet".into()).await;
+        return;
+    };
+    // Subscribe to the call's notifications before the command, so none is missed.
+    let call_id = match command(&client, "call.get", json!({"sip_call_id": sip_call_id})).await {
+        Ok(CommandReply::Data { result, .. }) => result["call"]["call_id"].as_str().map(str::to_owned),
+        _ => None,
+    };
+    let mut notes = match &call_id {
+        Some(id) => match client.subscribe(format!("callbus.call.{id}.>")).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                send(callapi::started(&request.id, &cmd_id)).await;
+                fail(format!("cannot follow the call: {e}")).await;
+                return;
+            }
+        },
+        None => None,
+    };
+    let _ = client.flush().await;
+    let reply = command(&client, verb, body).await;
+    send(callapi::started(&request.id, &cmd_id)).await;
+    match reply {
+        Ok(CommandReply::Accepted { .. }) => {}
+        Ok(CommandReply::Refused { error, .. }) => return fail(error.message).await,
+        Ok(CommandReply::Data { .. }) => return fail("unexpected answer from the engine".into()).await,
+        Err(reason) => return fail(reason).await,
+    }
+    let Some(notes) = notes.as_mut() else { return fail("the call is unknown".into()).await };
+    let outcome = tokio::time::timeout(OUTCOME_TIMEOUT, async {
+        while let Some(msg) = notes.next().await {
+            let Ok(note) = serde_json::from_slice::<CallNotification>(&msg.payload) else { continue };
+            if note.cmd_id.as_deref() != Some(cmd_id.as_str()) {
+                continue;
+            }
+            match note.event.as_str() {
+                "command_succeeded" => return Ok(()),
+                "command_failed" => return Err(note.data["reason"].as_str().unwrap_or("failed").to_owned()),
+                _ => {
+                    if let Some((event, data)) = translate(&request, &note) {
+                        send(callapi::notification(method, &cmd_id, event, data)).await;
+                    }
+                }
+            }
+        }
+        Err("the notification stream closed".to_owned())
+    })
+    .await;
+    match outcome {
+        Ok(Ok(())) => send(callapi::notification(method, &cmd_id, "Ended", None)).await,
+        Ok(Err(reason)) => fail(reason).await,
+        Err(_) => fail(format!("no outcome within {} s", OUTCOME_TIMEOUT.as_secs())).await,
+    }
+}

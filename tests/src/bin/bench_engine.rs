@@ -1,0 +1,302 @@
+//! Engine benchmark. Prints `RESULT|figure|value|unit` lines.
+//!
+//! - durable ingest: E_DLG_STATE_CHANGED datagrams → bridge → NATS → engine (logged, flushed,
+//!   notified) → a NATS subscriber; and a bare skeleton of the same path (receive, parse,
+//!   append to sled, flush per batch, publish a notification), with the ratio;
+//! - command round trip: `call.hold`/`call.unhold` request → logged → MI through the bridge →
+//!   simulator reply → logged → `hold_requested` notified (p50, p99), and whole hold/unhold
+//!   commands per second with 64 in flight (through the re-INVITE events to `command_succeeded`);
+//! - memory per live call (RSS growth) and restart time with that many live calls.
+//!
+//! `cargo run --release -p callbus-tests --bin bench-engine` (full: 200 k events × 3, 5 k
+//! sequential commands, 20 k with 64 in flight, 100 k live calls); `-- --quick` for CI.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use callbus_bridge::{Bridge, BridgeConfig};
+use callbus_engine::{Engine, EngineConfig};
+use callbus_schemas::command::CallNotification;
+use callbus_schemas::event::Event;
+use callbus_tests::NatsServer;
+use futures::{FutureExt, StreamExt};
+use opensips_sim::{CallScript, Sim, SimConfig};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+const NODE: &str = "bench";
+const WINDOW: u64 = 2048;
+
+struct Sizes {
+    events: u64,
+    runs: usize,
+    sequential: usize,
+    parallel: usize,
+    live: u64,
+}
+
+fn dlg_event(call: u64, old: i64, new: i64) -> Vec<u8> {
+    format!(
+        r#"{{"jsonrpc":"2.0","method":"E_DLG_STATE_CHANGED","params":{{"id":"{call:x}.ceaa9416","db_id":"{call}","callid":"{call}-16765@127.0.0.1","from_tag":"16765SIPpTag001","to_tag":"16764SIPpTag011","old_state":{old},"new_state":{new}}}}}"#
+    )
+    .into_bytes()
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Sends the events of calls `first..first+calls` (`per_call` state changes each) with at most
+/// WINDOW ahead of `done`, and returns when `done` reaches `target`.
+async fn drive(to: SocketAddr, first: u64, calls: u64, per_call: usize, done: Arc<AtomicU64>, target: u64) -> Duration {
+    let start = Instant::now();
+    let base = done.load(Ordering::Relaxed);
+    let progress = Arc::clone(&done);
+    let sender = std::thread::spawn(move || {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let steps = [(1, 2), (2, 3), (3, 4), (4, 5)];
+        let mut sent = 0u64;
+        for call in first..first + calls {
+            for (old, new) in steps.iter().take(per_call) {
+                while sent.saturating_sub(progress.load(Ordering::Relaxed) - base) > WINDOW {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                let _ = socket.send_to(&dlg_event(call, *old, *new), to);
+                sent += 1;
+            }
+        }
+    });
+    let _ = tokio::task::spawn_blocking(move || sender.join()).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done.load(Ordering::Relaxed) < target && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    start.elapsed()
+}
+
+/// Counts every notification, and hands those with a cmd_id to whoever waits for it.
+async fn sink(
+    client: async_nats::Client,
+    count: Arc<AtomicU64>,
+    waiters: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<String>>>>,
+) {
+    let mut sub = client.subscribe("callbus.call.>").await.expect("sub");
+    while let Some(msg) = sub.next().await {
+        count.fetch_add(1, Ordering::Relaxed);
+        if let Ok(note) = serde_json::from_slice::<CallNotification>(&msg.payload) {
+            if let Some(cmd) = &note.cmd_id {
+                if let Some(tx) = waiters.lock().expect("lock").get(cmd) {
+                    let _ = tx.send(note.event.clone());
+                }
+            }
+        }
+    }
+}
+
+/// The skeleton: receive, parse, append, flush per batch, publish.
+async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf) {
+    let db = sled::Config::new().path(dir).cache_capacity(128 << 20).open().expect("sled");
+    let tree = db.open_tree("records").expect("tree");
+    let mut sub = client.subscribe(format!("opensips.{NODE}.event.>")).await.expect("sub");
+    let mut seq = 0u64;
+    while let Some(first) = sub.next().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match tokio::task::unconstrained(sub.next()).now_or_never() {
+                Some(Some(m)) => batch.push(m),
+                _ => break,
+            }
+        }
+        let mut notes = Vec::with_capacity(batch.len());
+        for msg in &batch {
+            seq += 1;
+            let Ok(Event::DlgStateChanged(d)) = Event::parse(&msg.payload) else { continue };
+            let value = rmp_serde::to_vec_named(&(seq, &d.callid, std::str::from_utf8(&msg.payload).unwrap_or("")))
+                .expect("encode");
+            tree.insert(seq.to_be_bytes(), value).expect("insert");
+            let body =
+                json!({"seq": seq, "call_id": "s", "sip_call_id": d.callid, "event": d.new_state.name(), "data": {}});
+            notes.push((format!("callbus.call.s{}.{}", d.db_id, d.new_state.name()), Bytes::from(body.to_string())));
+        }
+        let flusher = db.clone();
+        tokio::task::spawn_blocking(move || flusher.flush().expect("flush")).await.expect("join");
+        for (subject, body) in notes {
+            client.publish(subject, body).await.expect("publish");
+        }
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let sizes = if quick {
+        Sizes { events: 20_000, runs: 1, sequential: 300, parallel: 1_280, live: 5_000 }
+    } else {
+        Sizes { events: 200_000, runs: 3, sequential: 5_000, parallel: 20_000, live: 100_000 }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    runtime.block_on(async move {
+        let nats = NatsServer::start();
+        let sim = Sim::start(SimConfig { step: Duration::ZERO, ..SimConfig::default() }).await.expect("sim");
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let bridge_config = BridgeConfig {
+            node: NODE.into(),
+            mi: sim.mi_addr(),
+            events_listen: "127.0.0.1:0".parse().expect("addr"),
+            buffer_capacity: 1_000_000,
+            ..BridgeConfig::default()
+        };
+        let bridge = Bridge::start(bridge_config, async_nats::connect(nats.url()).await.expect("connect"))
+            .await
+            .expect("bridge");
+        let to = bridge.events_addr();
+        let count = Arc::new(AtomicU64::new(0));
+        let waiters: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<String>>>> = Arc::default();
+        tokio::spawn(sink(
+            async_nats::connect(nats.url()).await.expect("connect"),
+            Arc::clone(&count),
+            Arc::clone(&waiters),
+        ));
+        let mut next_call = 1u64;
+
+        // Skeleton first, alone on the bus.
+        let skeleton_dir = tempfile::tempdir().expect("tmp");
+        let skel = tokio::spawn(skeleton(
+            async_nats::connect(nats.url()).await.expect("connect"),
+            skeleton_dir.path().to_owned(),
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut skeleton_rates = Vec::new();
+        for _ in 0..sizes.runs {
+            let calls = sizes.events / 4;
+            let target = count.load(Ordering::Relaxed) + sizes.events;
+            let t = drive(to, next_call, calls, 4, Arc::clone(&count), target).await;
+            next_call += calls;
+            skeleton_rates.push(sizes.events as f64 / t.as_secs_f64());
+        }
+        skel.abort();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let data = tempfile::tempdir().expect("tmp");
+        let config = EngineConfig {
+            data_dir: data.path().to_owned(),
+            nodes: vec![NODE.into()],
+            reconcile: false,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::start(config.clone(), client.clone()).await.expect("engine");
+        client.flush().await.expect("flush");
+        let mut engine_rates = Vec::new();
+        for (run, skeleton_rate) in skeleton_rates.iter().enumerate() {
+            let calls = sizes.events / 4;
+            let target = count.load(Ordering::Relaxed) + sizes.events;
+            let t = drive(to, next_call, calls, 4, Arc::clone(&count), target).await;
+            next_call += calls;
+            let rate = sizes.events as f64 / t.as_secs_f64();
+            eprintln!("  ingest run {}: engine {rate:.0} events/s, skeleton {skeleton_rate:.0}", run + 1);
+            engine_rates.push(rate);
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (e, k) = (median(&mut engine_rates), median(&mut skeleton_rates));
+        println!("RESULT|durable ingest, engine (logged, flushed, notified)|{e:.0}|events/s");
+        println!("RESULT|durable ingest, bare skeleton of the same path|{k:.0}|events/s");
+        println!("RESULT|engine / skeleton|{:.2}|ratio", e / k);
+
+        // Commands: 64 confirmed calls from the simulator.
+        let mut calls = Vec::new();
+        for _ in 0..64 {
+            calls.push(sim.proxied_call(CallScript::default()));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (request_client, request_waiters) = (client.clone(), Arc::clone(&waiters));
+        let request = move |verb: &'static str, sip: String, cmd_id: String| {
+            let client = request_client.clone();
+            let waiters = Arc::clone(&request_waiters);
+            async move {
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                waiters.lock().expect("lock").insert(cmd_id.clone(), tx);
+                let body = json!({"sip_call_id": sip, "cmd_id": cmd_id}).to_string();
+                let start = Instant::now();
+                client.request(format!("callbus.cmd.{verb}"), Bytes::from(body)).await.expect("reply");
+                let mut requested = None;
+                while let Some(event) = rx.recv().await {
+                    if event.ends_with("_requested") {
+                        requested = Some(start.elapsed());
+                    }
+                    if event.starts_with("command_") {
+                        break;
+                    }
+                }
+                waiters.lock().expect("lock").remove(&cmd_id);
+                requested.unwrap_or(Duration::MAX)
+            }
+        };
+        let mut samples = Vec::new();
+        for k in 0..sizes.sequential {
+            let verb = if k % 2 == 0 { "call.hold" } else { "call.unhold" };
+            samples.push(request(verb, calls[0].clone(), format!("s{k}")).await);
+        }
+        samples.sort();
+        let p = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_secs_f64() * 1e3;
+        println!("RESULT|command round trip to hold_requested, p50|{:.3}|ms", p(0.5));
+        println!("RESULT|command round trip to hold_requested, p99|{:.3}|ms", p(0.99));
+        let per_task = sizes.parallel / 64;
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..64)
+            .map(|t| {
+                let sip = calls[t].clone();
+                let request = request.clone();
+                tokio::spawn(async move {
+                    // Call 0 ended the sequential run held or not: start from its state.
+                    let offset = if t == 0 { sizes.sequential % 2 } else { 0 };
+                    for k in 0..per_task {
+                        let verb = if (k + offset) % 2 == 0 { "call.hold" } else { "call.unhold" };
+                        request(verb, sip.clone(), format!("p{t}-{k}")).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        println!(
+            "RESULT|hold/unhold commands completed with 64 in flight|{:.0}|commands/s",
+            (per_task * 64) as f64 / start.elapsed().as_secs_f64()
+        );
+
+        // Memory per live call and restart time.
+        let rss_before = rss_bytes();
+        let target = count.load(Ordering::Relaxed) + sizes.live * 3;
+        drive(to, next_call, sizes.live, 3, Arc::clone(&count), target).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_after = rss_bytes();
+        println!(
+            "RESULT|RSS growth per live call ({} live calls)|{}|bytes",
+            sizes.live,
+            rss_after.saturating_sub(rss_before) / sizes.live
+        );
+        engine.shutdown().await;
+        let start = Instant::now();
+        let engine = Engine::start(config, client.clone()).await.expect("restart");
+        let ready = start.elapsed();
+        println!(
+            "RESULT|restart with {} live calls ready|{:.3}|s ({} recovered)",
+            sizes.live,
+            ready.as_secs_f64(),
+            engine.recovered_live_calls()
+        );
+        engine.shutdown().await;
+        bridge.shutdown().await;
+    });
+}

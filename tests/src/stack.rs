@@ -1,0 +1,137 @@
+//! A whole callbus on loopback for end-to-end tests: nats-server, the simulator as OpenSIPS,
+//! the bridge, and the engine with its log in a temporary directory.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use callbus_bridge::{Bridge, BridgeConfig};
+use callbus_engine::machines::Timeouts;
+use callbus_engine::{Engine, EngineConfig};
+use callbus_schemas::command::{CallNotification, CommandReply};
+use futures::StreamExt;
+use opensips_sim::{CallScript, Sim, SimConfig};
+use serde_json::Value;
+
+use crate::NatsServer;
+
+/// The node name the stack uses.
+pub const NODE: &str = "n1";
+
+/// Short timeouts, so tests of timeouts run fast.
+pub fn timeouts() -> Timeouts {
+    Timeouts { reinvite_ms: 3_000, refer_ms: 600, transfer_answer_ms: 3_000, end_ms: 3_000 }
+}
+
+/// The running parts.
+pub struct Stack {
+    /// The NATS server.
+    pub nats: NatsServer,
+    /// The simulated OpenSIPS.
+    pub sim: Sim,
+    /// The bridge.
+    pub bridge: Option<Bridge>,
+    /// The engine.
+    pub engine: Option<Engine>,
+    /// A NATS client for the test.
+    pub client: async_nats::Client,
+    /// Every call notification.
+    pub notes: async_nats::Subscriber,
+    /// The engine's data dir.
+    pub data: tempfile::TempDir,
+}
+
+impl Stack {
+    /// Starts everything and waits for the bridge's subscriptions.
+    pub async fn start() -> Stack {
+        let nats = NatsServer::start();
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let notes = client.subscribe("callbus.call.>").await.expect("sub");
+        let sim = Sim::start(SimConfig { step: Duration::from_millis(3), ..SimConfig::default() }).await.expect("sim");
+        let bridge_config = BridgeConfig {
+            node: NODE.into(),
+            mi: sim.mi_addr(),
+            events_listen: "127.0.0.1:0".parse().expect("addr"),
+            health_interval: Duration::from_millis(200),
+            ..BridgeConfig::default()
+        };
+        let bridge = Bridge::start(bridge_config, client.clone()).await.expect("bridge");
+        let data = tempfile::tempdir().expect("tmp");
+        let mut stack = Stack { nats, sim, bridge: Some(bridge), engine: None, client, notes, data };
+        stack.start_engine().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stack.sim.live_subscriptions().len() < 4 {
+            assert!(Instant::now() < deadline, "the bridge subscribes");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stack
+    }
+
+    /// Starts (or restarts) the engine on the same data dir.
+    pub async fn start_engine(&mut self) {
+        let config = EngineConfig {
+            data_dir: self.data.path().to_owned(),
+            timeouts: timeouts(),
+            nodes: vec![NODE.into()],
+            mi_timeout: Duration::from_secs(3),
+            ..EngineConfig::default()
+        };
+        self.engine = Some(Engine::start(config, self.client.clone()).await.expect("engine"));
+        self.client.flush().await.expect("flush");
+    }
+
+    /// Sends a command and returns the engine's reply.
+    pub async fn cmd(&self, verb: &str, body: Value) -> CommandReply {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.client.request(format!("callbus.cmd.{verb}"), Bytes::from(body.to_string())),
+        )
+        .await
+        .expect("the engine answers")
+        .expect("request");
+        serde_json::from_slice(&reply.payload)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&reply.payload)))
+    }
+
+    /// Notifications until one matches `until` (included), or panics after 10 s.
+    pub async fn notes_until(&mut self, until: impl Fn(&CallNotification) -> bool) -> Vec<CallNotification> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = tokio::time::timeout(left, self.notes.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "notification not seen; got {:#?}",
+                        out.iter().map(|n: &CallNotification| (&n.event, &n.call_id)).collect::<Vec<_>>()
+                    )
+                })
+                .expect("open");
+            let note: CallNotification = serde_json::from_slice(&msg.payload).expect("CallNotification");
+            assert_eq!(msg.subject.as_str(), format!("callbus.call.{}.{}", note.call_id, note.event));
+            let done = until(&note);
+            out.push(note);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Places a proxied call and waits until it is confirmed: (call_id, sip_call_id).
+    pub async fn confirmed_call(&mut self, script: CallScript) -> (String, String) {
+        let sip = self.sim.proxied_call(script);
+        let notes =
+            self.notes_until(|n| n.event == "confirmed" && n.sip_call_id.as_deref() == Some(sip.as_str())).await;
+        (notes.last().expect("note").call_id.clone(), sip)
+    }
+
+    /// Stops engine and bridge cleanly.
+    pub async fn shutdown(&mut self) {
+        if let Some(engine) = self.engine.take() {
+            engine.shutdown().await;
+        }
+        if let Some(bridge) = self.bridge.take() {
+            bridge.shutdown().await;
+        }
+    }
+}
