@@ -257,6 +257,14 @@ async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<Str
         Err(reason) => return fail(reason).await,
     }
     let Some(notes) = notes.as_mut() else { return fail("the call is unknown".into()).await };
+    // OpenSIPS raises a leg's hold `start` before it answers `call_hold`, so the first sign of
+    // the operation may be a leg event: Call API clients see `CallHolding` first all the same.
+    let announce = match method {
+        Method::CallHold => Some("CallHolding"),
+        Method::CallUnhold => Some("CallUnholding"),
+        _ => None,
+    };
+    let mut announced = false;
     let outcome = tokio::time::timeout(OUTCOME_TIMEOUT, async {
         while let Some(msg) = notes.next().await {
             let Ok(note) = serde_json::from_slice::<CallNotification>(&msg.payload) else { continue };
@@ -267,9 +275,17 @@ async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<Str
                 "command_succeeded" => return Ok(()),
                 "command_failed" => return Err(note.data["reason"].as_str().unwrap_or("failed").to_owned()),
                 _ => {
-                    if let Some((event, data)) = translate(&request, &note) {
-                        send(callapi::notification(method, &cmd_id, event, data)).await;
+                    let Some((event, data)) = translate(&request, &note) else { continue };
+                    if let Some(first) = announce {
+                        if !announced {
+                            announced = true;
+                            send(callapi::notification(method, &cmd_id, first, None)).await;
+                        }
+                        if event == first {
+                            continue;
+                        }
                     }
+                    send(callapi::notification(method, &cmd_id, event, data)).await;
                 }
             }
         }

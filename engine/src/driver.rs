@@ -132,8 +132,9 @@ impl Owner {
         input: Input,
         out: &mut Outputs,
     ) -> Result<u64, LogError> {
-        let before = self.calls.get(call_id).map(|e| e.state.clone());
-        let Some(current) = before.clone().or(fresh) else { return Ok(0) };
+        let existing = self.calls.get(call_id).map(|e| &e.state);
+        let before = existing.map(|s| s.name().to_owned());
+        let Some(current) = existing.cloned().or(fresh) else { return Ok(0) };
         let seq = self.log.next_seq();
         let time_ms = now_ms();
         let ctx = Ctx { call_id: call_id.to_owned(), seq, now_ms: time_ms, timeouts: self.config.timeouts };

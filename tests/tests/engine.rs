@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use callbus_engine::log::{EventLog, SledLog};
-use callbus_engine::machines::recheck;
+use callbus_engine::machines::Replayer;
 use callbus_schemas::command::{CommandErrorCode, CommandReply};
 use callbus_tests::stack::{timeouts, Stack, NODE};
 use opensips_sim::CallScript;
@@ -29,9 +29,10 @@ fn refused(reply: &CommandReply) -> CommandErrorCode {
 fn assert_log_replays(data: &std::path::Path) -> usize {
     let log = SledLog::open(data).expect("open log");
     let mut n = 0;
+    let mut replayer = Replayer::new(timeouts());
     for record in log.records_from(1) {
         let record = record.expect("readable");
-        let (after, effects) = recheck(&record, timeouts());
+        let (after, effects) = replayer.recheck(&record);
         assert_eq!((&after, &effects), (&record.after, &record.effects), "record {} diverges", record.seq);
         n += 1;
     }

@@ -40,8 +40,9 @@ pub struct Record {
     pub partition: u16,
     /// The input.
     pub input: Input,
-    /// The call's state before (None for its first record).
-    pub before: Option<CallState>,
+    /// The name of the call's state before (None for its first record). The full state before
+    /// is the `after` of the call's previous record: it is not stored twice.
+    pub before: Option<String>,
     /// The call's state after.
     pub after: CallState,
     /// What the machine asked for.
