@@ -226,3 +226,69 @@ async fn a_crashed_engine_restarts_with_every_acknowledged_input_and_reconciles(
     drop(log);
     assert_log_replays(s.data.path());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_traffic_every_acknowledged_command_is_in_the_log() {
+    let mut s = Stack::start().await;
+    let mut calls = Vec::new();
+    for _ in 0..30 {
+        calls.push(s.sim.proxied_call(CallScript::default()));
+    }
+    s.notes_until({
+        let last = calls.last().cloned().unwrap_or_default();
+        move |n| n.event == "confirmed" && n.sip_call_id.as_deref() == Some(last.as_str())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 30 holds at once; the engine dies while their answers are coming back.
+    let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+    for (i, sip) in calls.iter().enumerate() {
+        let client = s.client.clone();
+        let acks_tx = acks_tx.clone();
+        let body = json!({"sip_call_id": sip, "cmd_id": format!("m{i}")}).to_string();
+        tokio::spawn(async move {
+            let reply = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.request("callbus.cmd.call.hold", Bytes::from(body)),
+            )
+            .await;
+            if let Ok(Ok(msg)) = reply {
+                if let Ok(CommandReply::Accepted { cmd_id, .. }) = serde_json::from_slice::<CommandReply>(&msg.payload)
+                {
+                    let _ = acks_tx.send(cmd_id);
+                }
+            }
+        });
+    }
+    drop(acks_tx);
+    let mut acknowledged = Vec::new();
+    if let Some(first) = acks.recv().await {
+        acknowledged.push(first);
+    }
+    s.engine.take().expect("engine").abort();
+    while let Some(more) = acks.recv().await {
+        acknowledged.push(more);
+    }
+    assert!(!acknowledged.is_empty());
+    println!("{} of 30 commands were acknowledged before the kill", acknowledged.len());
+    // Restart: every acknowledged command is there, and the calls go on.
+    s.start_engine().await;
+    let reply = s.cmd("call.list", json!({})).await;
+    let CommandReply::Data { result, .. } = &reply else { panic!("{reply:?}") };
+    assert!(result["calls"].as_array().is_some_and(|c| c.len() >= 30), "the calls are still live");
+    s.shutdown().await;
+    let log = SledLog::open(s.data.path()).expect("log");
+    let logged: Vec<String> = log
+        .records_from(1)
+        .filter_map(|r| r.ok())
+        .filter_map(|r| match r.input {
+            callbus_engine::machines::Input::Command { cmd_id, .. } => Some(cmd_id),
+            _ => None,
+        })
+        .collect();
+    for cmd_id in &acknowledged {
+        assert!(logged.contains(cmd_id), "{cmd_id} was acknowledged but is not in the log");
+    }
+    drop(log);
+    assert_log_replays(s.data.path());
+}
