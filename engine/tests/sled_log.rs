@@ -32,13 +32,21 @@ async fn records_and_snapshots_survive_a_reopen() {
         }
         log.stage_snapshot(&Snapshot { seq: 10, call_id: "even".into(), state: record(10, "even").after })
             .expect("snap");
+        log.stage_checkpoint(6).expect("checkpoint");
         log.commit().await.expect("commit");
+        assert_eq!(
+            log.records_of_call("even").expect("index").len(),
+            5,
+            "indexed and not yet indexed records both count"
+        );
     }
     let log = SledLog::open(dir.path()).expect("reopen");
     assert_eq!(log.next_seq(), 11);
     let all: Vec<Record> = log.records_from(1).collect::<Result<_, _>>().expect("read");
     assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
     assert_eq!(all[3], record(4, "even"));
+    // 2, 4, 6 come from the index chunk written at the checkpoint; 8, 10 from the tail read at open.
+    assert_eq!(log.checkpoint().expect("checkpoint"), 6);
     let even = log.records_of_call("even").expect("index");
     assert_eq!(even.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2, 4, 6, 8, 10]);
     assert!(log.records_of_call("ev").expect("prefix is not a match").is_empty());
@@ -56,6 +64,7 @@ async fn a_corrupt_record_is_reported_with_its_sequence_and_the_rest_is_read() {
         for seq in 1..=5 {
             log.stage(&record(seq, "c")).expect("stage");
         }
+        log.stage_checkpoint(5).expect("checkpoint");
         log.commit().await.expect("commit");
     }
     {
