@@ -73,6 +73,9 @@ struct CallEntry {
     /// The sequence of the call's last record.
     last_seq: u64,
     ended_at: Option<Instant>,
+    /// Whether the log holds a snapshot of it (a call that started and ended between two
+    /// checkpoints never had one: nothing to remove).
+    snapshotted: bool,
 }
 
 /// How often the snapshots of the calls touched since are written.
@@ -192,6 +195,7 @@ impl Owner {
             state: after.clone(),
             last_seq: seq,
             ended_at: None,
+            snapshotted: false,
         });
         entry.state = after;
         entry.last_seq = seq;
@@ -569,7 +573,10 @@ pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
         if let Some(sip) = snap.state.sip_call_id() {
             owner.by_sip.insert(sip.to_owned(), snap.call_id.clone());
         }
-        owner.calls.insert(snap.call_id, CallEntry { state: snap.state, last_seq: snap.seq, ended_at: None });
+        owner.calls.insert(
+            snap.call_id,
+            CallEntry { state: snap.state, last_seq: snap.seq, ended_at: None, snapshotted: true },
+        );
     }
     let mut tail = 0;
     let log = Arc::clone(&owner.log);
@@ -596,7 +603,11 @@ pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
         }
         let ended_at = record.after.is_ended().then(Instant::now);
         owner.dirty.insert(record.call_id.clone());
-        owner.calls.insert(record.call_id.clone(), CallEntry { state: record.after, last_seq: record.seq, ended_at });
+        let snapshotted = owner.calls.get(&record.call_id).is_some_and(|e| e.snapshotted);
+        owner.calls.insert(
+            record.call_id.clone(),
+            CallEntry { state: record.after, last_seq: record.seq, ended_at, snapshotted },
+        );
     }
     let live = owner.calls.values().filter(|e| !e.state.is_ended()).count();
     Ok((live, tail))

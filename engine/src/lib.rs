@@ -78,10 +78,20 @@ pub struct Engine {
 impl Engine {
     /// Opens the log, rebuilds live calls, subscribes to events and commands, and starts.
     pub async fn start(config: EngineConfig, client: async_nats::Client) -> Result<Engine, EngineError> {
+        let started = std::time::Instant::now();
         let log = Arc::new(SledLog::open_with_cache(&config.data_dir, config.cache_bytes)?);
+        let opened = started.elapsed();
         let (mut owner, rx) = driver::owner(config.clone(), Arc::clone(&log), client.clone());
         let (live, tail) = driver::recover(&mut owner)?;
-        tracing::info!(data_dir = %config.data_dir.display(), live, tail_records = tail, next_seq = log::EventLog::next_seq(&*log), "engine recovered its calls");
+        tracing::info!(
+            data_dir = %config.data_dir.display(),
+            live,
+            tail_records = tail,
+            next_seq = log::EventLog::next_seq(&*log),
+            open_ms = opened.as_millis() as u64,
+            recover_ms = (started.elapsed() - opened).as_millis() as u64,
+            "engine recovered its calls"
+        );
         let candidates = owner.live_call_ids();
         let recovered_live = candidates.len();
         let cancel = CancellationToken::new();

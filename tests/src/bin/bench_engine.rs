@@ -151,6 +151,12 @@ fn main() {
     } else {
         Sizes { events: 200_000, runs: 3, sequential: 5_000, parallel: 20_000, live: 100_000 }
     };
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     runtime.block_on(async move {
         let nats = NatsServer::start();
