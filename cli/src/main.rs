@@ -7,6 +7,7 @@ mod duration;
 mod engine_cmd;
 mod mi_cmd;
 mod nats;
+mod replay_cmd;
 mod sim_cmd;
 
 use std::process::ExitCode;
@@ -42,8 +43,8 @@ enum Command {
     Sim(sim_cmd::SimArgs),
     /// Start everything locally and run a scripted call (not built yet).
     Demo(NotYet),
-    /// Read, check, export and republish the call log (not built yet).
-    Replay(NotYet),
+    /// Read the call log: a call's timeline, determinism check, export, republish, stats.
+    Replay(replay_cmd::ReplayArgs),
     /// Start, end, hold, transfer and inspect calls (not built yet).
     Call(NotYet),
     /// Drive user-agent sessions (not built yet).
@@ -94,7 +95,7 @@ fn main() -> ExitCode {
             Command::Mi(args) => mi_cmd::run(args).await,
             Command::Engine(args) => engine_cmd::run(args).await,
             Command::Demo(_) => Ok(not_yet("demo", 8)),
-            Command::Replay(_) => Ok(not_yet("replay", 6)),
+            Command::Replay(args) => replay_cmd::run(args).await,
             Command::Call(_) => Ok(not_yet("call", 8)),
             Command::Ua(_) => Ok(not_yet("ua", 8)),
             Command::Events(_) => Ok(not_yet("events", 8)),

@@ -32,7 +32,7 @@ fn help_lists_every_subcommand_with_a_line_each() {
 
 #[test]
 fn unfinished_commands_say_so_and_exit_non_zero() {
-    for cmd in ["demo", "replay", "call", "ua", "events"] {
+    for cmd in ["demo", "call", "ua", "events"] {
         let out = run(&[cmd, "anything"]);
         assert_eq!(out.status.code(), Some(2), "{cmd}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"), "{cmd}");
@@ -148,4 +148,36 @@ async fn up_starts_nats_when_none_answers_and_stops_cleanly() {
     assert!(sim.live_subscriptions().is_empty(), "a clean stop unsubscribes");
     assert!(data.path().join("db").exists(), "the log was written in --data-dir");
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the child nats-server is stopped too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_commands_on_a_log_the_engine_wrote() {
+    let mut stack = callbus_tests::stack::Stack::start().await;
+    let (call_id, sip) = stack.confirmed_call(opensips_sim::CallScript::default()).await;
+    stack.cmd("call.end", serde_json::json!({"call_id": call_id})).await;
+    stack.notes_until(|n| n.event == "ended").await;
+    stack.shutdown().await;
+    let dir = stack.data.path().display().to_string();
+
+    let out = run(&["replay", "--data-dir", &dir, "timeline", "--call", &sip]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().count() >= 6 && text.contains("cmd call.end") && text.contains("→ ended"), "{text}");
+
+    let out = run(&["replay", "--data-dir", &dir, "check"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 divergences, 0 unreadable"));
+
+    let out = run(&["replay", "--data-dir", &dir, "export", "--format", "jsonl"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+
+    let out = run(&["replay", "--data-dir", &dir, "stats", "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json stats");
+    assert_eq!(stats["calls"], serde_json::json!(1));
+
+    let out = run(&["replay", "--data-dir", &dir, "export", "--format", "xml"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("jsonl or msgpack"));
+    let out = run(&["replay", "--data-dir", &dir, "timeline", "--call", "nope"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no call"));
 }

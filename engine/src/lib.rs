@@ -81,6 +81,7 @@ impl Engine {
         let started = std::time::Instant::now();
         let log = Arc::new(SledLog::open_with_cache(&config.data_dir, config.cache_bytes)?);
         let opened = started.elapsed();
+        log::EventLog::stage_timeouts(&*log, &config.timeouts)?;
         let (mut owner, rx) = driver::owner(config.clone(), Arc::clone(&log), client.clone());
         let (live, tail) = driver::recover(&mut owner)?;
         tracing::info!(

@@ -62,38 +62,7 @@ pub fn dialog_ids(h_entry: u32, h_id: u32) -> (String, String) {
     (id, db_id)
 }
 
-/// `YYYY-MM-DD HH:MM:SS` (UTC) for `dlg_list`'s `datestart`/`dateout`.
-pub fn datetime(unix: u64) -> String {
-    let (y, mo, d, h, mi, s, _) = civil(unix);
-    format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}")
-}
-
-/// C `ctime()` text without the newline, e.g. `Mon Nov 23 07:12:11 2026` (UTC), as `uptime` prints.
-pub fn ctime(unix: u64) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    let (y, mo, d, h, mi, s, days) = civil(unix);
-    let weekday = DAYS[(days % 7) as usize];
-    let month = MONTHS[(mo - 1) as usize];
-    format!("{weekday} {month} {d:2} {h:02}:{mi:02}:{s:02} {y}")
-}
-
-/// Splits Unix time into (year, month, day, hour, minute, second, days since epoch).
-fn civil(unix: u64) -> (i64, u32, u32, u64, u64, u64, u64) {
-    let days = unix / 86_400;
-    let secs = unix % 86_400;
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d, secs / 3600, secs % 3600 / 60, secs % 60, days)
-}
+pub use callbus_schemas::clock::{ctime, datetime};
 
 /// An SDP offer or answer like sipp's, with the given media direction and port.
 pub fn sdp(origin: &str, port: u16, direction: Option<&str>) -> String {

@@ -104,6 +104,10 @@ pub trait EventLog: Send + Sync + 'static {
     fn stage_checkpoint(&self, seq: u64) -> Result<(), LogError>;
     /// The last checkpoint (0 when none): recovery reads snapshots, then the records after it.
     fn checkpoint(&self) -> Result<u64, LogError>;
+    /// Records the machines' timeouts (part of every step's context), durable with the next commit.
+    fn stage_timeouts(&self, timeouts: &crate::machines::Timeouts) -> Result<(), LogError>;
+    /// The timeouts the engine last ran with, if recorded.
+    fn timeouts(&self) -> Result<Option<crate::machines::Timeouts>, LogError>;
     /// Makes everything staged so far durable.
     fn commit(&self) -> impl Future<Output = Result<(), LogError>> + Send;
     /// Every snapshot.

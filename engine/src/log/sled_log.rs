@@ -27,6 +27,7 @@ use super::{EventLog, LogError, Record, Snapshot};
 type FlushReply = oneshot::Sender<Result<(), String>>;
 
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+const TIMEOUTS_KEY: &[u8] = b"timeouts";
 
 /// sled's page cache unless configured: enough for the live calls' snapshots and recent
 /// records; sled's own default (1 GiB) is too much beside OpenSIPS on a small box.
@@ -198,6 +199,20 @@ impl EventLog for SledLog {
     fn checkpoint(&self) -> Result<u64, LogError> {
         let value = self.meta.get(CHECKPOINT_KEY).map_err(|e| self.store_error(e))?;
         Ok(value.and_then(|v| v.as_ref().try_into().ok()).map_or(0, u64::from_be_bytes))
+    }
+
+    fn stage_timeouts(&self, timeouts: &crate::machines::Timeouts) -> Result<(), LogError> {
+        let bytes =
+            rmp_serde::to_vec_named(timeouts).map_err(|e| LogError::Encode { seq: 0, reason: e.to_string() })?;
+        self.meta.insert(TIMEOUTS_KEY, bytes).map_err(|e| self.store_error(e))?;
+        Ok(())
+    }
+
+    fn timeouts(&self) -> Result<Option<crate::machines::Timeouts>, LogError> {
+        match self.meta.get(TIMEOUTS_KEY).map_err(|e| self.store_error(e))? {
+            Some(v) => decode(0, &v).map(Some),
+            None => Ok(None),
+        }
     }
 
     async fn commit(&self) -> Result<(), LogError> {
