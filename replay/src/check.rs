@@ -56,12 +56,15 @@ pub struct CheckReport {
     pub divergences: Vec<Divergence>,
 }
 
+/// A machine's step function: the engine's is `CallState::step`.
+pub type Step<'a> = dyn Fn(&CallState, &Input, &Ctx) -> (CallState, Vec<Effect>) + 'a;
+
 /// Checks records with `step` (the engine's machines are `CallState::step`; tests pass an
 /// altered one). After a divergence, the call goes on from its recorded state.
 pub fn check(
     reader: &LogReader,
     options: &CheckOptions,
-    step: &dyn Fn(&CallState, &Input, &Ctx) -> (CallState, Vec<Effect>),
+    step: &Step<'_>,
 ) -> CheckReport {
     let mut report = CheckReport::default();
     let mut states: HashMap<String, CallState> = HashMap::new();

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use callbus_engine::log::{EventLog, LogError, Record, SledLog};
 
-pub use check::{check, CheckOptions, CheckReport, Divergence};
+pub use check::{check, CheckOptions, CheckReport, Divergence, Step};
 pub use export::{export, ExportFormat};
 pub use republish::{republish, Speed};
 
