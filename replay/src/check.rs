@@ -61,11 +61,7 @@ pub type Step<'a> = dyn Fn(&CallState, &Input, &Ctx) -> (CallState, Vec<Effect>)
 
 /// Checks records with `step` (the engine's machines are `CallState::step`; tests pass an
 /// altered one). After a divergence, the call goes on from its recorded state.
-pub fn check(
-    reader: &LogReader,
-    options: &CheckOptions,
-    step: &Step<'_>,
-) -> CheckReport {
+pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> CheckReport {
     let mut report = CheckReport::default();
     let mut states: HashMap<String, CallState> = HashMap::new();
     let mut diverged: HashMap<String, ()> = HashMap::new();

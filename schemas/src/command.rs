@@ -48,7 +48,7 @@ impl LegName {
 
 /// A command, validated.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "verb", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Command {
     /// `call.end`: hang the call up.
     End {

@@ -22,8 +22,9 @@ use crate::machines::{CallState, Effect, Input};
 
 pub use sled_log::{SledLog, DEFAULT_CACHE_BYTES};
 
-/// The version of [`Record`]'s encoding; bumped when it changes incompatibly.
-pub const RECORD_FORMAT: u8 = 1;
+/// The version of [`Record`]'s encoding; bumped when it changes incompatibly (2: enums
+/// externally tagged, which MessagePack decodes without buffering).
+pub const RECORD_FORMAT: u8 = 2;
 
 /// One input and its outcome.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -71,7 +71,7 @@ pub struct HoldOp {
 
 /// A transfer's target.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum TransferKind {
     /// `leg` is sent to `destination`.
     Blind {
@@ -93,7 +93,7 @@ pub enum TransferKind {
 
 /// The transfer region.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Transfer {
     /// None attempted.
     None,

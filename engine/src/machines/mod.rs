@@ -16,7 +16,7 @@ pub use dialog::DialogState;
 
 /// An input to a call's machine, exactly as it is logged.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Input {
     /// An OpenSIPS event datagram as the bridge published it.
     Event {
@@ -83,7 +83,7 @@ pub fn command_verb(command: &Command) -> &'static str {
 
 /// What a machine asks the engine to do.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Effect {
     /// Run an MI command through the node's bridge; its answer comes back as [`Input::MiReply`].
     Mi {
@@ -121,7 +121,7 @@ pub enum Effect {
 
 /// A call's state, by kind.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum CallState {
     /// A proxied call (OpenSIPS dialog + callops).
     Dialog(DialogState),

@@ -1,0 +1,111 @@
+//! Replay benchmark: writes a log of real machine steps (proxied calls: 1→2, 2→3, 3→4, 4→5),
+//! then times `check` (every record through today's machine, compared) and `export` (jsonl).
+//! Prints `RESULT|figure|value|unit` lines.
+//!
+//! `cargo run --release -p callbus-tests --bin bench-replay` (1 M records); `-- --quick`
+//! (100 k) is the CI run.
+
+use std::time::Instant;
+
+use callbus_engine::log::{EventLog, Record, SledLog, RECORD_FORMAT};
+use callbus_engine::machines::{CallState, Ctx, DialogState, Input, Timeouts};
+use callbus_replay::{CheckOptions, ExportFormat, LogReader};
+
+fn datagram(call: u64, old: i64, new: i64) -> String {
+    format!(
+        r#"{{"jsonrpc":"2.0","method":"E_DLG_STATE_CHANGED","params":{{"id":"{call:x}.ceaa9416","db_id":"{call}","callid":"{call}-16765@127.0.0.1","from_tag":"16765SIPpTag001","to_tag":"16764SIPpTag011","old_state":{old},"new_state":{new}}}}}"#
+    )
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let records: u64 = if quick { 100_000 } else { 1_000_000 };
+    let dir = tempfile::tempdir().expect("tmp");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let started = Instant::now();
+    {
+        let log = SledLog::open(dir.path()).expect("open");
+        let timeouts = Timeouts::default();
+        let mut seq = 0u64;
+        for call in 0..records / 4 {
+            let call_id = format!("c{call:016x}");
+            let mut state = CallState::Dialog(DialogState::new("bench", &format!("{call}-16765@127.0.0.1")));
+            let mut before = None;
+            for (old, new) in [(1, 2), (2, 3), (3, 4), (4, 5)] {
+                seq += 1;
+                let input =
+                    Input::Event { node: "bench".into(), bridge_seq: Some(seq), datagram: datagram(call, old, new) };
+                let ctx = Ctx { call_id: call_id.clone(), seq, now_ms: 1_795_417_936_000 + seq, timeouts };
+                let (after, effects) = state.step(&input, &ctx);
+                let record = Record {
+                    format: RECORD_FORMAT,
+                    seq,
+                    time_ms: ctx.now_ms,
+                    call_id: call_id.clone(),
+                    partition: 0,
+                    input,
+                    before: before.clone(),
+                    after: after.clone(),
+                    effects,
+                };
+                log.stage(&record).expect("stage");
+                before = Some(after.name().to_owned());
+                state = after;
+            }
+            if call % 10_000 == 0 {
+                log.stage_checkpoint(seq).expect("checkpoint");
+                runtime.block_on(log.commit()).expect("commit");
+            }
+        }
+        log.stage_checkpoint(seq).expect("checkpoint");
+        runtime.block_on(log.commit()).expect("commit");
+    }
+    eprintln!("bench-replay: wrote {records} records in {:.1} s", started.elapsed().as_secs_f64());
+    let reader = LogReader::open(dir.path()).expect("open");
+    let options = CheckOptions { timeouts: reader.timeouts(), ..CheckOptions::default() };
+    let t = Instant::now();
+    let report = callbus_replay::check(&reader, &options, &|s: &CallState, i, c| s.step(i, c));
+    let check_rate = report.records as f64 / t.elapsed().as_secs_f64();
+    assert!(
+        report.divergences.is_empty() && report.records == records,
+        "{} records, {} divergences",
+        report.records,
+        report.divergences.len()
+    );
+    println!("RESULT|replay check ({records} records)|{check_rate:.0}|records/s");
+    let t = Instant::now();
+    let n =
+        callbus_replay::export(&reader, &mut std::io::sink(), ExportFormat::Jsonl, None, None, false).expect("export");
+    println!("RESULT|replay export jsonl ({n} records)|{:.0}|records/s", n as f64 / t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let n = callbus_replay::export(&reader, &mut std::io::sink(), ExportFormat::Msgpack, None, None, false)
+        .expect("export");
+    println!("RESULT|replay export msgpack ({n} records)|{:.0}|records/s", n as f64 / t.elapsed().as_secs_f64());
+    println!("RESULT|log size on disk|{:.0}|bytes/record", reader.stats().size_on_disk as f64 / records as f64);
+    drop(reader);
+
+    // Group commit's floor: one record staged, then committed (flusher thread + sled flush).
+    let small = tempfile::tempdir().expect("tmp");
+    let log = SledLog::open(small.path()).expect("open");
+    let mut samples = Vec::new();
+    for seq in 1..=2_000u64 {
+        let record = Record {
+            format: RECORD_FORMAT,
+            seq,
+            time_ms: seq,
+            call_id: "c".into(),
+            partition: 0,
+            input: Input::Timer { name: "t".into() },
+            before: None,
+            after: CallState::Dialog(DialogState::new("bench", "x@y")),
+            effects: vec![],
+        };
+        let t = Instant::now();
+        log.stage(&record).expect("stage");
+        runtime.block_on(log.commit()).expect("commit");
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    println!("RESULT|commit of one record, p50|{:.3}|ms", samples[samples.len() / 2].as_secs_f64() * 1e3);
+    println!("RESULT|commit of one record, p99|{:.3}|ms", samples[samples.len() * 99 / 100].as_secs_f64() * 1e3);
+}
