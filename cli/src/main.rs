@@ -3,6 +3,7 @@
 //! environment variable.
 
 mod bridge_cmd;
+mod call_cmd;
 mod duration;
 mod engine_cmd;
 mod mi_cmd;
@@ -45,12 +46,12 @@ enum Command {
     Demo(NotYet),
     /// Read the call log: a call's timeline, determinism check, export, republish, stats.
     Replay(replay_cmd::ReplayArgs),
-    /// Start, end, hold, transfer and inspect calls (not built yet).
-    Call(NotYet),
+    /// End, hold, unhold, transfer and inspect calls through the engine.
+    Call(call_cmd::CallArgs),
     /// Drive user-agent sessions (not built yet).
     Ua(NotYet),
-    /// Tail call notifications or raw OpenSIPS events (not built yet).
-    Events(NotYet),
+    /// Tail call notifications, or raw OpenSIPS events with --raw / --node.
+    Events(call_cmd::EventsArgs),
     /// Run an OpenSIPS MI command through the bridge.
     Mi(mi_cmd::MiArgs),
 }
@@ -96,9 +97,9 @@ fn main() -> ExitCode {
             Command::Engine(args) => engine_cmd::run(args).await,
             Command::Demo(_) => Ok(not_yet("demo", 8)),
             Command::Replay(args) => replay_cmd::run(args).await,
-            Command::Call(_) => Ok(not_yet("call", 8)),
+            Command::Call(args) => call_cmd::run(args).await,
             Command::Ua(_) => Ok(not_yet("ua", 8)),
-            Command::Events(_) => Ok(not_yet("events", 8)),
+            Command::Events(args) => call_cmd::events(args).await,
         }
     });
     match result {

@@ -1,0 +1,282 @@
+//! `callbus call …` and `callbus events`: the engine's commands and notifications from a shell.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use callbus_schemas::command::{CallNotification, CommandReply};
+use callbus_schemas::subjects;
+use futures::StreamExt;
+use serde_json::{json, Map, Value};
+
+use crate::{duration, nats};
+
+/// Flags of `callbus call`.
+#[derive(clap::Args, Debug)]
+pub struct CallArgs {
+    /// NATS server URL.
+    #[arg(long, env = "CALLBUS_NATS", default_value = "nats://127.0.0.1:4222", global = true)]
+    pub nats: String,
+    /// How long to wait for the engine.
+    #[arg(long, default_value = "10s", value_parser = duration::parse, global = true)]
+    pub timeout: Duration,
+    /// Wait for the command's outcome (command_succeeded / command_failed) and print its notifications.
+    #[arg(long, global = true)]
+    pub wait: bool,
+    /// The client's command id (a repeat is answered once and acted on once).
+    #[arg(long, global = true)]
+    pub cmd_id: Option<String>,
+    #[command(subcommand)]
+    pub command: CallCommand,
+}
+
+/// A call command. CALL is callbus's call_id, or a SIP Call-ID with --sip.
+#[derive(clap::Subcommand, Debug)]
+pub enum CallCommand {
+    /// Hang a call up.
+    End(Target),
+    /// Put both legs on hold.
+    Hold(Target),
+    /// Resume the held legs.
+    Unhold(Target),
+    /// Blind transfer: send LEG (caller|callee: who stays) to DESTINATION.
+    Transfer {
+        #[command(flatten)]
+        target: Target,
+        /// caller or callee.
+        leg: String,
+        /// A bare SIP URI.
+        destination: String,
+    },
+    /// Attended transfer: connect LEG of CALL with OTHER_LEG of OTHER.
+    Attended {
+        #[command(flatten)]
+        target: Target,
+        /// caller or callee.
+        leg: String,
+        /// The other call (call_id, or SIP Call-ID with --sip).
+        other: String,
+        /// caller or callee.
+        other_leg: String,
+    },
+    /// A call's state and history.
+    Get(Target),
+    /// Live calls.
+    List {
+        /// Only calls in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only calls on this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+/// How a command names its call.
+#[derive(clap::Args, Debug)]
+pub struct Target {
+    /// callbus call_id (or SIP Call-ID with --sip).
+    pub call: String,
+    /// CALL is a SIP Call-ID.
+    #[arg(long)]
+    pub sip: bool,
+}
+
+impl Target {
+    fn fields(&self, prefix: &str) -> (String, Value) {
+        let key = if self.sip { format!("{prefix}sip_call_id") } else { format!("{prefix}call_id") };
+        (key, json!(self.call))
+    }
+}
+
+/// The verb and body for a command.
+pub fn request(command: &CallCommand, cmd_id: Option<&str>) -> (&'static str, Value) {
+    let mut body = Map::new();
+    let mut put = |k: String, v: Value| {
+        body.insert(k, v);
+    };
+    let verb = match command {
+        CallCommand::End(t) | CallCommand::Hold(t) | CallCommand::Unhold(t) | CallCommand::Get(t) => {
+            let (k, v) = t.fields("");
+            put(k, v);
+            match command {
+                CallCommand::End(_) => "call.end",
+                CallCommand::Hold(_) => "call.hold",
+                CallCommand::Unhold(_) => "call.unhold",
+                _ => "call.get",
+            }
+        }
+        CallCommand::Transfer { target, leg, destination } => {
+            let (k, v) = target.fields("");
+            put(k, v);
+            put("leg".into(), json!(leg));
+            put("destination".into(), json!(destination));
+            "call.transfer.blind"
+        }
+        CallCommand::Attended { target, leg, other, other_leg } => {
+            let (k, v) = target.fields("");
+            put(k, v);
+            let key = if target.sip { "transfer_sip_call_id" } else { "transfer_call_id" };
+            put(key.into(), json!(other));
+            put("leg".into(), json!(leg));
+            put("transfer_leg".into(), json!(other_leg));
+            "call.transfer.attended"
+        }
+        CallCommand::List { state, node } => {
+            if let Some(s) = state {
+                put("state".into(), json!(s));
+            }
+            if let Some(n) = node {
+                put("node".into(), json!(n));
+            }
+            "call.list"
+        }
+    };
+    if let Some(id) = cmd_id {
+        body.insert("cmd_id".into(), json!(id));
+    }
+    (verb, Value::Object(body))
+}
+
+/// `callbus call …`.
+pub async fn run(args: CallArgs) -> anyhow::Result<ExitCode> {
+    let client = nats::connect_client(&args.nats).await?;
+    let (verb, body) = request(&args.command, args.cmd_id.as_deref());
+    let subject = format!("callbus.cmd.{verb}");
+    let ask = client.request(subject.clone(), Bytes::from(body.to_string()));
+    let reply = tokio::time::timeout(args.timeout, ask)
+        .await
+        .with_context(|| format!("no answer on {subject} within {:?}: is an engine running?", args.timeout))?
+        .with_context(|| format!("{subject} failed: is an engine running (callbus up / callbus engine)?"))?;
+    let reply: CommandReply = serde_json::from_slice(&reply.payload).context("unexpected reply from the engine")?;
+    match reply {
+        CommandReply::Data { result, .. } => {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        CommandReply::Refused { error, .. } => {
+            eprintln!("{verb} refused ({:?}): {}", error.code, error.message);
+            Ok(ExitCode::FAILURE)
+        }
+        CommandReply::Accepted { call_id, cmd_id, .. } => {
+            println!("accepted: call {call_id}, cmd_id {cmd_id}");
+            if !args.wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            wait_for_outcome(&client, &call_id, &cmd_id, args.timeout).await
+        }
+    }
+}
+
+async fn wait_for_outcome(
+    client: &async_nats::Client,
+    call_id: &str,
+    cmd_id: &str,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let mut notes = client.subscribe(subjects::all_call_notifications(call_id)?).await?;
+    let outcome = tokio::time::timeout(timeout, async {
+        while let Some(msg) = notes.next().await {
+            let Ok(note) = serde_json::from_slice::<CallNotification>(&msg.payload) else { continue };
+            if note.cmd_id.as_deref() != Some(cmd_id) {
+                continue;
+            }
+            println!("{} {}", note.event, note.data);
+            match note.event.as_str() {
+                "command_succeeded" => return ExitCode::SUCCESS,
+                "command_failed" => return ExitCode::FAILURE,
+                _ => {}
+            }
+        }
+        ExitCode::FAILURE
+    })
+    .await;
+    outcome.map_err(|_| {
+        anyhow::anyhow!(
+            "no outcome for {cmd_id} within {timeout:?} (it may still come: see `callbus events --call {call_id}`)"
+        )
+    })
+}
+
+/// Flags of `callbus events`.
+#[derive(clap::Args, Debug)]
+pub struct EventsArgs {
+    /// NATS server URL.
+    #[arg(long, env = "CALLBUS_NATS", default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// Only this call's notifications (callbus call_id).
+    #[arg(long)]
+    pub call: Option<String>,
+    /// Raw OpenSIPS events of this node instead of call notifications (`*`: every node).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Raw OpenSIPS events (with --node, default every node).
+    #[arg(long)]
+    pub raw: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop after this long.
+    #[arg(long, value_parser = duration::parse)]
+    pub duration: Option<Duration>,
+}
+
+/// `callbus events`: tails notifications (or raw OpenSIPS events) until Ctrl-C.
+pub async fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
+    let subject = if args.raw || args.node.is_some() {
+        match args.node.as_deref() {
+            None | Some("*") => subjects::ALL_NODES_EVENTS.to_owned(),
+            Some(node) => subjects::all_events(node)?,
+        }
+    } else {
+        match &args.call {
+            Some(call) => subjects::all_call_notifications(call)?,
+            None => "callbus.call.>".to_owned(),
+        }
+    };
+    let client = nats::connect_client(&args.nats).await?;
+    let mut sub = client.subscribe(subject.clone()).await?;
+    eprintln!("listening on {subject} (Ctrl-C to stop)");
+    let stop = async {
+        match args.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => crate::bridge_cmd::shutdown_signal().await,
+        }
+    };
+    tokio::pin!(stop);
+    let mut seen = 0u64;
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => m,
+            _ = &mut stop => break,
+        };
+        let Some(msg) = msg else { break };
+        if args.json {
+            let body: Value =
+                serde_json::from_slice(&msg.payload).unwrap_or_else(|_| json!(String::from_utf8_lossy(&msg.payload)));
+            println!("{}", json!({"subject": msg.subject.as_str(), "body": body}));
+        } else if let Ok(note) = serde_json::from_slice::<CallNotification>(&msg.payload) {
+            println!(
+                "{} {:>8} {} {:<18} {:<12} {}{}",
+                callbus_schemas::clock::datetime_ms(note.time_ms),
+                note.seq,
+                note.call_id,
+                note.event,
+                note.state,
+                note.data,
+                note.cmd_id.map(|c| format!(" cmd_id={c}")).unwrap_or_default()
+            );
+        } else {
+            println!("{} {}", msg.subject, String::from_utf8_lossy(&msg.payload));
+        }
+        seen += 1;
+        if args.count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
