@@ -150,12 +150,14 @@ impl Owner {
             partition: 0,
             input,
             before,
-            after: after.clone(),
-            effects: effects.clone(),
+            after,
+            effects,
         };
         self.log.stage(&record)?;
         self.dirty.insert(call_id.to_owned());
         out.staged += 1;
+        // The record is on its way to disk; its state and effects are now this call's.
+        let Record { after, effects, .. } = record;
         for effect in effects {
             match effect {
                 Effect::Notify { event, cmd_id, data } => {
@@ -187,20 +189,22 @@ impl Owner {
                 }
             }
         }
-        let ended = after.is_ended();
         if let Some(sip) = after.sip_call_id() {
-            self.by_sip.entry(sip.to_owned()).or_insert_with(|| call_id.to_owned());
+            if !self.by_sip.contains_key(sip) {
+                self.by_sip.insert(sip.to_owned(), call_id.to_owned());
+            }
         }
-        let entry = self.calls.entry(call_id.to_owned()).or_insert(CallEntry {
-            state: after.clone(),
-            last_seq: seq,
-            ended_at: None,
-            snapshotted: false,
-        });
-        entry.state = after;
-        entry.last_seq = seq;
-        if ended && entry.ended_at.is_none() {
-            entry.ended_at = Some(Instant::now());
+        let ended_now = after.is_ended().then(Instant::now);
+        match self.calls.get_mut(call_id) {
+            Some(entry) => {
+                entry.state = after;
+                entry.last_seq = seq;
+                entry.ended_at = entry.ended_at.or(ended_now);
+            }
+            None => {
+                let entry = CallEntry { state: after, last_seq: seq, ended_at: ended_now, snapshotted: false };
+                self.calls.insert(call_id.to_owned(), entry);
+            }
         }
         Ok(seq)
     }
