@@ -18,7 +18,7 @@ use callbus_schemas::bus::{BridgeErrorKind, MiBusReply, HEADER_SEQ};
 use callbus_schemas::command::{
     CallNotification, CallTarget, Command, CommandError, CommandErrorCode, CommandReply, CommandRequest,
 };
-use callbus_schemas::event::Event;
+use callbus_schemas::event::{Event, UaEventType};
 use callbus_schemas::mi::DlgListPage;
 use callbus_schemas::subjects::{self, Subject as BusSubject, Verb};
 use futures::StreamExt;
@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::log::{EventLog, LogError, Record, SledLog, Snapshot, RECORD_FORMAT};
-use crate::machines::{call_of_request, CallState, Ctx, DialogState, Effect, Input};
+use crate::machines::{call_of_request, BridgedState, CallState, Ctx, DialogState, Effect, Input, UaState};
 use crate::EngineConfig;
 
 /// The most inputs handled before one commit.
@@ -37,6 +37,9 @@ pub const MAX_BATCH: usize = 1024;
 const INPUT_QUEUE: usize = 65_536;
 /// `cmd_id`s remembered for answering repeats.
 const REMEMBERED_COMMANDS: usize = 100_000;
+/// How long an `E_UA_SESSION` for a key nobody knows yet waits for the `ua_session_client_start`
+/// reply that names it (OpenSIPS may raise a client session's first event before answering).
+const PARK_FOR: Duration = Duration::from_secs(3);
 
 /// Work for the owner task.
 pub(crate) enum Work {
@@ -64,6 +67,8 @@ pub(crate) enum Work {
     Reconciled {
         node: String,
         dialogs: Vec<(String, i64)>,
+        /// The keys of OpenSIPS's UA sessions (client: Call-ID, server: To-tag), if it told them.
+        ua_keys: Option<Vec<String>>,
         candidates: Vec<String>,
     },
 }
@@ -80,6 +85,9 @@ struct CallEntry {
 
 /// How often the snapshots of the calls touched since are written.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// An `E_UA_SESSION` waiting for its key: arrival, node, bridge seq, datagram.
+type Parked = (Instant, String, Option<u64>, Bytes);
 
 /// What a batch must do once it is durable.
 #[derive(Default)]
@@ -98,6 +106,12 @@ pub(crate) struct Owner {
     client: async_nats::Client,
     calls: HashMap<String, CallEntry>,
     by_sip: HashMap<String, String>,
+    /// UA session keys → call.
+    by_key: HashMap<String, String>,
+    /// UA events for keys not known yet, by key: (arrival, node, bridge seq, datagram).
+    parked: HashMap<String, Vec<Parked>>,
+    /// Parked events whose key got known, to handle next.
+    released: Vec<(String, Option<u64>, Bytes)>,
     timers: HashMap<(String, String), u64>,
     timer_generation: u64,
     remembered: HashMap<String, CommandReply>,
@@ -124,6 +138,7 @@ impl Owner {
         match target {
             CallTarget::CallId(id) => self.calls.contains_key(id).then(|| id.clone()),
             CallTarget::SipCallId(sip) => self.by_sip.get(sip).cloned(),
+            CallTarget::Key(key) => self.by_key.get(key).cloned(),
         }
     }
 
@@ -194,6 +209,14 @@ impl Owner {
                 self.by_sip.insert(sip.to_owned(), call_id.to_owned());
             }
         }
+        for key in after.keys() {
+            if !self.by_key.contains_key(key) {
+                self.by_key.insert(key.to_owned(), call_id.to_owned());
+                if let Some(events) = self.parked.remove(key) {
+                    self.released.extend(events.into_iter().map(|(_, node, seq, payload)| (node, seq, payload)));
+                }
+            }
+        }
         let ended_now = after.is_ended().then(Instant::now);
         match self.calls.get_mut(call_id) {
             Some(entry) => {
@@ -227,7 +250,28 @@ impl Owner {
             Event::DlgStateChanged(d) => (d.callid.clone(), true),
             Event::CallHold(h) => (h.callid.clone(), false),
             Event::CallTransfer(t) => (t.callid.clone(), false),
-            Event::UaSession(_) | Event::Other { .. } => {
+            Event::UaSession(u) => {
+                let input = Input::Event {
+                    node: node.clone(),
+                    bridge_seq,
+                    datagram: String::from_utf8_lossy(&payload).into_owned(),
+                };
+                match self.by_key.get(&u.key).cloned() {
+                    Some(call_id) => {
+                        self.apply(&call_id, None, input, out)?;
+                    }
+                    None if u.event_type == UaEventType::New => {
+                        let call_id = self.new_call_id();
+                        self.apply(&call_id, Some(CallState::Ua(UaState::server(&node, &u.key))), input, out)?;
+                    }
+                    None => {
+                        tracing::debug!(key = %u.key, event_type = %u.event_type.as_str(), "UA event for a key not known yet: parked");
+                        self.parked.entry(u.key.clone()).or_default().push((Instant::now(), node, bridge_seq, payload));
+                    }
+                }
+                return Ok(());
+            }
+            Event::Other { .. } => {
                 tracing::debug!(event = event.name(), "event not handled by this engine version");
                 return Ok(());
             }
@@ -249,6 +293,10 @@ impl Owner {
         Ok(())
     }
 
+    fn default_node(&self) -> &str {
+        self.config.nodes.first().map(String::as_str).unwrap_or("default")
+    }
+
     fn remember(&mut self, cmd_id: String, reply: CommandReply) {
         if self.remembered.insert(cmd_id.clone(), reply).is_none() {
             self.remembered_order.push_back(cmd_id);
@@ -268,10 +316,16 @@ impl Owner {
             "sip_call_id": state.sip_call_id(),
             "state": state.name(),
         });
-        let CallState::Dialog(d) = state;
-        v["hold"] = json!({"caller": d.caller, "callee": d.callee});
-        v["transfer"] = serde_json::to_value(&d.transfer).unwrap_or(Value::Null);
-        v["end_reason"] = json!(d.end_reason);
+        v["keys"] = json!(state.keys());
+        match state {
+            CallState::Dialog(d) => {
+                v["hold"] = json!({"caller": d.caller, "callee": d.callee});
+                v["transfer"] = serde_json::to_value(&d.transfer).unwrap_or(Value::Null);
+                v["end_reason"] = json!(d.end_reason);
+            }
+            CallState::Ua(u) => v["ua"] = u.summary(),
+            CallState::Bridged(b) => v["bridged"] = b.summary(),
+        }
         v
     }
 
@@ -345,14 +399,30 @@ impl Owner {
             }
             _ => {}
         }
-        let target = match &command {
-            Command::End { target }
-            | Command::Hold { target }
-            | Command::Unhold { target }
-            | Command::TransferBlind { target, .. }
-            | Command::TransferAttended { target, .. } => target.clone(),
-            Command::Get { .. } | Command::List { .. } => return Ok(()),
+        let fresh = match &command {
+            Command::Start { node, .. } => {
+                Some(CallState::Bridged(Box::new(BridgedState::new(node.as_deref().unwrap_or(self.default_node())))))
+            }
+            Command::UaStart { node, .. } => {
+                Some(CallState::Ua(UaState::client(node.as_deref().unwrap_or(self.default_node()))))
+            }
+            _ => None,
         };
+        if let Some(fresh) = fresh {
+            if let Err(error) = fresh.check(&command) {
+                refuse(out, Some(cmd_id), error);
+                return Ok(());
+            }
+            let call_id = self.new_call_id();
+            self.apply(&call_id, Some(fresh), Input::Command { cmd_id: cmd_id.clone(), command }, out)?;
+            let answer = CommandReply::Accepted { call_id, cmd_id: cmd_id.clone(), accepted: true };
+            if let Some(r) = &reply {
+                out.replies.push((r.clone(), Bytes::from(answer.to_bytes())));
+            }
+            out.remembered.push((cmd_id, answer));
+            return Ok(());
+        }
+        let Some(target) = command.target().cloned() else { return Ok(()) };
         let Some(call_id) = self.resolve(&target) else {
             refuse(out, Some(cmd_id), unknown(&target));
             return Ok(());
@@ -388,14 +458,35 @@ impl Owner {
         &mut self,
         node: &str,
         dialogs: Vec<(String, i64)>,
+        ua_keys: Option<Vec<String>>,
         candidates: &[String],
         out: &mut Outputs,
     ) -> Result<(), LogError> {
+        if let Some(keys) = ua_keys {
+            let keys: std::collections::HashSet<String> = keys.into_iter().collect();
+            let ua_calls: Vec<(String, bool)> = self
+                .calls
+                .iter()
+                .filter(|(id, e)| candidates.contains(id) && !e.state.is_ended() && e.state.node() == node)
+                .filter(|(_, e)| !matches!(e.state, CallState::Dialog(_)))
+                .map(|(id, e)| (id.clone(), e.state.keys().iter().all(|k| keys.contains(*k))))
+                .collect();
+            let mut closed = 0;
+            for (call_id, present) in ua_calls {
+                let opensips_state = if present { Some(0) } else { None };
+                if !present {
+                    closed += 1;
+                }
+                self.apply(&call_id, None, Input::Reconcile { opensips_state }, out)?;
+            }
+            tracing::info!(node, closed, "reconciled UA sessions with OpenSIPS");
+        }
         let present: HashMap<String, i64> = dialogs.into_iter().collect();
         let live: Vec<(String, String)> = self
             .calls
             .iter()
             .filter(|(id, e)| candidates.contains(id) && !e.state.is_ended() && e.state.node() == node)
+            .filter(|(_, e)| matches!(e.state, CallState::Dialog(_)))
             .filter_map(|(id, e)| e.state.sip_call_id().map(|s| (id.clone(), s.to_owned())))
             .collect();
         let mut closed = 0;
@@ -423,20 +514,30 @@ impl Owner {
         match work {
             Work::Event { node, bridge_seq, payload } => self.on_event(node, bridge_seq, payload, out),
             Work::Command { verb, payload, reply } => self.on_command(verb, payload, reply, out),
-            Work::MiReply { request, reply } => {
-                let Some(call_id) = call_of_request(&request).map(str::to_owned) else { return Ok(()) };
-                self.apply(&call_id, None, Input::MiReply { request, reply }, out).map(|_| ())
-            }
+            Work::MiReply { request, reply } => match call_of_request(&request).map(str::to_owned) {
+                Some(call_id) => self.apply(&call_id, None, Input::MiReply { request, reply }, out).map(|_| ()),
+                None => Ok(()),
+            },
             Work::Timer { call_id, name, generation } => {
                 let key = (call_id.clone(), name.clone());
                 if self.timers.get(&key) != Some(&generation) {
-                    return Ok(()); // cancelled or restarted since
+                    Ok(()) // cancelled or restarted since
+                } else {
+                    self.timers.remove(&key);
+                    self.apply(&call_id, None, Input::Timer { name }, out).map(|_| ())
                 }
-                self.timers.remove(&key);
-                self.apply(&call_id, None, Input::Timer { name }, out).map(|_| ())
             }
-            Work::Reconciled { node, dialogs, candidates } => self.on_reconciled(&node, dialogs, &candidates, out),
+            Work::Reconciled { node, dialogs, ua_keys, candidates } => {
+                self.on_reconciled(&node, dialogs, ua_keys, &candidates, out)
+            }
+        }?;
+        // Events parked for a key that this work made known, in their order of arrival.
+        while !self.released.is_empty() {
+            for (node, bridge_seq, payload) in std::mem::take(&mut self.released) {
+                self.on_event(node, bridge_seq, payload, out)?;
+            }
         }
+        Ok(())
     }
 
     /// Carries out a committed batch.
@@ -509,8 +610,21 @@ impl Owner {
                         self.by_sip.remove(sip);
                     }
                 }
+                for key in entry.state.keys() {
+                    if self.by_key.get(key) == Some(&id) {
+                        self.by_key.remove(key);
+                    }
+                }
             }
         }
+        self.parked.retain(|key, events| {
+            let before = events.len();
+            events.retain(|(at, ..)| at.elapsed() < PARK_FOR);
+            if events.len() < before {
+                tracing::warn!(%key, dropped = before - events.len(), "UA events for a session no call started or owns: dropped after 3 s (the raw datagrams are on the bus)");
+            }
+            !events.is_empty()
+        });
     }
 }
 
@@ -567,6 +681,24 @@ pub(crate) async fn list_dialogs(
     }
 }
 
+/// The keys of every UA session OpenSIPS has on `node` (`ua_session_list` items carry no key:
+/// a client session's key is its Call-ID, a server session's its To-tag; both are returned).
+pub(crate) async fn list_ua_keys(
+    client: &async_nats::Client,
+    node: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, String> {
+    match mi_request(client, node, "ua_session_list", json!({}), timeout).await {
+        MiBusReply::Result { result: Value::Array(items) } => Ok(items
+            .iter()
+            .flat_map(|i| [i.get("callid"), i.get("to_tag")])
+            .filter_map(|v| v.and_then(Value::as_str).map(str::to_owned))
+            .collect()),
+        MiBusReply::Result { result } => Err(format!("unexpected ua_session_list result: {result}")),
+        MiBusReply::Error { error } => Err(error.to_string()),
+    }
+}
+
 /// Rebuilds live calls from snapshots and the log's tail.
 pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
     let snapshots = owner.log.snapshots()?;
@@ -576,6 +708,9 @@ pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
         last_seq.insert(snap.call_id.clone(), snap.seq);
         if let Some(sip) = snap.state.sip_call_id() {
             owner.by_sip.insert(sip.to_owned(), snap.call_id.clone());
+        }
+        for key in snap.state.keys() {
+            owner.by_key.insert(key.to_owned(), snap.call_id.clone());
         }
         owner.calls.insert(
             snap.call_id,
@@ -605,6 +740,9 @@ pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
         if let Some(sip) = record.after.sip_call_id() {
             owner.by_sip.insert(sip.to_owned(), record.call_id.clone());
         }
+        for key in record.after.keys() {
+            owner.by_key.insert(key.to_owned(), record.call_id.clone());
+        }
         let ended_at = record.after.is_ended().then(Instant::now);
         owner.dirty.insert(record.call_id.clone());
         let snapshotted = owner.calls.get(&record.call_id).is_some_and(|e| e.snapshotted);
@@ -630,6 +768,9 @@ pub(crate) fn owner(
         client,
         calls: HashMap::new(),
         by_sip: HashMap::new(),
+        by_key: HashMap::new(),
+        parked: HashMap::new(),
+        released: Vec::new(),
         timers: HashMap::new(),
         timer_generation: 0,
         remembered: HashMap::new(),

@@ -121,9 +121,17 @@ impl Engine {
                     for attempt in 1..=5u32 {
                         match driver::list_dialogs(&client, &node, timeout).await {
                             Ok(dialogs) => {
+                                let ua_keys = match driver::list_ua_keys(&client, &node, timeout).await {
+                                    Ok(keys) => Some(keys),
+                                    Err(e) => {
+                                        tracing::warn!(%node, error = %e, "cannot list UA sessions: UA calls are not reconciled");
+                                        None
+                                    }
+                                };
                                 let work = driver::Work::Reconciled {
                                     node: node.clone(),
                                     dialogs,
+                                    ua_keys,
                                     candidates: candidates.clone(),
                                 };
                                 let _ = tx.send(work).await;

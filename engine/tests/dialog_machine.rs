@@ -62,8 +62,10 @@ impl Run {
     }
 
     fn dialog(&self) -> &DialogState {
-        let CallState::Dialog(d) = &self.state;
-        d
+        match &self.state {
+            CallState::Dialog(d) => d,
+            other => panic!("not a proxied call: {other:?}"),
+        }
     }
 
     fn events(&self) -> Vec<&str> {

@@ -24,6 +24,8 @@ pub enum CallTarget {
     CallId(String),
     /// The SIP Call-ID of a proxied call.
     SipCallId(String),
+    /// The b2b key of a UA session (of either leg of a click-to-dial call).
+    Key(String),
 }
 
 /// A leg of a proxied call, as commands name it.
@@ -45,6 +47,41 @@ impl LegName {
         }
     }
 }
+
+/// An extra SIP header line an app asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Header {
+    /// The header's name, e.g. `X-Account`.
+    pub name: String,
+    /// Its value (one line).
+    pub value: String,
+}
+
+/// A body an app gives for a SIP message, with its media type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Body {
+    /// The media type, e.g. `application/sdp` (the default) or `application/dtmf-relay`.
+    pub content_type: String,
+    /// The body text.
+    pub text: String,
+}
+
+/// What an app puts in a SIP message besides the method: body and extra headers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Payload {
+    /// The body, if any.
+    pub body: Option<Body>,
+    /// Extra header lines, in order.
+    pub headers: Vec<Header>,
+}
+
+/// The largest body (JSON-escaped, in bytes) callbus sends in a UA message. OpenSIPS raises
+/// events as single datagrams and cannot raise one over ~62 kB (PROTOCOL.md §2): a bigger SDP
+/// would come back in an event that is never delivered, so it is refused up front.
+pub const MAX_UA_BODY_BYTES: usize = 48 * 1024;
+
+/// Methods `ua.update` may send (BYE and CANCEL are `ua.terminate`'s).
+pub const UA_UPDATE_METHODS: [&str; 8] = ["INVITE", "UPDATE", "INFO", "OPTIONS", "MESSAGE", "NOTIFY", "PRACK", "ACK"];
 
 /// A command, validated.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -97,6 +134,145 @@ pub enum Command {
         /// Only calls on this OpenSIPS node.
         node: Option<String>,
     },
+    /// `call.start`: click-to-dial; call `caller`, then connect it with `callee`.
+    Start {
+        /// The first party's SIP URI.
+        caller: String,
+        /// The second party's SIP URI.
+        callee: String,
+        /// The From both legs show (`Display,uri` or a URI); defaults to the other party.
+        from: Option<String>,
+        /// The OpenSIPS node; the engine's default when absent.
+        node: Option<String>,
+        /// Longest call, in seconds.
+        max_duration_s: Option<u64>,
+    },
+    /// `ua.start`: OpenSIPS calls out as a user agent.
+    UaStart {
+        /// The To (`Display,uri` or a URI).
+        to: String,
+        /// The From (`Display,uri` or a URI).
+        from: String,
+        /// The request URI; the To's URI when absent.
+        ruri: Option<String>,
+        /// An outbound proxy URI.
+        proxy: Option<String>,
+        /// Body (the SDP offer) and extra headers of the INVITE.
+        payload: Payload,
+        /// The app sends the ACK itself (`ua.update` method ACK), e.g. with an SDP answer.
+        manual_ack: bool,
+        /// Longest call, in seconds.
+        max_duration_s: Option<u64>,
+        /// The OpenSIPS node; the engine's default when absent.
+        node: Option<String>,
+    },
+    /// `ua.answer`: reply to the remote side's INVITE (any code) or in-dialog request.
+    UaAnswer {
+        /// The call.
+        target: CallTarget,
+        /// The status code, 100–699.
+        code: u16,
+        /// The reason phrase; the usual one for the code when absent.
+        reason: String,
+        /// The request answered; the oldest one waiting when absent.
+        method: Option<String>,
+        /// Body and extra headers of the reply.
+        payload: Payload,
+    },
+    /// `ua.update`: an in-dialog request (re-INVITE, UPDATE, INFO, OPTIONS, MESSAGE, ACK…).
+    UaUpdate {
+        /// The call.
+        target: CallTarget,
+        /// The method.
+        method: String,
+        /// Body and extra headers.
+        payload: Payload,
+    },
+    /// `ua.terminate`: hang up (BYE), cancel (CANCEL) or decline (603) a UA call.
+    UaTerminate {
+        /// The call.
+        target: CallTarget,
+    },
+}
+
+impl Command {
+    /// The call it names, for commands on an existing call.
+    pub fn target(&self) -> Option<&CallTarget> {
+        match self {
+            Command::End { target }
+            | Command::Hold { target }
+            | Command::Unhold { target }
+            | Command::TransferBlind { target, .. }
+            | Command::TransferAttended { target, .. }
+            | Command::Get { target }
+            | Command::UaAnswer { target, .. }
+            | Command::UaUpdate { target, .. }
+            | Command::UaTerminate { target } => Some(target),
+            Command::List { .. } | Command::Start { .. } | Command::UaStart { .. } => None,
+        }
+    }
+
+    /// The verb, as on the subject.
+    pub fn verb(&self) -> Verb {
+        match self {
+            Command::End { .. } => Verb::CallEnd,
+            Command::Hold { .. } => Verb::CallHold,
+            Command::Unhold { .. } => Verb::CallUnhold,
+            Command::TransferBlind { .. } => Verb::CallTransferBlind,
+            Command::TransferAttended { .. } => Verb::CallTransferAttended,
+            Command::Get { .. } => Verb::CallGet,
+            Command::List { .. } => Verb::CallList,
+            Command::Start { .. } => Verb::CallStart,
+            Command::UaStart { .. } => Verb::UaStart,
+            Command::UaAnswer { .. } => Verb::UaAnswer,
+            Command::UaUpdate { .. } => Verb::UaUpdate,
+            Command::UaTerminate { .. } => Verb::UaTerminate,
+        }
+    }
+}
+
+/// The usual reason phrase of a SIP status code.
+pub fn reason_phrase(code: u16) -> &'static str {
+    const KNOWN: [(u16, &str); 27] = [
+        (100, "Trying"),
+        (180, "Ringing"),
+        (181, "Call Is Being Forwarded"),
+        (182, "Queued"),
+        (183, "Session Progress"),
+        (200, "OK"),
+        (202, "Accepted"),
+        (400, "Bad Request"),
+        (403, "Forbidden"),
+        (404, "Not Found"),
+        (408, "Request Timeout"),
+        (415, "Unsupported Media Type"),
+        (480, "Temporarily Unavailable"),
+        (481, "Call/Transaction Does Not Exist"),
+        (486, "Busy Here"),
+        (487, "Request Terminated"),
+        (488, "Not Acceptable Here"),
+        (491, "Request Pending"),
+        (500, "Server Internal Error"),
+        (501, "Not Implemented"),
+        (503, "Service Unavailable"),
+        (504, "Server Time-out"),
+        (600, "Busy Everywhere"),
+        (603, "Decline"),
+        (604, "Does Not Exist Anywhere"),
+        (606, "Not Acceptable"),
+        (302, "Moved Temporarily"),
+    ];
+    if let Some((_, reason)) = KNOWN.iter().find(|(c, _)| *c == code) {
+        return reason;
+    }
+    match code / 100 {
+        1 => "Progress",
+        2 => "OK",
+        3 => "Redirect",
+        4 => "Client Error",
+        5 => "Server Error",
+        _ => "Global Failure",
+    }
 }
 
 /// A command and the client's id for it.
@@ -252,6 +428,177 @@ fn target(body: &Map<String, Value>, call_id: &str, sip_call_id: &str) -> Result
     }
 }
 
+/// The call a command names: `call_id`, `sip_call_id` or `key` (a UA session's b2b key).
+fn any_target(body: &Map<String, Value>) -> Result<CallTarget, CommandError> {
+    match get_str(body, "key")? {
+        None => target(body, "call_id", "sip_call_id"),
+        Some(key) if body.get("call_id").is_none() && body.get("sip_call_id").is_none() => Ok(CallTarget::Key(key)),
+        Some(_) => Err(CommandError::field(
+            CommandErrorCode::BadValue,
+            "key",
+            "give one of \"call_id\", \"sip_call_id\" or \"key\", not several".into(),
+        )),
+    }
+}
+
+/// A SIP URI (or `Display,uri` when `display` is allowed).
+fn uri(body: &Map<String, Value>, field: &str, required: bool, display: bool) -> Result<Option<String>, CommandError> {
+    let Some(value) = get_str(body, field)? else {
+        return if required {
+            Err(CommandError::field(CommandErrorCode::MissingField, field, format!("\"{field}\" is required")))
+        } else {
+            Ok(None)
+        };
+    };
+    let uri_part = if display { value.rsplit(',').next().unwrap_or_default().trim() } else { value.as_str() };
+    let scheme_ok = ["sip:", "sips:", "tel:"].iter().any(|s| uri_part.starts_with(s));
+    if !scheme_ok || value.chars().any(|c| c.is_control() || c == ' ' && !display) {
+        let shape = if display { " (optionally \"Display,sip:user@host\")" } else { "" };
+        return Err(CommandError::field(
+            CommandErrorCode::BadValue,
+            field,
+            format!("\"{field}\" must be a SIP URI like sip:user@host{shape}, not {value:?}"),
+        ));
+    }
+    Ok(Some(value))
+}
+
+fn get_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, CommandError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+            CommandError::field(
+                CommandErrorCode::BadValue,
+                field,
+                format!("\"{field}\" must be a whole number ≥ 0, not {n}"),
+            )
+        }),
+        Some(other) => Err(CommandError::field(
+            CommandErrorCode::WrongType,
+            field,
+            format!("\"{field}\" must be a number, not {}", json_type(other)),
+        )),
+    }
+}
+
+fn get_bool(body: &Map<String, Value>, field: &str) -> Result<bool, CommandError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(CommandError::field(
+            CommandErrorCode::WrongType,
+            field,
+            format!("\"{field}\" must be true or false, not {}", json_type(other)),
+        )),
+    }
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
+}
+
+/// `body`, `content_type` and `headers` of a UA command.
+fn payload(body: &Map<String, Value>) -> Result<Payload, CommandError> {
+    let text = match body.get("body") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            return Err(CommandError::field(
+                CommandErrorCode::WrongType,
+                "body",
+                format!("\"body\" must be a string, not {}", json_type(other)),
+            ))
+        }
+    };
+    let content_type = get_str(body, "content_type")?;
+    if let Some(ct) = &content_type {
+        let ok = ct.split_once('/').is_some_and(|(t, s)| is_token(t) && !s.is_empty())
+            && !ct.chars().any(|c| c.is_control());
+        if !ok {
+            return Err(CommandError::field(
+                CommandErrorCode::BadValue,
+                "content_type",
+                format!("\"content_type\" must be a media type like application/sdp, not {ct:?} (callbus writes the Content-Type header itself)"),
+            ));
+        }
+        if text.is_none() {
+            return Err(CommandError::field(
+                CommandErrorCode::MissingField,
+                "body",
+                "\"content_type\" was given without a \"body\"".into(),
+            ));
+        }
+    }
+    if let Some(t) = &text {
+        let escaped = serde_json::to_string(t).map(|s| s.len()).unwrap_or(usize::MAX);
+        if escaped > MAX_UA_BODY_BYTES {
+            return Err(CommandError::field(
+                CommandErrorCode::BadValue,
+                "body",
+                format!(
+                    "the body is {escaped} bytes as JSON; the limit is {MAX_UA_BODY_BYTES}: OpenSIPS raises events as single datagrams (~62 kB at most), so a larger body would be lost in the events of this call"
+                ),
+            ));
+        }
+    }
+    let headers = match body.get("headers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Object(map)) => {
+            let mut out = Vec::with_capacity(map.len());
+            for (name, value) in map {
+                let Value::String(value) = value else {
+                    return Err(CommandError::field(
+                        CommandErrorCode::WrongType,
+                        "headers",
+                        format!("header {name:?} must have a string value, not {}", json_type(value)),
+                    ));
+                };
+                if !is_token(name) || value.chars().any(|c| c == '\r' || c == '\n') {
+                    return Err(CommandError::field(
+                        CommandErrorCode::BadValue,
+                        "headers",
+                        format!("header {name:?}: {value:?} is not one valid header line (name a token, value without line breaks)"),
+                    ));
+                }
+                let lower = name.to_ascii_lowercase();
+                if ["content-type", "content-length", "call-id", "cseq", "via", "from", "to", "contact"]
+                    .contains(&lower.as_str())
+                {
+                    return Err(CommandError::field(
+                        CommandErrorCode::BadValue,
+                        "headers",
+                        format!("header {name:?} is OpenSIPS's to write; use \"content_type\" for the body's type"),
+                    ));
+                }
+                out.push(Header { name: name.clone(), value: value.clone() });
+            }
+            out
+        }
+        Some(other) => {
+            return Err(CommandError::field(
+                CommandErrorCode::WrongType,
+                "headers",
+                format!("\"headers\" must be an object of header names to values, not {}", json_type(other)),
+            ))
+        }
+    };
+    let body = text.map(|text| Body { content_type: content_type.unwrap_or_else(|| "application/sdp".into()), text });
+    Ok(Payload { body, headers })
+}
+
+fn sip_method(body: &Map<String, Value>, field: &str, allowed: &[&str]) -> Result<Option<String>, CommandError> {
+    let Some(method) = get_str(body, field)? else { return Ok(None) };
+    let upper = method.to_ascii_uppercase();
+    if !allowed.contains(&upper.as_str()) {
+        return Err(CommandError::field(
+            CommandErrorCode::BadValue,
+            field,
+            format!("\"{field}\" must be one of {}, not {method:?}", allowed.join(", ")),
+        ));
+    }
+    Ok(Some(upper))
+}
+
 fn leg(body: &Map<String, Value>, field: &str) -> Result<LegName, CommandError> {
     match require_str(body, field)?.as_str() {
         "caller" => Ok(LegName::Caller),
@@ -287,9 +634,9 @@ impl CommandRequest {
         };
         let cmd_id = get_str(&body, "cmd_id")?;
         let command = match verb {
-            Verb::CallEnd => Command::End { target: target(&body, "call_id", "sip_call_id")? },
-            Verb::CallHold => Command::Hold { target: target(&body, "call_id", "sip_call_id")? },
-            Verb::CallUnhold => Command::Unhold { target: target(&body, "call_id", "sip_call_id")? },
+            Verb::CallEnd => Command::End { target: any_target(&body)? },
+            Verb::CallHold => Command::Hold { target: any_target(&body)? },
+            Verb::CallUnhold => Command::Unhold { target: any_target(&body)? },
             Verb::CallTransferBlind => {
                 let destination = require_str(&body, "destination")?;
                 if !destination.starts_with("sip:") && !destination.starts_with("sips:") {
@@ -299,11 +646,7 @@ impl CommandRequest {
                         format!("\"destination\" must be a bare SIP URI (sip:user@host), not {destination:?}"),
                     ));
                 }
-                Command::TransferBlind {
-                    target: target(&body, "call_id", "sip_call_id")?,
-                    leg: leg(&body, "leg")?,
-                    destination,
-                }
+                Command::TransferBlind { target: any_target(&body)?, leg: leg(&body, "leg")?, destination }
             }
             Verb::CallTransferAttended => Command::TransferAttended {
                 target: target(&body, "call_id", "sip_call_id")?,
@@ -311,14 +654,63 @@ impl CommandRequest {
                 transfer_target: target(&body, "transfer_call_id", "transfer_sip_call_id")?,
                 transfer_leg: leg(&body, "transfer_leg")?,
             },
-            Verb::CallGet => Command::Get { target: target(&body, "call_id", "sip_call_id")? },
+            Verb::CallGet => Command::Get { target: any_target(&body)? },
             Verb::CallList => Command::List { state: get_str(&body, "state")?, node: get_str(&body, "node")? },
-            other => {
-                return Err(CommandError::new(
-                    CommandErrorCode::Unsupported,
-                    format!("{other} is not served by this engine version yet"),
-                ))
+            Verb::CallStart => Command::Start {
+                caller: uri(&body, "caller", true, false)?.unwrap_or_default(),
+                callee: uri(&body, "callee", true, false)?.unwrap_or_default(),
+                from: uri(&body, "from", false, true)?,
+                node: get_str(&body, "node")?,
+                max_duration_s: get_u64(&body, "max_duration_s")?,
+            },
+            Verb::UaStart => Command::UaStart {
+                to: uri(&body, "to", true, true)?.unwrap_or_default(),
+                from: uri(&body, "from", true, true)?.unwrap_or_default(),
+                ruri: uri(&body, "ruri", false, false)?,
+                proxy: uri(&body, "proxy", false, false)?,
+                payload: payload(&body)?,
+                manual_ack: get_bool(&body, "manual_ack")?,
+                max_duration_s: get_u64(&body, "max_duration_s")?,
+                node: get_str(&body, "node")?,
+            },
+            Verb::UaAnswer => {
+                let code = get_u64(&body, "code")?.ok_or_else(|| {
+                    CommandError::field(
+                        CommandErrorCode::MissingField,
+                        "code",
+                        "\"code\" (the status code) is required".into(),
+                    )
+                })?;
+                if !(100..=699).contains(&code) {
+                    return Err(CommandError::field(
+                        CommandErrorCode::BadValue,
+                        "code",
+                        format!("\"code\" must be a SIP status code (100–699), not {code}"),
+                    ));
+                }
+                let code = code as u16;
+                let reason = get_str(&body, "reason")?.unwrap_or_else(|| reason_phrase(code).to_owned());
+                if reason.chars().any(char::is_control) {
+                    return Err(CommandError::field(
+                        CommandErrorCode::BadValue,
+                        "reason",
+                        "\"reason\" must be one line of text".into(),
+                    ));
+                }
+                let method = sip_method(&body, "method", &UA_UPDATE_METHODS[..7])?;
+                Command::UaAnswer { target: any_target(&body)?, code, reason, method, payload: payload(&body)? }
             }
+            Verb::UaUpdate => {
+                let method = sip_method(&body, "method", &UA_UPDATE_METHODS)?.ok_or_else(|| {
+                    CommandError::field(
+                        CommandErrorCode::MissingField,
+                        "method",
+                        format!("\"method\" is required: one of {}", UA_UPDATE_METHODS.join(", ")),
+                    )
+                })?;
+                Command::UaUpdate { target: any_target(&body)?, method, payload: payload(&body)? }
+            }
+            Verb::UaTerminate => Command::UaTerminate { target: any_target(&body)? },
         };
         Ok(CommandRequest { cmd_id, command })
     }
@@ -371,7 +763,7 @@ mod tests {
         assert_eq!(err(Verb::CallEnd, "\u{0}").code, CommandErrorCode::BadRequest);
         assert_eq!(err(Verb::CallEnd, r#"{"call_id":""}"#).code, CommandErrorCode::BadValue);
         assert_eq!(err(Verb::CallEnd, r#"{"call_id":"a","cmd_id":{}}"#).field.as_deref(), Some("cmd_id"));
-        assert_eq!(err(Verb::UaStart, "{}").code, CommandErrorCode::Unsupported);
+        assert_eq!(err(Verb::UaStart, "{}").code, CommandErrorCode::MissingField);
         let big = format!(r#"{{"call_id":"{}"}}"#, "x".repeat(MAX_COMMAND_BYTES));
         assert_eq!(err(Verb::CallEnd, &big).code, CommandErrorCode::BadRequest);
     }

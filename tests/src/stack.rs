@@ -19,7 +19,47 @@ pub const NODE: &str = "n1";
 
 /// Short timeouts, so tests of timeouts run fast.
 pub fn timeouts() -> Timeouts {
-    Timeouts { reinvite_ms: 3_000, refer_ms: 600, transfer_answer_ms: 3_000, end_ms: 3_000 }
+    Timeouts {
+        reinvite_ms: 3_000,
+        refer_ms: 600,
+        transfer_answer_ms: 3_000,
+        end_ms: 3_000,
+        ring_ms: 5_000,
+        offer_ms: 800,
+        ack_ms: 1_000,
+        reply_ms: 2_000,
+    }
+}
+
+/// The call and command ids of an accepted command; panics otherwise.
+pub fn accepted(reply: &CommandReply) -> (String, String) {
+    match reply {
+        CommandReply::Accepted { call_id, cmd_id, accepted: true } => (call_id.clone(), cmd_id.clone()),
+        other => panic!("not accepted: {other:?}"),
+    }
+}
+
+/// The error code of a refused command; panics otherwise.
+pub fn refused(reply: &CommandReply) -> callbus_schemas::command::CommandErrorCode {
+    match reply {
+        CommandReply::Refused { error, .. } => error.code,
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+/// Checks that every record of the log in `data` re-runs to the same state and effects
+/// through today's machines; returns how many records there are.
+pub fn assert_log_replays(data: &std::path::Path) -> usize {
+    let log = callbus_engine::log::SledLog::open(data).expect("open log");
+    let mut n = 0;
+    let mut replayer = callbus_engine::machines::Replayer::new(timeouts());
+    for record in callbus_engine::log::EventLog::records_from(&log, 1) {
+        let record = record.expect("readable");
+        let (after, effects) = replayer.recheck(&record);
+        assert_eq!((&after, &effects), (&record.after, &record.effects), "record {} diverges", record.seq);
+        n += 1;
+    }
+    n
 }
 
 /// The running parts.
@@ -43,10 +83,20 @@ pub struct Stack {
 impl Stack {
     /// Starts everything and waits for the bridge's subscriptions.
     pub async fn start() -> Stack {
+        Stack::start_with(SimConfig::default()).await
+    }
+
+    /// Starts everything with the simulator set up so (its `step` is always 3 ms).
+    pub async fn start_with(sim_config: SimConfig) -> Stack {
+        // Logs of the parts when a test is run with RUST_LOG set.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let nats = NatsServer::start();
         let client = async_nats::connect(nats.url()).await.expect("connect");
         let notes = client.subscribe("callbus.call.>").await.expect("sub");
-        let sim = Sim::start(SimConfig { step: Duration::from_millis(3), ..SimConfig::default() }).await.expect("sim");
+        let sim = Sim::start(SimConfig { step: Duration::from_millis(3), ..sim_config }).await.expect("sim");
         let bridge_config = BridgeConfig {
             node: NODE.into(),
             mi: sim.mi_addr(),

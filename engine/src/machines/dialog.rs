@@ -257,6 +257,14 @@ impl DialogState {
                 Err(wrong_state(state, "the call is already being ended".into()))
             }
             Command::End { .. } | Command::Get { .. } | Command::List { .. } => Ok(()),
+            Command::Start { .. }
+            | Command::UaStart { .. }
+            | Command::UaAnswer { .. }
+            | Command::UaUpdate { .. }
+            | Command::UaTerminate { .. } => Err(wrong_state(
+                state,
+                format!("{} applies to UA sessions, not to a proxied call", command_verb(command)),
+            )),
             Command::Hold { .. } => {
                 confirmed()?;
                 if self.hold_op.is_some() {
@@ -558,7 +566,7 @@ impl DialogState {
                 let kind = TransferKind::Attended { leg: *leg, other: other.clone(), other_leg: *transfer_leg };
                 self.transfer = Transfer::Requested { cmd_id: cmd_id.to_owned(), kind, request };
             }
-            Command::Get { .. } | Command::List { .. } => {}
+            _ => {}
         }
     }
 

@@ -4,7 +4,10 @@
 //! Replaying a log through the same code gives the same states and effects; through new code
 //! it shows where behaviour changed.
 
+pub mod bridged;
 pub mod dialog;
+pub mod sdp;
+pub mod ua;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -12,7 +15,9 @@ use serde_json::Value;
 use callbus_schemas::bus::MiBusReply;
 use callbus_schemas::command::Command;
 
+pub use bridged::BridgedState;
 pub use dialog::DialogState;
+pub use ua::{UaRole, UaState};
 
 /// An input to a call's machine, exactly as it is logged.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -70,15 +75,7 @@ impl Input {
 
 /// The verb of a command, as on the subject.
 pub fn command_verb(command: &Command) -> &'static str {
-    match command {
-        Command::End { .. } => "call.end",
-        Command::Hold { .. } => "call.hold",
-        Command::Unhold { .. } => "call.unhold",
-        Command::TransferBlind { .. } => "call.transfer.blind",
-        Command::TransferAttended { .. } => "call.transfer.attended",
-        Command::Get { .. } => "call.get",
-        Command::List { .. } => "call.list",
-    }
+    command.verb().as_str()
 }
 
 /// What a machine asks the engine to do.
@@ -125,6 +122,11 @@ pub enum Effect {
 pub enum CallState {
     /// A proxied call (OpenSIPS dialog + callops).
     Dialog(DialogState),
+    /// A UA session, client or server (b2b_entities).
+    Ua(UaState),
+    /// A click-to-dial call over two UA client sessions (boxed: it is the largest state, and
+    /// proxied calls should not pay its size).
+    Bridged(Box<BridgedState>),
 }
 
 impl CallState {
@@ -132,6 +134,8 @@ impl CallState {
     pub fn name(&self) -> &'static str {
         match self {
             CallState::Dialog(d) => d.state_name(),
+            CallState::Ua(u) => u.state_name(),
+            CallState::Bridged(b) => b.state_name(),
         }
     }
 
@@ -139,6 +143,8 @@ impl CallState {
     pub fn is_ended(&self) -> bool {
         match self {
             CallState::Dialog(d) => d.is_ended(),
+            CallState::Ua(u) => u.is_ended(),
+            CallState::Bridged(b) => b.is_ended(),
         }
     }
 
@@ -146,6 +152,8 @@ impl CallState {
     pub fn kind(&self) -> &'static str {
         match self {
             CallState::Dialog(_) => "dialog",
+            CallState::Ua(u) => u.kind(),
+            CallState::Bridged(_) => "bridged",
         }
     }
 
@@ -153,6 +161,8 @@ impl CallState {
     pub fn node(&self) -> &str {
         match self {
             CallState::Dialog(d) => &d.node,
+            CallState::Ua(u) => &u.node,
+            CallState::Bridged(b) => &b.node,
         }
     }
 
@@ -160,6 +170,17 @@ impl CallState {
     pub fn sip_call_id(&self) -> Option<&str> {
         match self {
             CallState::Dialog(d) => Some(&d.sip_call_id),
+            CallState::Ua(u) => u.sip_call_id.as_deref(),
+            CallState::Bridged(_) => None,
+        }
+    }
+
+    /// The b2b keys of its UA sessions (none for a proxied call).
+    pub fn keys(&self) -> Vec<&str> {
+        match self {
+            CallState::Dialog(_) => Vec::new(),
+            CallState::Ua(u) => u.key.as_deref().into_iter().collect(),
+            CallState::Bridged(b) => b.keys().collect(),
         }
     }
 
@@ -170,6 +191,14 @@ impl CallState {
                 let (next, effects) = d.step(input, ctx);
                 (CallState::Dialog(next), effects)
             }
+            CallState::Ua(u) => {
+                let (next, effects) = u.step(input, ctx);
+                (CallState::Ua(next), effects)
+            }
+            CallState::Bridged(b) => {
+                let (next, effects) = b.step(input, ctx);
+                (CallState::Bridged(Box::new(next)), effects)
+            }
         }
     }
 
@@ -177,12 +206,15 @@ impl CallState {
     pub fn check(&self, command: &Command) -> Result<(), callbus_schemas::command::CommandError> {
         match self {
             CallState::Dialog(d) => d.check(command),
+            CallState::Ua(u) => u.check(command),
+            CallState::Bridged(b) => b.check(command),
         }
     }
 }
 
 /// How long the machines wait for OpenSIPS, in milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Timeouts {
     /// A re-INVITE of hold/unhold (Timer B 32 s + margin).
     pub reinvite_ms: u64,
@@ -192,11 +224,28 @@ pub struct Timeouts {
     pub transfer_answer_ms: u64,
     /// The dialog to end after `dlg_end_dlg`.
     pub end_ms: u64,
+    /// A UA client INVITE to be answered (OpenSIPS's `fr_inv_timeout` 120 s + margin).
+    pub ring_ms: u64,
+    /// An incoming UA INVITE to be answered by an app before it is declined (480).
+    pub offer_ms: u64,
+    /// An app's ACK (`manual_ack`) before the engine sends it (the peer gives up after 32 s).
+    pub ack_ms: u64,
+    /// An app's answer to the remote side's in-dialog request before the engine answers 500.
+    pub reply_ms: u64,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { reinvite_ms: 35_000, refer_ms: 32_000, transfer_answer_ms: 130_000, end_ms: 35_000 }
+        Timeouts {
+            reinvite_ms: 35_000,
+            refer_ms: 32_000,
+            transfer_answer_ms: 130_000,
+            end_ms: 35_000,
+            ring_ms: 130_000,
+            offer_ms: 30_000,
+            ack_ms: 10_000,
+            reply_ms: 25_000,
+        }
     }
 }
 
@@ -231,6 +280,11 @@ pub fn call_of_request(request: &str) -> Option<&str> {
 pub fn initial_state(after: &CallState) -> CallState {
     match after {
         CallState::Dialog(d) => CallState::Dialog(DialogState::new(&d.node, &d.sip_call_id)),
+        CallState::Ua(u) => CallState::Ua(match (u.role, &u.key) {
+            (UaRole::Server, Some(key)) => UaState::server(&u.node, key),
+            _ => UaState::client(&u.node),
+        }),
+        CallState::Bridged(b) => CallState::Bridged(Box::new(BridgedState::new(&b.node))),
     }
 }
 
