@@ -155,7 +155,7 @@ async fn command(client: &async_nats::Client, verb: &str, body: Value) -> Result
 fn as_command(request: &Request, cmd_id: &str) -> Option<(&'static str, Value, String)> {
     let p = |name: &str| request.param(name).to_owned();
     Some(match request.method {
-        Method::CallStart => return None,
+        Method::CallStart => return None, // run() starts the call itself
         Method::CallEnd => ("call.end", json!({"sip_call_id": p("callid"), "cmd_id": cmd_id}), p("callid")),
         Method::CallHold => ("call.hold", json!({"sip_call_id": p("callid"), "cmd_id": cmd_id}), p("callid")),
         Method::CallUnhold => ("call.unhold", json!({"sip_call_id": p("callid"), "cmd_id": cmd_id}), p("callid")),
@@ -172,8 +172,33 @@ fn as_command(request: &Request, cmd_id: &str) -> Option<(&'static str, Value, S
     })
 }
 
+/// Call API's CallStart event for a notification of a click-to-dial call, if it has one.
+fn translate_start(note: &CallNotification) -> Option<(&'static str, Option<Value>)> {
+    let d = &note.data;
+    let is = |leg: &str| d["leg"] == json!(leg);
+    Some(match note.event.as_str() {
+        "answered" if is("caller") => ("CallerAnswered", Some(json!({"caller": d["caller"], "callee": d["callee"]}))),
+        "dialing" if is("callee") => ("Transferring", Some(json!({"caller": d["caller"], "destination": d["uri"]}))),
+        "calling" if is("callee") => {
+            ("TransferStart", Some(json!({"callid": d["key"], "caller": d["caller"], "callee": d["callee"]})))
+        }
+        "ringing" if is("callee") => {
+            let extra = format!("{} {}", d["status"], d["reason"].as_str().unwrap_or_default());
+            let data = json!({"callid": d["key"], "caller": d["caller"], "callee": d["callee"], "extra": extra});
+            ("TransferPending", Some(data))
+        }
+        "connected" => {
+            ("CalleeAnswered", Some(json!({"callid": d["callee_key"], "caller": d["caller"], "callee": d["callee"]})))
+        }
+        _ => return None,
+    })
+}
+
 /// Call API's event for a callbus notification, if it has one.
 fn translate(request: &Request, note: &CallNotification) -> Option<(&'static str, Option<Value>)> {
+    if request.method == Method::CallStart {
+        return translate_start(note);
+    }
     let leg = || Some(json!({"leg": note.data["leg"]}));
     let new_call = note.data["new_sip_call_id"].clone();
     let attended = request.method == Method::CallAttendedTransfer;
@@ -226,37 +251,56 @@ async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<Str
             send(callapi::notification(method, &cmd_id, "Ended", None)).await;
         }
     };
-    let Some((verb, body, sip_call_id)) = as_command(&request, &cmd_id) else {
+    let mut notes = if request.method == Method::CallStart {
+        // The call exists only once the engine accepted the command. Its first notification
+        // that Call API shows (CallerAnswered) needs a whole MI round trip and a SIP answer
+        // after that, so following the call from the accepted reply loses none of them.
+        let body = json!({"caller": request.param("caller"), "callee": request.param("callee"), "cmd_id": cmd_id});
+        let reply = command(&client, "call.start", body).await;
         send(callapi::started(&request.id, &cmd_id)).await;
-        fail("CallStart (click-to-dial) is not served by this engine version yet".into()).await;
-        return;
+        let call_id = match reply {
+            Ok(CommandReply::Accepted { call_id, .. }) => call_id,
+            Ok(CommandReply::Refused { error, .. }) => return fail(error.message).await,
+            Ok(CommandReply::Data { .. }) => return fail("unexpected answer from the engine".into()).await,
+            Err(reason) => return fail(reason).await,
+        };
+        match client.subscribe(format!("callbus.call.{call_id}.>")).await {
+            Ok(s) => s,
+            Err(e) => return fail(format!("cannot follow the call: {e}")).await,
+        }
+    } else {
+        let Some((verb, body, sip_call_id)) = as_command(&request, &cmd_id) else { return };
+        // Subscribe to the call's notifications before the command, so none is missed.
+        let call_id = match command(&client, "call.get", json!({"sip_call_id": sip_call_id})).await {
+            Ok(CommandReply::Data { result, .. }) => result["call"]["call_id"].as_str().map(str::to_owned),
+            _ => None,
+        };
+        let notes = match &call_id {
+            Some(id) => match client.subscribe(format!("callbus.call.{id}.>")).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    send(callapi::started(&request.id, &cmd_id)).await;
+                    fail(format!("cannot follow the call: {e}")).await;
+                    return;
+                }
+            },
+            None => None,
+        };
+        let _ = client.flush().await;
+        let reply = command(&client, verb, body).await;
+        send(callapi::started(&request.id, &cmd_id)).await;
+        match reply {
+            Ok(CommandReply::Accepted { .. }) => {}
+            Ok(CommandReply::Refused { error, .. }) => return fail(error.message).await,
+            Ok(CommandReply::Data { .. }) => return fail("unexpected answer from the engine".into()).await,
+            Err(reason) => return fail(reason).await,
+        }
+        match notes {
+            Some(n) => n,
+            None => return fail("the call is unknown".into()).await,
+        }
     };
-    // Subscribe to the call's notifications before the command, so none is missed.
-    let call_id = match command(&client, "call.get", json!({"sip_call_id": sip_call_id})).await {
-        Ok(CommandReply::Data { result, .. }) => result["call"]["call_id"].as_str().map(str::to_owned),
-        _ => None,
-    };
-    let mut notes = match &call_id {
-        Some(id) => match client.subscribe(format!("callbus.call.{id}.>")).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                send(callapi::started(&request.id, &cmd_id)).await;
-                fail(format!("cannot follow the call: {e}")).await;
-                return;
-            }
-        },
-        None => None,
-    };
-    let _ = client.flush().await;
-    let reply = command(&client, verb, body).await;
-    send(callapi::started(&request.id, &cmd_id)).await;
-    match reply {
-        Ok(CommandReply::Accepted { .. }) => {}
-        Ok(CommandReply::Refused { error, .. }) => return fail(error.message).await,
-        Ok(CommandReply::Data { .. }) => return fail("unexpected answer from the engine".into()).await,
-        Err(reason) => return fail(reason).await,
-    }
-    let Some(notes) = notes.as_mut() else { return fail("the call is unknown".into()).await };
+    let notes = &mut notes;
     // OpenSIPS raises a leg's hold `start` before it answers `call_hold`, so the first sign of
     // the operation may be a leg event: Call API clients see `CallHolding` first all the same.
     let announce = match method {

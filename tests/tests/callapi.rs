@@ -109,6 +109,23 @@ async fn call_api_clients_work_unchanged() {
     let start = events.iter().find(|(e, _)| e == "TransferStart").and_then(|(_, d)| d.clone()).expect("data");
     assert_eq!(start["destination"], json!("sip:transfer@127.0.0.1:5060"));
 
+    // Click-to-dial, in Call API's order of events.
+    let (response, events) = call(
+        &mut ws,
+        json!({"jsonrpc": "2.0", "id": 6, "method": "CallStart", "params": {"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"}}),
+    )
+    .await;
+    assert_eq!(response["result"]["event"], json!("Started"));
+    assert_eq!(
+        names(&events),
+        ["CallerAnswered", "Transferring", "TransferStart", "TransferPending", "CalleeAnswered", "Ended"]
+    );
+    assert_eq!(events[0].1, Some(json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1"})));
+    let answered = events[4].1.clone().expect("data");
+    assert_eq!(answered["callee"], json!("sip:bob@127.0.0.1"));
+    assert!(answered["callid"].as_str().is_some_and(|k| k.starts_with("B2B.")), "{answered}");
+    assert_eq!(events[3].1.as_ref().map(|d| d["extra"].clone()), Some(json!("180 Ringing")));
+
     // A second transfer on the same call fails clearly (Call API would report it pending for ever).
     let (_, events) =
         call(&mut ws, json!({"jsonrpc": "2.0", "id": 5, "method": "CallEnd", "params": {"callid": "gone@nowhere"}}))
@@ -155,10 +172,11 @@ async fn request_errors_use_call_apis_code_and_messages_and_keep_the_connection(
     // Still open and serving.
     let (_, events) = call(
         &mut ws,
-        json!({"jsonrpc": "2.0", "id": 9, "method": "CallStart", "params": {"caller": "sip:a@b", "callee": "sip:c@d"}}),
+        json!({"jsonrpc": "2.0", "id": 9, "method": "CallStart", "params": {"caller": "sip:busy@127.0.0.1", "callee": "sip:c@d"}}),
     )
     .await;
     assert_eq!(names(&events), ["Error", "Ended"]);
+    assert!(events[0].1.as_ref().is_some_and(|d| d.as_str().is_some_and(|r| r.contains("busy"))), "{events:?}");
     // Only /call-api is served.
     let wrong = tokio_tungstenite::connect_async(format!("ws://{}/other", door.local_addr())).await;
     assert!(wrong.is_err());
