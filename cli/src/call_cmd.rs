@@ -62,6 +62,25 @@ pub enum CallCommand {
     },
     /// A call's state and history.
     Get(Target),
+    /// Click-to-dial: call CALLER, then connect CALLEE; prints each step, exits 0 once connected.
+    Start {
+        /// The first party's SIP URI.
+        caller: String,
+        /// The second party's SIP URI.
+        callee: String,
+        /// The From both legs show (`Display,sip:…`); the other party by default.
+        #[arg(long)]
+        from: Option<String>,
+        /// The OpenSIPS node (the engine's default otherwise).
+        #[arg(long)]
+        node: Option<String>,
+        /// Longest call, in seconds.
+        #[arg(long)]
+        max_duration: Option<u64>,
+        /// How long the parties may take to answer.
+        #[arg(long, default_value = "180s", value_parser = duration::parse)]
+        answer_timeout: Duration,
+    },
     /// Live calls.
     List {
         /// Only calls in this state.
@@ -123,6 +142,19 @@ pub fn request(command: &CallCommand, cmd_id: Option<&str>) -> (&'static str, Va
             put("transfer_leg".into(), json!(other_leg));
             "call.transfer.attended"
         }
+        CallCommand::Start { caller, callee, from, node, max_duration, .. } => {
+            put("caller".into(), json!(caller));
+            put("callee".into(), json!(callee));
+            for (k, v) in [("from", from), ("node", node)] {
+                if let Some(v) = v {
+                    put(k.into(), json!(v));
+                }
+            }
+            if let Some(m) = max_duration {
+                put("max_duration_s".into(), json!(m));
+            }
+            "call.start"
+        }
         CallCommand::List { state, node } => {
             if let Some(s) = state {
                 put("state".into(), json!(s));
@@ -139,10 +171,96 @@ pub fn request(command: &CallCommand, cmd_id: Option<&str>) -> (&'static str, Va
     (verb, Value::Object(body))
 }
 
+/// When following a new call stops, and with what exit status.
+pub type Stop = fn(&CallNotification, &str) -> Option<ExitCode>;
+
+/// Ends when the command succeeds (0) or fails (1, with the reason on stderr).
+pub fn until_outcome(note: &CallNotification, cmd_id: &str) -> Option<ExitCode> {
+    let ours = note.cmd_id.as_deref() == Some(cmd_id);
+    match note.event.as_str() {
+        "command_succeeded" if ours => Some(ExitCode::SUCCESS),
+        "command_failed" if ours => {
+            eprintln!("failed: {}", note.data["reason"].as_str().unwrap_or("no reason given"));
+            Some(ExitCode::FAILURE)
+        }
+        // An end is followed by the outcome of whatever command it cut short.
+        _ => None,
+    }
+}
+
+fn print_note(note: &CallNotification) {
+    println!(
+        "{} {:<18} {:<14} {}",
+        callbus_schemas::clock::datetime_ms(note.time_ms),
+        note.event,
+        note.state,
+        note.data
+    );
+}
+
+/// Sends a command that may create a call and prints the call's notifications as they come
+/// until `stop` says so. Notifications are subscribed to before the command is sent, so the
+/// first ones (published with the reply) are not missed.
+pub async fn follow(
+    client: &async_nats::Client,
+    verb: &str,
+    mut body: Value,
+    cmd_id: Option<String>,
+    timeout: Duration,
+    wait: Duration,
+    stop: Stop,
+) -> anyhow::Result<ExitCode> {
+    let cmd_id = cmd_id.unwrap_or_else(|| {
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        format!("cli-{nanos:x}")
+    });
+    body["cmd_id"] = json!(cmd_id);
+    let mut notes = client.subscribe("callbus.call.>").await?;
+    client.flush().await?;
+    let subject = format!("callbus.cmd.{verb}");
+    let ask = client.request(subject.clone(), Bytes::from(body.to_string()));
+    let reply = tokio::time::timeout(timeout, ask)
+        .await
+        .with_context(|| format!("no answer on {subject} within {timeout:?}: is an engine running?"))?
+        .with_context(|| format!("{subject} failed: is an engine running (callbus up / callbus engine)?"))?;
+    let call_id = match serde_json::from_slice::<CommandReply>(&reply.payload).context("unexpected reply")? {
+        CommandReply::Accepted { call_id, .. } => call_id,
+        CommandReply::Refused { error, .. } => {
+            eprintln!("{verb} refused ({:?}): {}", error.code, error.message);
+            return Ok(ExitCode::FAILURE);
+        }
+        CommandReply::Data { result, .. } => {
+            println!("{result}");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    println!("accepted: call {call_id}, cmd_id {cmd_id}");
+    let outcome = tokio::time::timeout(wait, async {
+        while let Some(msg) = notes.next().await {
+            let Ok(note) = serde_json::from_slice::<CallNotification>(&msg.payload) else { continue };
+            if note.call_id != call_id {
+                continue;
+            }
+            print_note(&note);
+            if let Some(code) = stop(&note, &cmd_id) {
+                return code;
+            }
+        }
+        ExitCode::FAILURE
+    })
+    .await;
+    outcome.map_err(|_| anyhow::anyhow!("no outcome within {wait:?} (see `callbus events --call {call_id}`)"))
+}
+
 /// `callbus call …`.
 pub async fn run(args: CallArgs) -> anyhow::Result<ExitCode> {
     let client = nats::connect_client(&args.nats).await?;
     let (verb, body) = request(&args.command, args.cmd_id.as_deref());
+    if let CallCommand::Start { answer_timeout, .. } = &args.command {
+        let wait = (*answer_timeout).max(args.timeout);
+        return follow(&client, verb, body, args.cmd_id.clone(), args.timeout, wait, until_outcome).await;
+    }
     let subject = format!("callbus.cmd.{verb}");
     let ask = client.request(subject.clone(), Bytes::from(body.to_string()));
     let reply = tokio::time::timeout(args.timeout, ask)

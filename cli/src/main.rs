@@ -10,6 +10,7 @@ mod mi_cmd;
 mod nats;
 mod replay_cmd;
 mod sim_cmd;
+mod ua_cmd;
 
 use std::process::ExitCode;
 
@@ -46,10 +47,10 @@ enum Command {
     Demo(NotYet),
     /// Read the call log: a call's timeline, determinism check, export, republish, stats.
     Replay(replay_cmd::ReplayArgs),
-    /// End, hold, unhold, transfer and inspect calls through the engine.
+    /// Start (click-to-dial), end, hold, unhold, transfer and inspect calls through the engine.
     Call(call_cmd::CallArgs),
-    /// Drive user-agent sessions (not built yet).
-    Ua(NotYet),
+    /// OpenSIPS as a SIP user agent: start, answer, update and terminate UA sessions.
+    Ua(ua_cmd::UaArgs),
     /// Tail call notifications, or raw OpenSIPS events with --raw / --node.
     Events(call_cmd::EventsArgs),
     /// Run an OpenSIPS MI command through the bridge.
@@ -98,7 +99,7 @@ fn main() -> ExitCode {
             Command::Demo(_) => Ok(not_yet("demo", 8)),
             Command::Replay(args) => replay_cmd::run(args).await,
             Command::Call(args) => call_cmd::run(args).await,
-            Command::Ua(_) => Ok(not_yet("ua", 8)),
+            Command::Ua(args) => ua_cmd::run(args).await,
             Command::Events(args) => call_cmd::events(args).await,
         }
     });

@@ -32,7 +32,7 @@ fn help_lists_every_subcommand_with_a_line_each() {
 
 #[test]
 fn unfinished_commands_say_so_and_exit_non_zero() {
-    for cmd in ["demo", "ua"] {
+    for cmd in ["demo"] {
         let out = run(&[cmd, "anything"]);
         assert_eq!(out.status.code(), Some(2), "{cmd}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"), "{cmd}");
@@ -227,4 +227,68 @@ async fn call_and_events_drive_a_live_engine() {
     stack.shutdown().await;
     let out = run_async(s(&["call", "--nats", &url, "--timeout", "1s", "list"])).await;
     assert!(!out.status.success(), "no engine: a clear failure, not a hang");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_start_and_ua_commands_follow_the_call_and_fail_with_the_reason() {
+    let mut stack = callbus_tests::stack::Stack::start().await;
+    let url = stack.nats.url();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+
+    let out = run_async(s(&["call", "--nats", &url, "start", "sip:alice@127.0.0.1", "sip:bob@127.0.0.1"])).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for step in ["dialing", "answered", "ringing", "connected", "command_succeeded"] {
+        assert!(text.contains(step), "{step} missing: {text}");
+    }
+    let out = run_async(s(&["call", "--nats", &url, "start", "sip:alice@127.0.0.1", "sip:busy@127.0.0.1"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("busy"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = run_async(s(&[
+        "ua",
+        "--nats",
+        &url,
+        "start",
+        "sip:carol@127.0.0.1",
+        "--from",
+        "sip:me@127.0.0.1",
+        "--body",
+        "v=0\r\nm=audio 4000 RTP/AVP 0\r\n",
+        "--header",
+        "X-Case: 7",
+    ]))
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let call_id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("accepted: call "))
+        .and_then(|l| l.split(',').next())
+        .expect("call id")
+        .to_owned();
+    let out = run_async(s(&[
+        "ua",
+        "--nats",
+        &url,
+        "update",
+        &call_id,
+        "INFO",
+        "--body",
+        "Signal=1",
+        "--content-type",
+        "application/dtmf-relay",
+    ]))
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("update_answered"));
+    let out = run_async(s(&["ua", "--nats", &url, "terminate", &call_id])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run_async(s(&["ua", "--nats", &url, "start", "sip:busy@127.0.0.1", "--from", "sip:me@127.0.0.1"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("busy"));
+    let out = run_async(s(&["ua", "--nats", &url, "answer", "c-none", "200"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UnknownCall"));
+    stack.shutdown().await;
 }
