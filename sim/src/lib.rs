@@ -248,9 +248,26 @@ impl State {
     }
 }
 
+/// Something the sim saw or did, with when: for benchmarks that time callbus from the
+/// OpenSIPS side (e.g. from an event raised to the MI request it causes).
+#[derive(Clone, Debug)]
+pub enum Traced {
+    /// An MI request was received (before it was handled).
+    Mi {
+        /// The MI command.
+        command: String,
+        /// Its params.
+        params: serde_json::Value,
+    },
+    /// An event was raised (before its datagrams were sent).
+    Event(Event),
+}
+
 /// Shared between the MI task, scenario tasks and the [`Sim`] handle.
 pub(crate) struct Inner {
     pub config: SimConfig,
+    /// What was seen and done, when tracing is on.
+    pub trace: Mutex<Option<Vec<(Instant, Traced)>>>,
     state: Mutex<State>,
     event_sockets: Vec<StdUdpSocket>,
     next_worker: AtomicUsize,
@@ -261,6 +278,14 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// Records `what` at `at` when tracing is on.
+    pub fn traced(&self, at: Instant, what: impl FnOnce() -> Traced) {
+        let mut trace = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = trace.as_mut() {
+            t.push((at, what()));
+        }
+    }
+
     /// Locks the state; a poisoned lock (a panicked task) still yields the data.
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -271,6 +296,7 @@ impl Inner {
     /// Returns false when the datagram could not be sent at all (e.g. larger than UDP allows).
     pub fn raise(&self, state: &mut State, source: Source, event: &Event) -> bool {
         let now = Instant::now();
+        self.traced(now, || Traced::Event(event.clone()));
         let name = event.name();
         // Dead subscribers are purged lazily, at the next raise of their event.
         state.subscriptions.retain(|s| s.event != name || s.is_live(now));
@@ -328,6 +354,7 @@ impl Sim {
         let seed = if config.seed == 0 { sip::unix_now() ^ u64::from(std::process::id()) << 20 } else { config.seed };
         let inner = Arc::new(Inner {
             config,
+            trace: Mutex::new(None),
             state: Mutex::new(State::new(seed)),
             event_sockets,
             next_worker: AtomicUsize::new(0),
@@ -415,6 +442,17 @@ impl Sim {
     /// Whether a UA session with this key exists.
     pub fn has_ua_session(&self, key: &str) -> bool {
         self.inner.lock().sessions.contains_key(key)
+    }
+
+    /// Starts recording every MI request and raised event with its time (see [`Traced`]).
+    pub fn start_trace(&self) {
+        *self.inner.trace.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+    }
+
+    /// What was recorded since [`Sim::start_trace`] (or the last take); recording goes on.
+    pub fn take_trace(&self) -> Vec<(Instant, Traced)> {
+        let mut trace = self.inner.trace.lock().unwrap_or_else(|p| p.into_inner());
+        trace.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Counters.

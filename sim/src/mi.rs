@@ -148,6 +148,10 @@ pub(crate) fn handle_datagram(inner: &Arc<Inner>, bytes: &[u8]) -> Option<Vec<u8
         Err(MiRequestError::Oversized { .. }) => return None,
     };
     let id = request.id.clone()?;
+    inner.traced(Instant::now(), || crate::Traced::Mi {
+        command: request.method.clone(),
+        params: serde_json::to_value(&request.params).unwrap_or_default(),
+    });
     let result = {
         let mut state = inner.lock();
         dispatch(inner, &mut state, &request)

@@ -1,0 +1,135 @@
+//! Click-to-dial benchmark. Prints `RESULT|figure|value|unit` lines.
+//!
+//! - set-up overhead added by callbus, timed at the simulated OpenSIPS (so both ends of each
+//!   interval are on the OpenSIPS side of the wire): `call.start` sent → the first MI request
+//!   (`ua_session_client_start` of the caller) received; the callee's `ANSWERED` event raised →
+//!   the caller's completion (`ua_session_update` re-INVITE with the callee's SDP) received.
+//!   p50 / p99 over sequential calls;
+//! - many at once: N `call.start` sent together, all connected, none failed; the time it took.
+//!
+//! `cargo run --release -p callbus-tests --bin bench-ua` (500 sequential, 1 000 at once);
+//! `-- --quick` for CI (50 and 200).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use callbus_schemas::command::{CallNotification, CommandReply};
+use callbus_schemas::event::{Event, UaEventType};
+use callbus_tests::stack::{accepted, Stack};
+use futures::StreamExt;
+use opensips_sim::{SimConfig, Traced};
+use serde_json::json;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn report(name: &str, mut us: Vec<f64>) {
+    us.sort_by(|a, b| a.total_cmp(b));
+    println!("RESULT|{name}_p50|{:.0}|us", percentile(&us, 0.5));
+    println!("RESULT|{name}_p99|{:.0}|us", percentile(&us, 0.99));
+    println!("RESULT|{name}_max|{:.0}|us", us.last().copied().unwrap_or(f64::NAN));
+}
+
+fn mi_at(trace: &[(Instant, Traced)], command: &str, field: &str, value: &str, method: Option<&str>) -> Option<Instant> {
+    trace.iter().find_map(|(at, t)| match t {
+        Traced::Mi { command: c, params } if c == command && params[field] == json!(value) => {
+            method.is_none_or(|m| params["method"] == json!(m)).then_some(*at)
+        }
+        _ => None,
+    })
+}
+
+fn answered_at(trace: &[(Instant, Traced)], key: &str) -> Option<Instant> {
+    trace.iter().find_map(|(at, t)| match t {
+        Traced::Event(Event::UaSession(u))
+            if u.key == key && u.event_type == UaEventType::Answered && u.method == "INVITE" =>
+        {
+            Some(*at)
+        }
+        _ => None,
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (sequential, at_once) = if quick { (50, 200) } else { (500, 1000) };
+    let mut s = Stack::start_with(SimConfig::default()).await;
+    s.sim.start_trace();
+
+    eprintln!("click-to-dial set-up overhead: {sequential} calls, one at a time");
+    let (mut first_mi, mut completion) = (Vec::new(), Vec::new());
+    for i in 0..sequential {
+        let (caller, callee) = (format!("sip:alice{i}@127.0.0.1"), format!("sip:bob{i}@127.0.0.1"));
+        let sent = Instant::now();
+        let (call_id, _) = accepted(&s.cmd("call.start", json!({"caller": caller, "callee": callee})).await);
+        let notes = s.notes_until(|n| n.call_id == call_id && (n.event == "connected" || n.event == "ended")).await;
+        assert!(notes.iter().any(|n| n.event == "connected"), "call {i} did not connect");
+        let key = |leg: &str| {
+            notes
+                .iter()
+                .find(|n| n.event == "calling" && n.data["leg"] == json!(leg))
+                .and_then(|n| n.data["key"].as_str())
+                .map(str::to_owned)
+                .expect("key")
+        };
+        let (caller_key, callee_key) = (key("caller"), key("callee"));
+        let trace = s.sim.take_trace();
+        let start = mi_at(&trace, "ua_session_client_start", "ruri", &caller, None).expect("first MI");
+        first_mi.push(start.duration_since(sent).as_secs_f64() * 1e6);
+        let answered = answered_at(&trace, &callee_key).expect("callee answered");
+        let reinvite =
+            mi_at(&trace, "ua_session_update", "key", &caller_key, Some("INVITE")).expect("caller completion");
+        completion.push(reinvite.duration_since(answered).as_secs_f64() * 1e6);
+        // End it, so the next call runs on an idle system.
+        accepted(&s.cmd("call.end", json!({"call_id": call_id})).await);
+        s.notes_until(|n| n.call_id == call_id && n.event == "ended").await;
+    }
+    report("c2d_command_to_first_mi", first_mi);
+    report("c2d_callee_answer_to_caller_completion", completion);
+
+    eprintln!("click-to-dial: {at_once} calls at once");
+    let mut outcomes = s.client.subscribe("callbus.call.*.>").await.expect("sub");
+    s.client.flush().await.expect("flush");
+    let started = Instant::now();
+    let requests = (0..at_once).map(|i| {
+        let body = json!({"caller": format!("sip:a{i}@127.0.0.1"), "callee": format!("sip:b{i}@127.0.0.1"), "cmd_id": format!("many-{i}")});
+        s.client.request("callbus.cmd.call.start", Bytes::from(body.to_string()))
+    });
+    let replies = futures::future::join_all(requests).await;
+    let mut refused = 0;
+    for r in replies {
+        match r.ok().and_then(|m| serde_json::from_slice::<CommandReply>(&m.payload).ok()) {
+            Some(CommandReply::Accepted { .. }) => {}
+            _ => refused += 1,
+        }
+    }
+    let (mut ok, mut failed) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ok + failed + refused < at_once {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some(msg)) = tokio::time::timeout(left, outcomes.next()).await else { break };
+        let Ok(note) = serde_json::from_slice::<CallNotification>(&msg.payload) else { continue };
+        if !note.cmd_id.as_deref().is_some_and(|c| c.starts_with("many-")) {
+            continue;
+        }
+        if note.event == "command_succeeded" {
+            ok += 1;
+        } else if note.event == "command_failed" {
+            failed += 1;
+            eprintln!("failed: {}", note.data);
+        }
+    }
+    let took = started.elapsed();
+    println!("RESULT|c2d_at_once_calls|{at_once}|calls");
+    println!("RESULT|c2d_at_once_connected|{ok}|calls");
+    println!("RESULT|c2d_at_once_failed|{}|calls", failed + refused + (at_once - ok - failed - refused));
+    println!("RESULT|c2d_at_once_time|{:.0}|ms", took.as_secs_f64() * 1e3);
+    s.shutdown().await;
+    assert_eq!(ok, at_once, "every click-to-dial connected");
+}
