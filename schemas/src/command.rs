@@ -767,4 +767,85 @@ mod tests {
         let big = format!(r#"{{"call_id":"{}"}}"#, "x".repeat(MAX_COMMAND_BYTES));
         assert_eq!(err(Verb::CallEnd, &big).code, CommandErrorCode::BadRequest);
     }
+
+    #[test]
+    fn ua_commands_parse_with_payloads_and_defaults() {
+        let r = CommandRequest::parse(
+            Verb::UaStart,
+            br#"{"to":"Bob,sip:bob@h","from":"sip:a@h","body":"v=0","content_type":"application/sdp","headers":{"X-A":"1","Subject":"hi"},"manual_ack":true,"max_duration_s":60}"#,
+        )
+        .expect("valid");
+        let Command::UaStart { to, payload, manual_ack, max_duration_s, ruri, .. } = r.command else { panic!() };
+        assert_eq!((to.as_str(), manual_ack, max_duration_s, ruri), ("Bob,sip:bob@h", true, Some(60), None));
+        assert_eq!(payload.body.map(|b| (b.content_type, b.text)), Some(("application/sdp".into(), "v=0".into())));
+        let names: Vec<_> = payload.headers.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names.len(), 2);
+        let r = CommandRequest::parse(Verb::UaAnswer, br#"{"key":"B2B.1.2.3.4","code":486}"#).expect("valid");
+        assert_eq!(
+            r.command,
+            Command::UaAnswer {
+                target: CallTarget::Key("B2B.1.2.3.4".into()),
+                code: 486,
+                reason: "Busy Here".into(),
+                method: None,
+                payload: Payload::default(),
+            }
+        );
+        let r = CommandRequest::parse(
+            Verb::UaUpdate,
+            br#"{"call_id":"c","method":"info","body":"x","content_type":"application/dtmf-relay"}"#,
+        )
+        .expect("valid");
+        assert!(matches!(r.command, Command::UaUpdate { ref method, .. } if method == "INFO"));
+        assert_eq!(r.command.verb(), Verb::UaUpdate);
+        let r =
+            CommandRequest::parse(Verb::CallStart, br#"{"caller":"sip:a@h","callee":"tel:+15551234"}"#).expect("valid");
+        assert!(r.command.target().is_none());
+        assert_eq!(reason_phrase(699), "Global Failure");
+        assert_eq!(reason_phrase(183), "Session Progress");
+    }
+
+    #[test]
+    fn ua_command_errors_name_the_field() {
+        let cases: [(Verb, &str, CommandErrorCode, &str); 9] = [
+            (Verb::UaStart, r#"{"to":"sip:b@h","from":"a@h"}"#, CommandErrorCode::BadValue, "from"),
+            (
+                Verb::UaStart,
+                r#"{"to":"sip:b@h","from":"sip:a@h","manual_ack":"yes"}"#,
+                CommandErrorCode::WrongType,
+                "manual_ack",
+            ),
+            (
+                Verb::UaStart,
+                r#"{"to":"sip:b@h","from":"sip:a@h","headers":["X-A: 1"]}"#,
+                CommandErrorCode::WrongType,
+                "headers",
+            ),
+            (
+                Verb::UaStart,
+                r#"{"to":"sip:b@h","from":"sip:a@h","body":"x","content_type":"sdp"}"#,
+                CommandErrorCode::BadValue,
+                "content_type",
+            ),
+            (
+                Verb::UaStart,
+                r#"{"to":"sip:b@h","from":"sip:a@h","max_duration_s":1.5}"#,
+                CommandErrorCode::BadValue,
+                "max_duration_s",
+            ),
+            (Verb::UaAnswer, r#"{"call_id":"c","code":700}"#, CommandErrorCode::BadValue, "code"),
+            (
+                Verb::UaAnswer,
+                r#"{"call_id":"c","code":200,"reason":"OK\r\nX: y"}"#,
+                CommandErrorCode::BadValue,
+                "reason",
+            ),
+            (Verb::UaUpdate, r#"{"call_id":"c","method":"CANCEL"}"#, CommandErrorCode::BadValue, "method"),
+            (Verb::UaTerminate, r#"{"key":"k","sip_call_id":"s"}"#, CommandErrorCode::BadValue, "key"),
+        ];
+        for (verb, body, code, field) in cases {
+            let e = err(verb, body);
+            assert_eq!((e.code, e.field.as_deref()), (code, Some(field)), "{body}: {}", e.message);
+        }
+    }
 }

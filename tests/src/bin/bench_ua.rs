@@ -35,7 +35,13 @@ fn report(name: &str, mut us: Vec<f64>) {
     println!("RESULT|{name}_max|{:.0}|us", us.last().copied().unwrap_or(f64::NAN));
 }
 
-fn mi_at(trace: &[(Instant, Traced)], command: &str, field: &str, value: &str, method: Option<&str>) -> Option<Instant> {
+fn mi_at(
+    trace: &[(Instant, Traced)],
+    command: &str,
+    field: &str,
+    value: &str,
+    method: Option<&str>,
+) -> Option<Instant> {
     trace.iter().find_map(|(at, t)| match t {
         Traced::Mi { command: c, params } if c == command && params[field] == json!(value) => {
             method.is_none_or(|m| params["method"] == json!(m)).then_some(*at)
