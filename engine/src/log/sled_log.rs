@@ -159,6 +159,20 @@ fn decode<T: serde::de::DeserializeOwned>(seq: u64, bytes: &[u8]) -> Result<T, L
     rmp_serde::from_slice(bytes).map_err(|e| LogError::Corrupt { seq, reason: e.to_string() })
 }
 
+/// A record's bytes as stored (MessagePack).
+pub type RawRecord = sled::IVec;
+
+impl SledLog {
+    /// Records with sequence ≥ `from` as stored (MessagePack), undecoded: for exports that
+    /// pass them through or transcode them.
+    pub fn raw_records_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, RawRecord), LogError>> + '_ {
+        self.records.range(from.to_be_bytes()..).map(move |item| {
+            let (k, v) = item.map_err(|e| self.store_error(e))?;
+            Ok((k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0), v))
+        })
+    }
+}
+
 impl EventLog for SledLog {
     fn next_seq(&self) -> u64 {
         self.next_seq.load(Ordering::Relaxed)
