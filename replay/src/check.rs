@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use callbus_engine::log::LogError;
+use callbus_engine::log::{RawRecord, Record};
 use callbus_engine::machines::{initial_state, CallState, Ctx, Effect, Input, Timeouts};
 
 use crate::LogReader;
@@ -57,36 +57,59 @@ pub struct CheckReport {
 }
 
 /// A machine's step function: the engine's is `CallState::step`.
-pub type Step<'a> = dyn Fn(&CallState, &Input, &Ctx) -> (CallState, Vec<Effect>) + 'a;
+pub type Step<'a> = dyn Fn(&CallState, &Input, &Ctx) -> (CallState, Vec<Effect>) + Sync + 'a;
 
-/// Checks records with `step` (the engine's machines are `CallState::step`; tests pass an
-/// altered one). After a divergence, the call goes on from its recorded state.
-pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> CheckReport {
-    let mut report = CheckReport::default();
-    let mut states: HashMap<String, CallState> = HashMap::new();
-    let mut diverged: HashMap<String, ()> = HashMap::new();
-    let only = options.call.as_ref().and_then(|c| reader.find_call(c).ok());
-    // States before `from` come from the records before it.
-    let warm_up = options.from > 1;
-    for record in reader.records(if warm_up { 1 } else { options.from }, options.to) {
-        let record = match record {
-            Ok(r) => r,
-            Err(LogError::Corrupt { seq, reason }) => {
-                if seq >= options.from {
-                    report.unreadable.push((seq, reason));
-                }
-                continue;
+/// Records handed to a worker at a time.
+const BATCH: usize = 256;
+
+/// A record's `call_id`, read without decoding the rest (the field comes fourth).
+struct CallOf(String);
+
+impl<'de> serde::Deserialize<'de> for CallOf {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = CallOf;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a log record")
             }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<CallOf, A::Error> {
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "call_id" {
+                        return Ok(CallOf(map.next_value()?));
+                    }
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                Err(serde::de::Error::missing_field("call_id"))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// One worker's share: the calls whose id hashes to it, in log order.
+#[derive(Default)]
+struct Share {
+    records: u64,
+    unreadable: Vec<(u64, String)>,
+    divergences: Vec<Divergence>,
+    diverged: std::collections::HashSet<String>,
+    states: HashMap<String, CallState>,
+}
+
+impl Share {
+    fn take(&mut self, seq: u64, bytes: &[u8], options: &CheckOptions, step: &Step<'_>) {
+        let record: Record = match rmp_serde::from_slice(bytes) {
+            Ok(r) => r,
             Err(e) => {
-                report.unreadable.push((0, e.to_string()));
-                continue;
+                if seq >= options.from {
+                    self.unreadable.push((seq, e.to_string()));
+                }
+                return;
             }
         };
-        if only.as_ref().is_some_and(|c| *c != record.call_id) {
-            continue;
-        }
         if record.seq >= options.from {
-            let before = states.get(&record.call_id).cloned().unwrap_or_else(|| initial_state(&record.after));
+            let before = self.states.remove(&record.call_id).unwrap_or_else(|| initial_state(&record.after));
             let ctx = Ctx {
                 call_id: record.call_id.clone(),
                 seq: record.seq,
@@ -94,10 +117,10 @@ pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> Che
                 timeouts: options.timeouts,
             };
             let (after, effects) = step(&before, &record.input, &ctx);
-            report.records += 1;
-            if (after != record.after || effects != record.effects) && !diverged.contains_key(&record.call_id) {
-                diverged.insert(record.call_id.clone(), ());
-                report.divergences.push(Divergence {
+            self.records += 1;
+            let diverges = after != record.after || effects != record.effects;
+            if diverges && self.diverged.insert(record.call_id.clone()) {
+                self.divergences.push(Divergence {
                     seq: record.seq,
                     call_id: record.call_id.clone(),
                     input: record.input.label(),
@@ -106,8 +129,83 @@ pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> Che
                 });
             }
         }
-        states.insert(record.call_id.clone(), record.after);
+        self.states.insert(record.call_id, record.after);
     }
-    report.calls = states.len() as u64;
+}
+
+/// Checks records with `step` (the engine's machines are `CallState::step`; tests pass an
+/// altered one). After a divergence, the call goes on from its recorded state. Calls are
+/// spread over one worker per core by their id; each worker sees its calls' records in log
+/// order.
+pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> CheckReport {
+    let only = options.call.as_ref().and_then(|c| reader.find_call(c).ok());
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+    // States before `from` come from the records before it.
+    let first = if options.from > 1 { 1 } else { options.from };
+    let mut report = CheckReport::default();
+    let shares = std::thread::scope(|scope| {
+        let mut senders = Vec::new();
+        let mut handles = Vec::new();
+        for _ in 0..workers {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(u64, RawRecord)>>(4);
+            senders.push(tx);
+            handles.push(scope.spawn(move || {
+                let mut share = Share::default();
+                for batch in rx {
+                    for (seq, bytes) in batch {
+                        share.take(seq, &bytes, options, step);
+                    }
+                }
+                share
+            }));
+        }
+        let mut batches: Vec<Vec<(u64, RawRecord)>> = (0..workers).map(|_| Vec::with_capacity(BATCH)).collect();
+        for item in reader.log().raw_records_from(first) {
+            let (seq, bytes) = match item {
+                Ok(r) => r,
+                Err(e) => {
+                    report.unreadable.push((0, e.to_string()));
+                    continue;
+                }
+            };
+            if seq > options.to {
+                break;
+            }
+            // An unreadable head goes to worker 0, which reports the record.
+            let worker = match rmp_serde::from_slice::<CallOf>(&bytes) {
+                Ok(CallOf(call)) => {
+                    if only.as_ref().is_some_and(|c| *c != call) {
+                        continue;
+                    }
+                    let mut h = std::hash::DefaultHasher::new();
+                    std::hash::Hash::hash(&call, &mut h);
+                    (std::hash::Hasher::finish(&h) % workers as u64) as usize
+                }
+                Err(_) => 0,
+            };
+            batches[worker].push((seq, bytes));
+            if batches[worker].len() == BATCH {
+                let full = std::mem::replace(&mut batches[worker], Vec::with_capacity(BATCH));
+                if senders[worker].send(full).is_err() {
+                    break;
+                }
+            }
+        }
+        for (tx, batch) in senders.iter().zip(batches) {
+            if !batch.is_empty() {
+                let _ = tx.send(batch);
+            }
+        }
+        drop(senders);
+        handles.into_iter().filter_map(|h| h.join().ok()).collect::<Vec<Share>>()
+    });
+    for share in shares {
+        report.records += share.records;
+        report.calls += share.states.len() as u64;
+        report.unreadable.extend(share.unreadable);
+        report.divergences.extend(share.divergences);
+    }
+    report.unreadable.sort_by_key(|(seq, _)| *seq);
+    report.divergences.sort_by_key(|d| d.seq);
     report
 }

@@ -3,8 +3,8 @@
 use std::io::Write;
 
 use callbus_engine::log::{EventLog, RawRecord};
-use serde::Deserialize;
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
 
 use crate::{LogReader, ReplayError};
 
@@ -138,7 +138,9 @@ pub fn export(
                         break;
                     }
                 }
-                if batch.len() == BATCH && batches_tx.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_err() {
+                if batch.len() == BATCH
+                    && batches_tx.send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))).is_err()
+                {
                     return;
                 }
             }

@@ -128,3 +128,28 @@ fn mi_replies_are_always_classified() {
         let _ = MiReply::classify(&truncated); // must not panic at any length
     }
 }
+
+#[test]
+fn members_of_a_newer_opensips_are_kept_and_params_are_checked_member_by_member() {
+    // OpenSIPS 3.6 adds `extra_params` to E_UA_SESSION; it must survive a parse and a write.
+    let newer = r#"{"jsonrpc":"2.0","method":"E_UA_SESSION","params":{"key":"B2B.1.2.3.4","event_type":"NEW","entity_type":"UAS","status":0,"reason":null,"method":"INVITE","body":null,"headers":null,"extra_params":"x=1"}}"#;
+    let Event::UaSession(u) = Event::parse(newer.as_bytes()).expect("parses") else { panic!("typed") };
+    assert_eq!(u.extra.get("extra_params"), Some(&serde_json::json!("x=1")));
+    assert_eq!(Event::UaSession(u).to_bytes(), newer.as_bytes(), "written back as received");
+    // Optional members may be absent; required ones are named when missing or repeated.
+    let absent = r#"{"jsonrpc":"2.0","method":"E_UA_SESSION","params":{"key":"k","event_type":"NEW","entity_type":"UAS","status":0,"method":"INVITE"}}"#;
+    let Event::UaSession(u) = Event::parse(absent.as_bytes()).expect("parses") else { panic!("typed") };
+    assert_eq!((u.reason, u.body, u.headers), (None, None, None));
+    let missing = r#"{"jsonrpc":"2.0","method":"E_CALL_HOLD","params":{"callid":"c","leg":"caller","action":"hold"}}"#;
+    let e = Event::parse(missing.as_bytes()).expect_err("state is required");
+    assert!(
+        matches!(&e, EventError::BadParams { event, reason } if event == "E_CALL_HOLD" && reason.contains("state")),
+        "{e}"
+    );
+    let twice = r#"{"jsonrpc":"2.0","method":"E_CALL_HOLD","params":{"callid":"c","callid":"d","leg":"caller","action":"hold","state":"ok"}}"#;
+    let e = Event::parse(twice.as_bytes()).expect_err("a repeated member");
+    assert!(e.to_string().contains("duplicate field `callid`"), "{e}");
+    let not_object = r#"{"jsonrpc":"2.0","method":"E_CALL_HOLD","params":[1,2]}"#;
+    let e = Event::parse(not_object.as_bytes()).expect_err("params must be an object");
+    assert!(e.to_string().contains("CallHold"), "{e}");
+}
