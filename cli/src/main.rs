@@ -4,6 +4,7 @@
 
 mod bridge_cmd;
 mod call_cmd;
+mod demo_cmd;
 mod duration;
 mod engine_cmd;
 mod mi_cmd;
@@ -43,8 +44,9 @@ enum Command {
     Engine(engine_cmd::EngineArgs),
     /// Run the OpenSIPS simulator (MI and event datagrams, scripted calls).
     Sim(sim_cmd::SimArgs),
-    /// Start everything locally and run a scripted call (not built yet).
-    Demo(NotYet),
+    /// See the whole system work: a private NATS, simulated OpenSIPS, bridge and engine run a
+    /// click-to-dial, a hold, an unhold and a hang-up, then print the call's timeline.
+    Demo(demo_cmd::DemoArgs),
     /// Read the call log: a call's timeline, determinism check, export, republish, stats.
     Replay(replay_cmd::ReplayArgs),
     /// Start (click-to-dial), end, hold, unhold, transfer and inspect calls through the engine.
@@ -57,16 +59,9 @@ enum Command {
     Mi(mi_cmd::MiArgs),
 }
 
-/// Arguments of a command that is not built yet.
-#[derive(clap::Args, Debug)]
-struct NotYet {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
-}
-
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.init(),
@@ -74,14 +69,11 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn not_yet(what: &str, issue: u32) -> ExitCode {
-    eprintln!("callbus {what}: not built yet (tracked in issue {issue}); nothing was done.");
-    ExitCode::from(2)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo's story is on stdout; its parts only speak up when something is wrong.
+    let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
+    init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -96,7 +88,7 @@ fn main() -> ExitCode {
             Command::Sim(args) => sim_cmd::run(args).await,
             Command::Mi(args) => mi_cmd::run(args).await,
             Command::Engine(args) => engine_cmd::run(args).await,
-            Command::Demo(_) => Ok(not_yet("demo", 8)),
+            Command::Demo(args) => demo_cmd::run(args).await,
             Command::Replay(args) => replay_cmd::run(args).await,
             Command::Call(args) => call_cmd::run(args).await,
             Command::Ua(args) => ua_cmd::run(args).await,

@@ -109,6 +109,41 @@ fn side_by_side(left: &str, right: &str) -> String {
 }
 
 /// Runs a replay command.
+/// Prints a call's records: aligned columns for people (colour when `color`), or JSON lines.
+pub fn print_timeline(reader: &LogReader, call: &str, json: bool, color: bool) -> anyhow::Result<()> {
+    let rows = reader.timeline(call)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        for row in &rows {
+            writeln!(out, "{}", serde_json::to_string(row)?)?;
+        }
+        return Ok(());
+    }
+    let input_width = rows.iter().map(|r| r.input.len()).max().unwrap_or(5).clamp(5, 48);
+    writeln!(out, "{:>8}  {:<23}  {:<input_width$}  {:<28}  effects", "seq", "time (UTC)", "input", "state")?;
+    for row in rows {
+        let before = row.before.as_deref().unwrap_or("·");
+        let change = if row.before.as_deref() == Some(row.after.as_str()) {
+            format!("{before} → {}", row.after)
+        } else {
+            paint(color, "1;32", &format!("{before} → {}", row.after))
+        };
+        let pad = 28usize.saturating_sub(before.chars().count() + 3 + row.after.chars().count());
+        let input: String = row.input.chars().take(input_width).collect();
+        writeln!(
+            out,
+            "{:>8}  {:<23}  {:<input_width$}  {change}{}  {}",
+            row.seq,
+            datetime_ms(row.time_ms),
+            input,
+            " ".repeat(pad),
+            paint(color, "2", &row.effects.join(", "))
+        )?;
+    }
+    Ok(())
+}
+
+/// `callbus replay …`.
 pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let reader = LogReader::open(&args.data_dir)
         .with_context(|| format!("cannot read the log in {}", args.data_dir.display()))?;
@@ -118,35 +153,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let color = std::io::stdout().is_terminal();
     match args.command {
         ReplayCommand::Timeline { call, json } => {
-            let rows = reader.timeline(&call)?;
-            let mut out = std::io::stdout().lock();
-            if json {
-                for row in &rows {
-                    writeln!(out, "{}", serde_json::to_string(row)?)?;
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            let input_width = rows.iter().map(|r| r.input.len()).max().unwrap_or(5).clamp(5, 48);
-            writeln!(out, "{:>8}  {:<23}  {:<input_width$}  {:<28}  effects", "seq", "time (UTC)", "input", "state")?;
-            for row in rows {
-                let before = row.before.as_deref().unwrap_or("·");
-                let change = if row.before.as_deref() == Some(row.after.as_str()) {
-                    format!("{before} → {}", row.after)
-                } else {
-                    paint(color, "1;32", &format!("{before} → {}", row.after))
-                };
-                let pad = 28usize.saturating_sub(before.chars().count() + 3 + row.after.chars().count());
-                let input: String = row.input.chars().take(input_width).collect();
-                writeln!(
-                    out,
-                    "{:>8}  {:<23}  {:<input_width$}  {change}{}  {}",
-                    row.seq,
-                    datetime_ms(row.time_ms),
-                    input,
-                    " ".repeat(pad),
-                    paint(color, "2", &row.effects.join(", "))
-                )?;
-            }
+            print_timeline(&reader, &call, json, color)?;
             Ok(ExitCode::SUCCESS)
         }
         ReplayCommand::Check { from, to, call, json } => {

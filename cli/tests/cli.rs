@@ -31,10 +31,15 @@ fn help_lists_every_subcommand_with_a_line_each() {
 }
 
 #[test]
-fn unfinished_commands_say_so_and_exit_non_zero() {
-    let out = run(&["demo", "anything"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+fn demo_runs_a_whole_call_and_prints_its_timeline() {
+    let out = run(&["demo", "--step", "20ms"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for step in ["connected", "held", "resumed", "ended", "The call's timeline", "ua_session_client_start"] {
+        assert!(text.contains(step), "{step} missing:\n{text}");
+    }
+    let timeline_rows = text.lines().skip_while(|l| !l.contains("time (UTC)")).skip(1).take_while(|l| !l.is_empty());
+    assert!(timeline_rows.count() >= 10, "the timeline shows every logged input:\n{text}");
 }
 
 #[test]
