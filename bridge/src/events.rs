@@ -137,7 +137,11 @@ pub(crate) async fn receive(
 ) {
     let mut buf = vec![0u8; 65_536];
     let mut seq: u64 = 0;
-    let mut subjects_by_event: std::collections::HashMap<String, Subject> = Default::default();
+    // Per event name: its subject and its counter (looked up once, then a single atomic add).
+    let mut subjects_by_event: std::collections::HashMap<String, (Subject, metrics::Counter)> = Default::default();
+    let datagrams = metrics::counter!("callbus_bridge_datagrams_total", "node" => stamp.node.clone());
+    let invalid = metrics::counter!("callbus_bridge_invalid_datagrams_total", "node" => stamp.node.clone());
+    let overflowed = metrics::counter!("callbus_bridge_dropped_datagrams_total", "node" => stamp.node.clone());
     let mut overflow_logged_at: Option<std::time::Instant> = None;
     loop {
         let received = tokio::select! {
@@ -158,13 +162,20 @@ pub(crate) async fn receive(
         let bytes = &buf[..len];
         let received_us = now_us();
         let mut invalid_reason = None;
+        datagrams.increment(1);
         let subject = match event_name(bytes) {
             Ok(name) => match subjects_by_event.get(&name) {
-                Some(s) => Ok(s.clone()),
+                Some((s, counter)) => {
+                    counter.increment(1);
+                    Ok(s.clone())
+                }
                 None => match subjects::event(&stamp.node, &name) {
                     Ok(s) => {
                         let s = Subject::from(s);
-                        subjects_by_event.insert(name, s.clone());
+                        let labels = [("node", stamp.node.clone()), ("event", name.clone())];
+                        let counter = metrics::counter!("callbus_bridge_events_total", &labels);
+                        counter.increment(1);
+                        subjects_by_event.insert(name, (s.clone(), counter));
                         Ok(s)
                     }
                     Err(e) => Err(format!("the event name cannot be a subject token: {e}")),
@@ -176,6 +187,7 @@ pub(crate) async fn receive(
             Ok(s) => s,
             Err(reason) => {
                 counters.invalid.fetch_add(1, Ordering::Relaxed);
+                invalid.increment(1);
                 tracing::warn!(%from, size = len, %reason, "invalid event datagram: published raw on {}", stamp.invalid_subject);
                 let mut short: String = reason.chars().filter(|c| !c.is_control()).take(200).collect();
                 if short.is_empty() {
@@ -199,6 +211,7 @@ pub(crate) async fn receive(
             buffer.ready.notify_one();
         } else {
             counters.overflowed.fetch_add(1, Ordering::Relaxed);
+            overflowed.increment(1);
             let now = std::time::Instant::now();
             if overflow_logged_at.is_none_or(|t| now.duration_since(t) > Duration::from_secs(1)) {
                 overflow_logged_at = Some(now);
@@ -232,6 +245,9 @@ pub(crate) async fn publish(
     };
     let mut barrier_seq: u64 = 0;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let published = metrics::counter!("callbus_bridge_events_published_total", "node" => ids.node.clone());
+    let batch_size = metrics::histogram!("callbus_bridge_publish_batch_size", "node" => ids.node.clone());
+    let buffered = metrics::gauge!("callbus_bridge_buffered_events", "node" => ids.node.clone());
     loop {
         if cancel.is_cancelled() && drain_deadline.is_none() {
             drain_deadline = Some(tokio::time::Instant::now() + drain_for);
@@ -243,7 +259,11 @@ pub(crate) async fn publish(
             }
             return;
         }
-        let batch: Vec<Outgoing> = buffer.lock().iter().take(MAX_BATCH).cloned().collect();
+        let batch: Vec<Outgoing> = {
+            let queue = buffer.lock();
+            buffered.set(queue.len() as f64);
+            queue.iter().take(MAX_BATCH).cloned().collect()
+        };
         if batch.is_empty() {
             if drain_deadline.is_some() {
                 return;
@@ -274,6 +294,8 @@ pub(crate) async fn publish(
             buffer.lock().drain(..n);
             counters.published.fetch_add(n as u64, Ordering::Relaxed);
             counters.batches.fetch_add(1, Ordering::Relaxed);
+            published.increment(n as u64);
+            batch_size.record(n as f64);
         } else {
             tracing::warn!(
                 batch = n,

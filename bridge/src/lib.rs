@@ -389,12 +389,14 @@ async fn serve_mi(mut requests: async_nats::Subscriber, mi: MiClient, allow: All
             let detail = format!(
                 "{command} is not on this bridge's MI allow-list ({allow}); an operator can add it with --mi-allow=+{command}"
             );
-            mi.refuse(responder, BridgeErrorKind::NotAllowed, detail).await;
+            mi.refuse(responder, &command, BridgeErrorKind::NotAllowed, detail).await;
             continue;
         }
         match mi::params_from_body(&message.payload) {
             Ok(params) => mi.send(&command, params, responder).await,
-            Err(reason) => mi.refuse(responder, BridgeErrorKind::BadBody, format!("{command}: {reason}")).await,
+            Err(reason) => {
+                mi.refuse(responder, &command, BridgeErrorKind::BadBody, format!("{command}: {reason}")).await
+            }
         }
     }
     let _ = requests.unsubscribe().await;

@@ -46,6 +46,8 @@ pub(crate) enum Responder {
 
 struct Waiting {
     command: String,
+    /// When the request was taken.
+    started: Instant,
     deadline: Instant,
     responder: Responder,
     /// Whether the datagram went out (false: still queued in the bridge).
@@ -201,7 +203,7 @@ impl MiClient {
                 "the {command} request is {} bytes; OpenSIPS drops MI datagrams over {MI_DATAGRAM_BUFFER} bytes without a reply: send less",
                 bytes.len()
             );
-            self.refuse(responder, BridgeErrorKind::TooLarge, detail).await;
+            self.refuse(responder, command, BridgeErrorKind::TooLarge, detail).await;
             return;
         }
         let refused = {
@@ -210,7 +212,9 @@ impl MiClient {
                 Some(responder)
             } else {
                 let deadline = Instant::now() + self.inner.timeout;
-                pending.by_id.insert(id, Waiting { command: command.to_owned(), deadline, responder, sent: false });
+                let waiting =
+                    Waiting { command: command.to_owned(), started: Instant::now(), deadline, responder, sent: false };
+                pending.by_id.insert(id, waiting);
                 pending.order.insert(id, ());
                 pending.queue.push_back((id, bytes));
                 None
@@ -219,7 +223,7 @@ impl MiClient {
         if let Some(responder) = refused {
             let detail =
                 format!("{} MI requests are already waiting for OpenSIPS: retry later", self.inner.max_in_flight);
-            self.refuse(responder, BridgeErrorKind::Unavailable, detail).await;
+            self.refuse(responder, command, BridgeErrorKind::Unavailable, detail).await;
             return;
         }
         self.pump().await;
@@ -238,7 +242,7 @@ impl MiClient {
                     if let Some(w) = waiting {
                         let detail =
                             format!("sending {} to OpenSIPS MI at {} failed: {e}", w.command, self.inner.mi_addr);
-                        self.refuse(w.responder, BridgeErrorKind::Unreachable, detail).await;
+                        self.refuse(w.responder, &w.command, BridgeErrorKind::Unreachable, detail).await;
                     }
                 }
             }
@@ -246,13 +250,26 @@ impl MiClient {
     }
 
     /// Answers with a bridge error that never reached OpenSIPS.
-    pub(crate) async fn refuse(&self, responder: Responder, kind: BridgeErrorKind, detail: String) {
+    pub(crate) async fn refuse(&self, responder: Responder, command: &str, kind: BridgeErrorKind, detail: String) {
         self.inner.counters.mi_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(code = kind.code(), "{detail}");
-        self.respond(responder, MiBusReply::bridge_error(kind, detail)).await;
+        self.respond(responder, command, None, MiBusReply::bridge_error(kind, detail)).await;
     }
 
-    async fn respond(&self, responder: Responder, reply: MiBusReply) {
+    /// Hands `reply` to whoever asked, and counts it (with its latency when it was sent).
+    async fn respond(&self, responder: Responder, command: &str, started: Option<Instant>, reply: MiBusReply) {
+        let outcome = match &reply {
+            MiBusReply::Result { .. } => "ok",
+            MiBusReply::Error { error } => {
+                BridgeErrorKind::from_code(error.code).map_or("error", BridgeErrorKind::label)
+            }
+        };
+        let labels = [("command", command.to_owned()), ("outcome", outcome.to_owned())];
+        metrics::counter!("callbus_bridge_mi_requests_total", &labels).increment(1);
+        if let Some(started) = started {
+            metrics::histogram!("callbus_bridge_mi_duration_seconds", "command" => command.to_owned())
+                .record(started.elapsed().as_secs_f64());
+        }
         match responder {
             Responder::Local(tx) => {
                 let _ = tx.send(reply);
@@ -285,7 +302,7 @@ impl MiClient {
                             "nothing answers MI at {} (connection refused) for {}: is OpenSIPS running with mi_datagram on that socket?",
                             self.inner.mi_addr, w.command
                         );
-                        self.refuse(w.responder, BridgeErrorKind::Unreachable, detail).await;
+                        self.refuse(w.responder, &w.command, BridgeErrorKind::Unreachable, detail).await;
                     }
                     self.pump().await;
                 }
@@ -306,7 +323,7 @@ impl MiClient {
                         if matches!(reply, MiBusReply::Error { .. }) {
                             self.inner.counters.mi_errors.fetch_add(1, Ordering::Relaxed);
                         }
-                        self.respond(w.responder, reply).await;
+                        self.respond(w.responder, &w.command, Some(w.started), reply).await;
                     }
                     None => tracing::info!(id, "MI reply for a request no longer waiting (it timed out): ignored"),
                 }
@@ -326,7 +343,7 @@ impl MiClient {
                             message: BridgeErrorKind::PlainTextReply.message().to_owned(),
                             data: Some(Value::String(detail)),
                         };
-                        self.respond(w.responder, MiBusReply::Error { error }).await;
+                        self.respond(w.responder, &w.command, Some(w.started), MiBusReply::Error { error }).await;
                     }
                     None => tracing::warn!(reply = %text, "plain-text MI reply with no request in flight: ignored"),
                 }
@@ -363,7 +380,8 @@ impl MiClient {
                     self.inner.mi_addr, w.command, self.inner.timeout
                 );
                 tracing::warn!("{detail}");
-                self.respond(w.responder, MiBusReply::bridge_error(BridgeErrorKind::Timeout, detail)).await;
+                let reply = MiBusReply::bridge_error(BridgeErrorKind::Timeout, detail);
+                self.respond(w.responder, &w.command, Some(w.started), reply).await;
             }
             self.pump().await;
         }
@@ -376,11 +394,8 @@ impl MiClient {
             pending.by_id.drain().map(|(_, w)| w).collect()
         };
         for w in left {
-            self.respond(
-                w.responder,
-                MiBusReply::bridge_error(BridgeErrorKind::Unavailable, "the bridge is shutting down"),
-            )
-            .await;
+            let reply = MiBusReply::bridge_error(BridgeErrorKind::Unavailable, "the bridge is shutting down");
+            self.respond(w.responder, &w.command, None, reply).await;
         }
     }
 }

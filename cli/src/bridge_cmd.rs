@@ -47,6 +47,9 @@ pub struct BridgeArgs {
     /// How often the bridge status is published on opensips.<node>.status.
     #[arg(long, env = "CALLBUS_STATUS_INTERVAL", default_value = "5s", value_parser = duration::parse)]
     pub status_interval: Duration,
+    /// Serve Prometheus metrics on http://<this>/metrics (e.g. 127.0.0.1:9464); off unless set.
+    #[arg(long, env = "CALLBUS_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Flags of `callbus up`.
@@ -108,6 +111,9 @@ pub async fn shutdown_signal() {
 
 async fn run_bridge(args: &BridgeArgs) -> anyhow::Result<ExitCode> {
     let config = args.config()?;
+    if let Some(addr) = args.metrics_listen {
+        crate::metrics_http::serve(addr).await?;
+    }
     let client = nats::connect(&args.nats, &format!("callbus-bridge-{}", args.node)).await?;
     let bridge = Bridge::start(config, client.clone()).await?;
     println!(
@@ -139,6 +145,9 @@ pub async fn up(mut args: UpArgs) -> anyhow::Result<ExitCode> {
         args.engine.nodes = vec![args.bridge.node.clone()];
     }
     let config = args.bridge.config()?;
+    if let Some(addr) = args.bridge.metrics_listen {
+        crate::metrics_http::serve(addr).await?;
+    }
     let client = nats::connect(&args.bridge.nats, &format!("callbus-up-{}", args.bridge.node)).await?;
     let bridge = Bridge::start(config, client.clone()).await?;
     let engine = crate::engine_cmd::start(&args.engine, client.clone()).await?;

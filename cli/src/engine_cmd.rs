@@ -45,6 +45,9 @@ pub struct EngineArgs {
     /// NATS server URL.
     #[arg(long, env = "CALLBUS_NATS", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    /// Serve Prometheus metrics on http://<this>/metrics (e.g. 127.0.0.1:9465); off unless set.
+    #[arg(long, env = "CALLBUS_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub engine: EngineFlags,
 }
@@ -85,6 +88,9 @@ pub async fn start(flags: &EngineFlags, client: async_nats::Client) -> anyhow::R
 
 /// `callbus engine`.
 pub async fn run(args: EngineArgs) -> anyhow::Result<ExitCode> {
+    if let Some(addr) = args.metrics_listen {
+        crate::metrics_http::serve(addr).await?;
+    }
     let client = nats::connect(&args.nats, "callbus-engine").await?;
     let engine = start(&args.engine, client.clone()).await?;
     println!(

@@ -7,6 +7,7 @@ mod call_cmd;
 mod demo_cmd;
 mod duration;
 mod engine_cmd;
+mod metrics_http;
 mod mi_cmd;
 mod nats;
 mod replay_cmd;

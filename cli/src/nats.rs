@@ -85,8 +85,14 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client
             let url = url_for_log.clone();
             async move {
                 match event {
-                    async_nats::Event::Connected => tracing::info!(%url, "connected to NATS"),
-                    async_nats::Event::Disconnected => tracing::warn!(%url, "disconnected from NATS: reconnecting"),
+                    async_nats::Event::Connected => {
+                        metrics::counter!("callbus_nats_connects_total").increment(1);
+                        tracing::info!(%url, "connected to NATS")
+                    }
+                    async_nats::Event::Disconnected => {
+                        metrics::counter!("callbus_nats_disconnects_total").increment(1);
+                        tracing::warn!(%url, "disconnected from NATS: reconnecting")
+                    }
                     other => tracing::info!(%url, event = %other, "NATS"),
                 }
             }

@@ -295,3 +295,128 @@ async fn call_start_and_ua_commands_follow_the_call_and_fail_with_the_reason() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("UnknownCall"));
     stack.shutdown().await;
 }
+
+/// GETs `http://addr/metrics` and returns the samples: `name{labels}` → value.
+fn scrape(addr: &str) -> std::collections::HashMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| Some((k.to_owned(), v.parse().ok()?))))
+        .collect()
+}
+
+fn sample(samples: &std::collections::HashMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{name}{{")) || k.as_str() == name)
+        .filter(|(k, _)| labels.iter().all(|l| k.contains(l)))
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_metrics_and_sigterm_under_traffic_loses_nothing_acknowledged() {
+    let nats = NatsServer::start();
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let events = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let data = tempfile::tempdir().expect("tmp");
+    let mut up = Running(
+        callbus()
+            .args(["up", "--nats", &nats.url(), "--mi", &sim.mi_addr().to_string(), "--events-listen", &events])
+            .args(["--data-dir", &data.path().display().to_string(), "--metrics-listen", &metrics, "--node", "m1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("up starts"),
+    );
+    let out = mi_until_ok(&nats.url(), &["--node", "m1", "uptime"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.live_subscriptions().len() < 4 {
+        assert!(Instant::now() < deadline, "up subscribes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let calls: Vec<String> = (0..40).map(|_| sim.proxied_call(opensips_sim::CallScript::default())).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = client
+            .request("callbus.cmd.call.list", bytes::Bytes::from_static(br#"{"state":"confirmed"}"#))
+            .await
+            .expect("engine");
+        let listed: serde_json::Value = serde_json::from_slice(&reply.payload).expect("json");
+        if listed["result"]["calls"].as_array().is_some_and(|c| c.len() == calls.len()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the calls never all showed as confirmed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let hold = serde_json::json!({"sip_call_id": calls[0], "cmd_id": "m-hold"});
+    let reply = client.request("callbus.cmd.call.hold", hold.to_string().into()).await.expect("hold");
+    assert!(String::from_utf8_lossy(&reply.payload).contains("\"accepted\":true"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let samples = scrape(&metrics);
+    assert!(
+        sample(&samples, "callbus_bridge_events_total", &["event=\"E_DLG_STATE_CHANGED\""]) >= 120.0,
+        "{samples:?}"
+    );
+    assert!(sample(&samples, "callbus_bridge_datagrams_total", &["node=\"m1\""]) >= 120.0);
+    assert!(sample(&samples, "callbus_bridge_mi_requests_total", &["command=\"call_hold\"", "outcome=\"ok\""]) >= 1.0);
+    assert!(sample(&samples, "callbus_bridge_mi_duration_seconds_count", &["command=\"call_hold\""]) >= 1.0);
+    assert!(sample(&samples, "callbus_engine_commands_total", &["verb=\"call.hold\"", "outcome=\"accepted\""]) >= 1.0);
+    assert!(sample(&samples, "callbus_engine_commands_total", &["verb=\"call.list\"", "outcome=\"data\""]) >= 1.0);
+    assert!(sample(&samples, "callbus_engine_command_duration_seconds_bucket", &["le=\"+Inf\""]) >= 2.0);
+    assert!(sample(&samples, "callbus_engine_log_appends_total", &[]) >= 120.0);
+    assert!(sample(&samples, "callbus_engine_log_flush_duration_seconds_count", &[]) >= 1.0);
+    // The live-calls gauge is refreshed every second.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while sample(&scrape(&metrics), "callbus_engine_live_calls", &["kind=\"dialog\""]) < 40.0 {
+        assert!(Instant::now() < deadline, "the live-calls gauge counts the 40 calls");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(sample(&samples, "callbus_engine_inputs_total", &["input=\"event\""]) >= 120.0);
+
+    // Under traffic: end the calls one after the other, and stop `up` halfway.
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sender = {
+        let (client, calls, acknowledged) = (client.clone(), calls.clone(), acknowledged.clone());
+        tokio::spawn(async move {
+            for (i, sip) in calls.iter().enumerate().skip(1) {
+                let body = serde_json::json!({"sip_call_id": sip, "cmd_id": format!("end-{i}")});
+                let ask = client.request("callbus.cmd.call.end", body.to_string().into());
+                match tokio::time::timeout(Duration::from_secs(2), ask).await {
+                    Ok(Ok(reply)) if String::from_utf8_lossy(&reply.payload).contains("\"accepted\":true") => {
+                        acknowledged.lock().expect("lock").push(format!("end-{i}"));
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
+    while acknowledged.lock().expect("lock").len() < 10 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(terminate(&mut up.0).success(), "SIGTERM exits 0");
+    let _ = sender.await;
+    let acknowledged = acknowledged.lock().expect("lock").clone();
+    assert!(acknowledged.len() >= 10);
+    let log = callbus_engine::log::SledLog::open(data.path()).expect("the log opens after a clean stop");
+    let logged: std::collections::HashSet<String> = callbus_engine::log::EventLog::records_from(&log, 1)
+        .filter_map(Result::ok)
+        .filter_map(|r| match r.input {
+            callbus_engine::machines::Input::Command { cmd_id, .. } => Some(cmd_id),
+            _ => None,
+        })
+        .collect();
+    for cmd_id in &acknowledged {
+        assert!(logged.contains(cmd_id), "{cmd_id} was acknowledged but is not in the log");
+    }
+}

@@ -52,6 +52,8 @@ pub(crate) enum Work {
         verb: Verb,
         payload: Bytes,
         reply: Option<Subject>,
+        /// When the engine took it off NATS.
+        received: Instant,
     },
     MiReply {
         request: String,
@@ -86,6 +88,37 @@ struct CallEntry {
 /// How often the snapshots of the calls touched since are written.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// The engine's metric handles (looked up once; each update is an atomic operation).
+pub(crate) struct EngineMetrics {
+    inputs_event: metrics::Counter,
+    inputs_command: metrics::Counter,
+    inputs_mi_reply: metrics::Counter,
+    inputs_timer: metrics::Counter,
+    log_appends: metrics::Counter,
+    log_failures: metrics::Counter,
+    flush_seconds: metrics::Histogram,
+    batch_size: metrics::Histogram,
+    /// The (kind, state) pairs of the last live-calls gauge update, to zero the ones gone.
+    live_labels: std::collections::HashSet<(&'static str, &'static str)>,
+}
+
+impl EngineMetrics {
+    fn new() -> EngineMetrics {
+        let input = |kind: &'static str| metrics::counter!("callbus_engine_inputs_total", "input" => kind);
+        EngineMetrics {
+            inputs_event: input("event"),
+            inputs_command: input("command"),
+            inputs_mi_reply: input("mi_reply"),
+            inputs_timer: input("timer"),
+            log_appends: metrics::counter!("callbus_engine_log_appends_total"),
+            log_failures: metrics::counter!("callbus_engine_log_failures_total"),
+            flush_seconds: metrics::histogram!("callbus_engine_log_flush_duration_seconds"),
+            batch_size: metrics::histogram!("callbus_engine_batch_size"),
+            live_labels: Default::default(),
+        }
+    }
+}
+
 /// An `E_UA_SESSION` waiting for its key: arrival, node, bridge seq, datagram.
 type Parked = (Instant, String, Option<u64>, Bytes);
 
@@ -98,6 +131,8 @@ struct Outputs {
     timers: Vec<(String, String, u64, u64)>,
     remembered: Vec<(String, CommandReply)>,
     staged: usize,
+    /// Each command's verb, how it was answered, and when it came in (for metrics).
+    outcomes: Vec<(Verb, &'static str, Instant)>,
 }
 
 pub(crate) struct Owner {
@@ -121,6 +156,7 @@ pub(crate) struct Owner {
     /// Calls changed since the last checkpoint.
     dirty: std::collections::HashSet<String>,
     last_checkpoint: Instant,
+    metrics: EngineMetrics,
 }
 
 fn now_ms() -> u64 {
@@ -150,6 +186,8 @@ impl Owner {
         input: Input,
         out: &mut Outputs,
     ) -> Result<u64, LogError> {
+        let span = tracing::info_span!("call_input", call_id, seq = self.log.next_seq());
+        let _entered = span.enter();
         let existing = self.calls.get(call_id).map(|e| &e.state);
         let before = existing.map(|s| s.name().to_owned());
         let Some(current) = existing.cloned().or(fresh) else { return Ok(0) };
@@ -334,9 +372,11 @@ impl Owner {
         verb: Verb,
         payload: Bytes,
         reply: Option<Subject>,
+        received: Instant,
         out: &mut Outputs,
     ) -> Result<(), LogError> {
         let refuse = |out: &mut Outputs, cmd_id: Option<String>, error: CommandError| {
+            out.outcomes.push((verb, "refused", received));
             tracing::info!(verb = %verb, code = ?error.code, "command refused: {}", error.message);
             if let Some(r) = &reply {
                 out.replies.push((r.clone(), Bytes::from(CommandReply::Refused { cmd_id, error }.to_bytes())));
@@ -354,6 +394,7 @@ impl Owner {
         let _enter = span.enter();
         if let Some(previous) = self.remembered.get(&cmd_id) {
             tracing::info!("repeated cmd_id: answered with the first answer, not acted on again");
+            out.outcomes.push((verb, "repeated", received));
             if let Some(r) = &reply {
                 out.replies.push((r.clone(), Bytes::from(previous.to_bytes())));
             }
@@ -374,6 +415,7 @@ impl Owner {
                     .map(|(id, e)| self.summary(id, &e.state))
                     .collect();
                 if let Some(r) = &reply {
+                    out.outcomes.push((verb, "data", received));
                     let answer = CommandReply::Data { cmd_id, result: json!({ "calls": calls }) };
                     out.replies.push((r.clone(), Bytes::from(answer.to_bytes())));
                 }
@@ -392,6 +434,7 @@ impl Owner {
                     .collect();
                 let summary = self.calls.get(&call_id).map(|e| self.summary(&call_id, &e.state)).unwrap_or(Value::Null);
                 if let Some(r) = &reply {
+                    out.outcomes.push((verb, "data", received));
                     let answer = CommandReply::Data { cmd_id, result: json!({"call": summary, "history": history}) };
                     out.replies.push((r.clone(), Bytes::from(answer.to_bytes())));
                 }
@@ -419,6 +462,7 @@ impl Owner {
             if let Some(r) = &reply {
                 out.replies.push((r.clone(), Bytes::from(answer.to_bytes())));
             }
+            out.outcomes.push((verb, "accepted", received));
             out.remembered.push((cmd_id, answer));
             return Ok(());
         }
@@ -450,6 +494,7 @@ impl Owner {
         if let Some(r) = &reply {
             out.replies.push((r.clone(), Bytes::from(answer.to_bytes())));
         }
+        out.outcomes.push((verb, "accepted", received));
         out.remembered.push((cmd_id, answer));
         Ok(())
     }
@@ -512,13 +557,23 @@ impl Owner {
 
     fn handle(&mut self, work: Work, out: &mut Outputs) -> Result<(), LogError> {
         match work {
-            Work::Event { node, bridge_seq, payload } => self.on_event(node, bridge_seq, payload, out),
-            Work::Command { verb, payload, reply } => self.on_command(verb, payload, reply, out),
-            Work::MiReply { request, reply } => match call_of_request(&request).map(str::to_owned) {
-                Some(call_id) => self.apply(&call_id, None, Input::MiReply { request, reply }, out).map(|_| ()),
-                None => Ok(()),
-            },
+            Work::Event { node, bridge_seq, payload } => {
+                self.metrics.inputs_event.increment(1);
+                self.on_event(node, bridge_seq, payload, out)
+            }
+            Work::Command { verb, payload, reply, received } => {
+                self.metrics.inputs_command.increment(1);
+                self.on_command(verb, payload, reply, received, out)
+            }
+            Work::MiReply { request, reply } => {
+                self.metrics.inputs_mi_reply.increment(1);
+                match call_of_request(&request).map(str::to_owned) {
+                    Some(call_id) => self.apply(&call_id, None, Input::MiReply { request, reply }, out).map(|_| ()),
+                    None => Ok(()),
+                }
+            }
             Work::Timer { call_id, name, generation } => {
+                self.metrics.inputs_timer.increment(1);
                 let key = (call_id.clone(), name.clone());
                 if self.timers.get(&key) != Some(&generation) {
                     Ok(()) // cancelled or restarted since
@@ -549,6 +604,12 @@ impl Owner {
             if let Err(e) = self.client.publish(subject, body).await {
                 tracing::warn!(error = %e, "command reply not published");
             }
+        }
+        for (verb, outcome, received) in out.outcomes {
+            metrics::counter!("callbus_engine_commands_total", "verb" => verb.as_str(), "outcome" => outcome)
+                .increment(1);
+            metrics::histogram!("callbus_engine_command_duration_seconds", "verb" => verb.as_str())
+                .record(received.elapsed().as_secs_f64());
         }
         for (subject, body) in out.notifications {
             if let Err(e) = self.client.publish(subject, body).await {
@@ -592,6 +653,21 @@ impl Owner {
         self.log.stage_checkpoint(self.log.next_seq().saturating_sub(1))?;
         self.last_checkpoint = Instant::now();
         Ok(())
+    }
+
+    /// Sets the live-calls gauge: calls by kind and state (states no call is in read 0).
+    fn gauge_live_calls(&mut self) {
+        let mut counts: HashMap<(&'static str, &'static str), u64> = HashMap::new();
+        for entry in self.calls.values().filter(|e| !e.state.is_ended()) {
+            *counts.entry((entry.state.kind(), entry.state.name())).or_default() += 1;
+        }
+        for gone in self.metrics.live_labels.iter().filter(|l| !counts.contains_key(l)) {
+            metrics::gauge!("callbus_engine_live_calls", "kind" => gone.0, "state" => gone.1).set(0.0);
+        }
+        for ((kind, state), n) in &counts {
+            metrics::gauge!("callbus_engine_live_calls", "kind" => *kind, "state" => *state).set(*n as f64);
+        }
+        self.metrics.live_labels = counts.into_keys().collect();
     }
 
     /// Forgets calls that ended a while ago (late events for them are then ignored).
@@ -779,6 +855,7 @@ pub(crate) fn owner(
         tx,
         dirty: Default::default(),
         last_checkpoint: Instant::now(),
+        metrics: EngineMetrics::new(),
     };
     (owner, rx)
 }
@@ -802,7 +879,7 @@ impl Owner {
         loop {
             let first = tokio::select! {
                 w = rx.recv() => w,
-                _ = sweep.tick() => { self.forget_ended(); continue; }
+                _ = sweep.tick() => { self.forget_ended(); self.gauge_live_calls(); continue; }
                 _ = cancel.cancelled() => rx.try_recv().ok(),
             };
             let Some(first) = first else { break };
@@ -815,6 +892,7 @@ impl Owner {
             }
             let mut out = Outputs::default();
             let mut failed = None;
+            let batch_len = batch.len();
             for work in batch {
                 if let Err(e) = self.handle(work, &mut out) {
                     failed = Some(e);
@@ -828,14 +906,22 @@ impl Owner {
                     out.staged += 1;
                 }
             }
+            self.metrics.batch_size.record(batch_len as f64);
+            let flush_started = Instant::now();
             let committed = match failed {
                 None if out.staged == 0 => Ok(()),
-                None => self.log.commit().await,
+                None => {
+                    let r = self.log.commit().await;
+                    self.metrics.flush_seconds.record(flush_started.elapsed().as_secs_f64());
+                    self.metrics.log_appends.increment(out.staged as u64);
+                    r
+                }
                 Some(e) => Err(e),
             };
             match committed {
                 Ok(()) => self.carry_out(out).await,
                 Err(e) => {
+                    self.metrics.log_failures.increment(1);
                     // Nothing of this batch is acknowledged: commands get an error, effects
                     // are not carried out, and the apps can retry.
                     tracing::error!(error = %e, "the event log failed: this batch is not acknowledged");
@@ -913,7 +999,7 @@ pub(crate) async fn forward_commands(
         };
         let reply = msg.reply.clone();
         if let Err(mpsc::error::TrySendError::Full(_)) =
-            tx.try_send(Work::Command { verb, payload: msg.payload, reply })
+            tx.try_send(Work::Command { verb, payload: msg.payload, reply, received: Instant::now() })
         {
             if let Some(reply) = msg.reply {
                 let error = CommandError::new(CommandErrorCode::Unavailable, "the engine is overloaded: retry later");

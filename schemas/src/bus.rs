@@ -115,6 +115,19 @@ impl BridgeErrorKind {
         }
     }
 
+    /// A short label for metrics and logs, e.g. `timeout`.
+    pub fn label(self) -> &'static str {
+        match self {
+            BridgeErrorKind::Timeout => "timeout",
+            BridgeErrorKind::NotAllowed => "not_allowed",
+            BridgeErrorKind::BadBody => "bad_body",
+            BridgeErrorKind::TooLarge => "too_large",
+            BridgeErrorKind::Unreachable => "unreachable",
+            BridgeErrorKind::PlainTextReply => "plain_text_reply",
+            BridgeErrorKind::Unavailable => "unavailable",
+        }
+    }
+
     /// The kind with this code, if it is one of the bridge's.
     pub fn from_code(code: i64) -> Option<BridgeErrorKind> {
         BridgeErrorKind::ALL.into_iter().find(|k| k.code() == code)
