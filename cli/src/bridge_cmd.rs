@@ -4,49 +4,49 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::config::{self, BridgeSection, Config, Dur, Overrides};
+use crate::{duration, nats};
 use anyhow::Context;
 use callbus_bridge::{AllowList, Bridge, BridgeConfig};
-use callbus_schemas::event::DEFAULT_EVENTS;
 
-use crate::{duration, nats};
-
-/// Flags of the bridge.
+/// Flags of the bridge. Each overrides the configuration file's `[bridge]` key of the same
+/// name (defaults in `docs/operations.md` and `callbus config show`).
 #[derive(clap::Args, Debug)]
 pub struct BridgeArgs {
-    /// NATS server URL.
-    #[arg(long, env = "CALLBUS_NATS", default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
-    /// Name of the OpenSIPS node (a subject token).
-    #[arg(long, env = "CALLBUS_NODE", default_value = "default")]
-    pub node: String,
-    /// OpenSIPS MI datagram socket.
-    #[arg(long, env = "CALLBUS_MI", default_value = "127.0.0.1:8080")]
-    pub mi: SocketAddr,
-    /// Where to receive OpenSIPS event datagrams.
-    #[arg(long, env = "CALLBUS_EVENTS_LISTEN", default_value = "127.0.0.1:8090")]
-    pub events_listen: SocketAddr,
+    /// NATS server URL [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "CALLBUS_NATS")]
+    pub nats: Option<String>,
+    /// Name of the OpenSIPS node, a subject token [default: default].
+    #[arg(long, env = "CALLBUS_NODE")]
+    pub node: Option<String>,
+    /// OpenSIPS MI datagram socket [default: 127.0.0.1:8080].
+    #[arg(long, env = "CALLBUS_MI")]
+    pub mi: Option<SocketAddr>,
+    /// Where to receive OpenSIPS event datagrams [default: 127.0.0.1:8090].
+    #[arg(long, env = "CALLBUS_EVENTS_LISTEN")]
+    pub events_listen: Option<SocketAddr>,
     /// The address OpenSIPS should send events to, when it differs from --events-listen.
     #[arg(long, env = "CALLBUS_EVENTS_ADVERTISE")]
     pub events_advertise: Option<SocketAddr>,
-    /// How long to wait for an MI reply (e.g. 5s, 500ms).
-    #[arg(long, env = "CALLBUS_MI_TIMEOUT", default_value = "5s", value_parser = duration::parse)]
-    pub mi_timeout: Duration,
+    /// How long to wait for an MI reply, e.g. 5s, 500ms [default: 5s].
+    #[arg(long, env = "CALLBUS_MI_TIMEOUT", value_parser = duration::parse)]
+    pub mi_timeout: Option<Duration>,
     /// MI commands the bus may run: `+cmd` adds to the default list, plain names replace it,
     /// `*` allows every command (dangerous: the bus could then stop OpenSIPS).
     #[arg(long, env = "CALLBUS_MI_ALLOW")]
     pub mi_allow: Option<String>,
-    /// Events to subscribe to, comma-separated.
-    #[arg(long, env = "CALLBUS_EVENTS", value_delimiter = ',', default_values_t = DEFAULT_EVENTS.map(String::from))]
-    pub events: Vec<String>,
-    /// Expiry of each event subscription (renewed at a third of it).
-    #[arg(long, env = "CALLBUS_SUBSCRIBE_EXPIRE", default_value = "60s", value_parser = duration::parse)]
-    pub subscribe_expire: Duration,
-    /// The most event datagrams kept while NATS is slow or down.
-    #[arg(long, env = "CALLBUS_BUFFER", default_value_t = 100_000)]
-    pub buffer: usize,
-    /// How often the bridge status is published on opensips.<node>.status.
-    #[arg(long, env = "CALLBUS_STATUS_INTERVAL", default_value = "5s", value_parser = duration::parse)]
-    pub status_interval: Duration,
+    /// Events to subscribe to, comma-separated [default: the four callbus acts on].
+    #[arg(long, env = "CALLBUS_EVENTS", value_delimiter = ',')]
+    pub events: Option<Vec<String>>,
+    /// Expiry of each event subscription, renewed at a third of it [default: 60s].
+    #[arg(long, env = "CALLBUS_SUBSCRIBE_EXPIRE", value_parser = duration::parse)]
+    pub subscribe_expire: Option<Duration>,
+    /// The most event datagrams kept while NATS is slow or down [default: 100000].
+    #[arg(long, env = "CALLBUS_BUFFER")]
+    pub buffer: Option<usize>,
+    /// How often the bridge status is published on opensips.<node>.status [default: 5s].
+    #[arg(long, env = "CALLBUS_STATUS_INTERVAL", value_parser = duration::parse)]
+    pub status_interval: Option<Duration>,
     /// Serve Prometheus metrics on http://<this>/metrics (e.g. 127.0.0.1:9464); off unless set.
     #[arg(long, env = "CALLBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -62,28 +62,55 @@ pub struct UpArgs {
 }
 
 impl BridgeArgs {
-    fn config(&self) -> anyhow::Result<BridgeConfig> {
-        let mi_allow = match &self.mi_allow {
-            Some(spec) => AllowList::parse(spec).context("--mi-allow")?,
-            None => AllowList::default(),
-        };
-        if mi_allow == AllowList::All {
-            tracing::warn!("--mi-allow=*: every MI command, including kill and shutdown, can be run from the bus");
-        }
-        Ok(BridgeConfig {
-            node: self.node.clone(),
-            mi: self.mi,
-            events_listen: self.events_listen,
-            events_advertise: self.events_advertise,
-            mi_timeout: self.mi_timeout,
-            mi_allow,
-            events: self.events.clone(),
-            subscribe_expire: self.subscribe_expire,
-            status_interval: self.status_interval,
-            buffer_capacity: self.buffer,
-            ..BridgeConfig::default()
-        })
+    /// Puts the flags given (or their variables) over the configuration.
+    pub fn overrides(&self, o: &mut Overrides) {
+        o.set("", "nats", self.nats.clone());
+        o.set("", "metrics_listen", self.metrics_listen);
+        o.set("bridge", "node", self.node.clone());
+        o.set("bridge", "mi", self.mi);
+        o.set("bridge", "events_listen", self.events_listen);
+        o.set("bridge", "events_advertise", self.events_advertise);
+        o.set("bridge", "mi_timeout", self.mi_timeout.map(Dur));
+        o.set("bridge", "mi_allow", self.mi_allow.clone());
+        o.set("bridge", "events", self.events.clone());
+        o.set("bridge", "subscribe_expire", self.subscribe_expire.map(Dur));
+        o.set("bridge", "buffer", self.buffer);
+        o.set("bridge", "status_interval", self.status_interval.map(Dur));
     }
+}
+
+impl UpArgs {
+    /// The effective configuration: defaults, the file, the environment, the flags.
+    pub fn load(&self, file: Option<&std::path::Path>) -> anyhow::Result<Config> {
+        let mut o = Overrides::default();
+        self.bridge.overrides(&mut o);
+        self.engine.overrides(&mut o);
+        config::load(file, o)
+    }
+}
+
+/// The bridge's settings from the configuration.
+fn bridge_config(c: &BridgeSection) -> anyhow::Result<BridgeConfig> {
+    let mi_allow = match &c.mi_allow {
+        Some(spec) => AllowList::parse(spec).context("mi_allow (--mi-allow)")?,
+        None => AllowList::default(),
+    };
+    if mi_allow == AllowList::All {
+        tracing::warn!("mi_allow = *: every MI command, including kill and shutdown, can be run from the bus");
+    }
+    Ok(BridgeConfig {
+        node: c.node.clone(),
+        mi: c.mi,
+        events_listen: c.events_listen,
+        events_advertise: c.events_advertise,
+        mi_timeout: c.mi_timeout.0,
+        mi_allow,
+        events: c.events.clone(),
+        subscribe_expire: c.subscribe_expire.0,
+        status_interval: c.status_interval.0,
+        buffer_capacity: c.buffer,
+        ..BridgeConfig::default()
+    })
 }
 
 /// Waits for SIGINT or SIGTERM.
@@ -109,19 +136,23 @@ pub async fn shutdown_signal() {
     }
 }
 
-async fn run_bridge(args: &BridgeArgs) -> anyhow::Result<ExitCode> {
-    let config = args.config()?;
-    if let Some(addr) = args.metrics_listen {
+/// `callbus bridge`.
+pub async fn bridge(args: BridgeArgs, file: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let mut o = Overrides::default();
+    args.overrides(&mut o);
+    let config = config::load(file, o)?;
+    let bridge_config = bridge_config(&config.bridge)?;
+    if let Some(addr) = config.metrics_listen {
         crate::metrics_http::serve(addr).await?;
     }
-    let client = nats::connect(&args.nats, &format!("callbus-bridge-{}", args.node)).await?;
-    let bridge = Bridge::start(config, client.clone()).await?;
+    let node = &config.bridge.node;
+    let client = nats::connect(&config.nats, &format!("callbus-bridge-{node}")).await?;
+    let bridge = Bridge::start(bridge_config, client.clone()).await?;
     println!(
-        "callbus bridge: node {} | OpenSIPS MI {} | events on {} | NATS {} | Ctrl-C to stop",
-        args.node,
-        args.mi,
+        "callbus bridge: node {node} | OpenSIPS MI {} | events on {} | NATS {} | Ctrl-C to stop",
+        config.bridge.mi,
         bridge.events_addr(),
-        args.nats
+        config::mask_url(&config.nats)
     );
     shutdown_signal().await;
     bridge.shutdown().await;
@@ -129,35 +160,31 @@ async fn run_bridge(args: &BridgeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `callbus bridge`.
-pub async fn bridge(args: BridgeArgs) -> anyhow::Result<ExitCode> {
-    run_bridge(&args).await
-}
-
 /// `callbus up`: a local NATS if needed, then bridge and engine in one process.
-pub async fn up(mut args: UpArgs) -> anyhow::Result<ExitCode> {
-    let url = args.bridge.nats.clone();
+pub async fn up(args: UpArgs, file: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let mut config = args.load(file)?;
+    let url = config.nats.clone();
     let local = tokio::task::spawn_blocking(move || nats::ensure_local(&url)).await??;
     if local.is_some() {
-        println!("callbus up: started nats-server at {} (stopped on exit)", args.bridge.nats);
+        println!("callbus up: started nats-server at {} (stopped on exit)", config::mask_url(&config.nats));
     }
-    if !args.engine.nodes.contains(&args.bridge.node) {
-        args.engine.nodes = vec![args.bridge.node.clone()];
+    if !config.engine.nodes.contains(&config.bridge.node) {
+        config.engine.nodes = vec![config.bridge.node.clone()];
     }
-    let config = args.bridge.config()?;
-    if let Some(addr) = args.bridge.metrics_listen {
+    let bridge_config = bridge_config(&config.bridge)?;
+    if let Some(addr) = config.metrics_listen {
         crate::metrics_http::serve(addr).await?;
     }
-    let client = nats::connect(&args.bridge.nats, &format!("callbus-up-{}", args.bridge.node)).await?;
-    let bridge = Bridge::start(config, client.clone()).await?;
-    let engine = crate::engine_cmd::start(&args.engine, client.clone()).await?;
+    let node = &config.bridge.node;
+    let client = nats::connect(&config.nats, &format!("callbus-up-{node}")).await?;
+    let bridge = Bridge::start(bridge_config, client.clone()).await?;
+    let engine = crate::engine_cmd::start(&config.engine, client.clone()).await?;
     println!(
-        "callbus up: node {} | OpenSIPS MI {} | events on {} | NATS {} | log in {} | Ctrl-C to stop",
-        args.bridge.node,
-        args.bridge.mi,
+        "callbus up: node {node} | OpenSIPS MI {} | events on {} | NATS {} | log in {} | Ctrl-C to stop",
+        config.bridge.mi,
         bridge.events_addr(),
-        args.bridge.nats,
-        args.engine.data_dir.display()
+        config::mask_url(&config.nats),
+        config.engine.data_dir.display()
     );
     shutdown_signal().await;
     engine.shutdown().await;

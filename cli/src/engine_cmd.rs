@@ -7,20 +7,22 @@ use std::time::Duration;
 use callbus_engine::callapi::CallApiDoor;
 use callbus_engine::{Engine, EngineConfig};
 
+use crate::config::{self, Dur, EngineSection, Overrides};
 use crate::{bridge_cmd, duration, nats};
 
-/// Flags of the engine.
+/// Flags of the engine. Each overrides the configuration file's `[engine]` key of the same
+/// name.
 #[derive(clap::Args, Debug)]
 pub struct EngineFlags {
-    /// Where the event log lives.
-    #[arg(long, env = "CALLBUS_DATA_DIR", default_value = "./callbus-data")]
-    pub data_dir: PathBuf,
-    /// OpenSIPS nodes to reconcile with on start, comma-separated.
-    #[arg(long, env = "CALLBUS_NODES", value_delimiter = ',', default_value = "default")]
-    pub nodes: Vec<String>,
-    /// How long an ended call stays in memory to absorb late events.
-    #[arg(long, env = "CALLBUS_ENDED_RETENTION", default_value = "60s", value_parser = duration::parse)]
-    pub ended_retention: Duration,
+    /// Where the event log lives [default: ./callbus-data].
+    #[arg(long, env = "CALLBUS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// OpenSIPS nodes to reconcile with on start, comma-separated [default: default].
+    #[arg(long, env = "CALLBUS_NODES", value_delimiter = ',')]
+    pub nodes: Option<Vec<String>>,
+    /// How long an ended call stays in memory to absorb late events [default: 60s].
+    #[arg(long, env = "CALLBUS_ENDED_RETENTION", value_parser = duration::parse)]
+    pub ended_retention: Option<Duration>,
     /// Serve the OpenSIPS Call API protocol (JSON-RPC over WebSocket, path /call-api) here,
     /// e.g. 127.0.0.1:5059; off unless set.
     #[arg(long, env = "CALLBUS_CALLAPI_LISTEN")]
@@ -28,23 +30,31 @@ pub struct EngineFlags {
 }
 
 impl EngineFlags {
-    /// The engine's configuration.
-    pub fn config(&self) -> EngineConfig {
-        EngineConfig {
-            data_dir: self.data_dir.clone(),
-            nodes: self.nodes.clone(),
-            ended_retention: self.ended_retention,
-            ..EngineConfig::default()
-        }
+    /// Puts the flags given (or their variables) over the configuration.
+    pub fn overrides(&self, o: &mut Overrides) {
+        o.set("engine", "data_dir", self.data_dir.clone());
+        o.set("engine", "nodes", self.nodes.clone());
+        o.set("engine", "ended_retention", self.ended_retention.map(Dur));
+        o.set("engine", "callapi_listen", self.callapi_listen);
+    }
+}
+
+/// The engine's settings from the configuration.
+pub fn engine_config(c: &EngineSection) -> EngineConfig {
+    EngineConfig {
+        data_dir: c.data_dir.clone(),
+        nodes: c.nodes.clone(),
+        ended_retention: c.ended_retention.0,
+        ..EngineConfig::default()
     }
 }
 
 /// Flags of `callbus engine`.
 #[derive(clap::Args, Debug)]
 pub struct EngineArgs {
-    /// NATS server URL.
-    #[arg(long, env = "CALLBUS_NATS", default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
+    /// NATS server URL [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "CALLBUS_NATS")]
+    pub nats: Option<String>,
     /// Serve Prometheus metrics on http://<this>/metrics (e.g. 127.0.0.1:9465); off unless set.
     #[arg(long, env = "CALLBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -70,9 +80,9 @@ impl Running {
 }
 
 /// Starts the engine (and its Call API door) on `client`.
-pub async fn start(flags: &EngineFlags, client: async_nats::Client) -> anyhow::Result<Running> {
-    let engine = Engine::start(flags.config(), client.clone()).await?;
-    let door = match flags.callapi_listen {
+pub async fn start(section: &EngineSection, client: async_nats::Client) -> anyhow::Result<Running> {
+    let engine = Engine::start(engine_config(section), client.clone()).await?;
+    let door = match section.callapi_listen {
         Some(addr) => Some(
             CallApiDoor::start(addr, client)
                 .await
@@ -87,16 +97,21 @@ pub async fn start(flags: &EngineFlags, client: async_nats::Client) -> anyhow::R
 }
 
 /// `callbus engine`.
-pub async fn run(args: EngineArgs) -> anyhow::Result<ExitCode> {
-    if let Some(addr) = args.metrics_listen {
+pub async fn run(args: EngineArgs, file: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let mut o = Overrides::default();
+    o.set("", "nats", args.nats.clone());
+    o.set("", "metrics_listen", args.metrics_listen);
+    args.engine.overrides(&mut o);
+    let config = config::load(file, o)?;
+    if let Some(addr) = config.metrics_listen {
         crate::metrics_http::serve(addr).await?;
     }
-    let client = nats::connect(&args.nats, "callbus-engine").await?;
-    let engine = start(&args.engine, client.clone()).await?;
+    let client = nats::connect(&config.nats, "callbus-engine").await?;
+    let engine = start(&config.engine, client.clone()).await?;
     println!(
         "callbus engine: log in {} | NATS {} | {} live calls recovered | Ctrl-C to stop",
-        args.engine.data_dir.display(),
-        args.nats,
+        config.engine.data_dir.display(),
+        config::mask_url(&config.nats),
         engine.engine.recovered_live_calls()
     );
     bridge_cmd::shutdown_signal().await;

@@ -4,6 +4,7 @@
 
 mod bridge_cmd;
 mod call_cmd;
+mod config;
 mod demo_cmd;
 mod duration;
 mod engine_cmd;
@@ -25,6 +26,9 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value = "pretty", env = "CALLBUS_LOG_FORMAT", global = true)]
     log_format: LogFormat,
+    /// Configuration file (TOML) for up, bridge and engine [default: ./callbus.toml if present].
+    #[arg(long, env = "CALLBUS_CONFIG", global = true)]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,6 +62,21 @@ enum Command {
     Events(call_cmd::EventsArgs),
     /// Run an OpenSIPS MI command through the bridge.
     Mi(mi_cmd::MiArgs),
+    /// Show the effective configuration (file, CALLBUS_* variables and flags), secrets masked.
+    Config(ConfigArgs),
+}
+
+/// `callbus config`.
+#[derive(clap::Args, Debug)]
+struct ConfigArgs {
+    #[command(subcommand)]
+    command: ConfigCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Print the configuration `callbus up` would run with (the same flags apply), as TOML.
+    Show(bridge_cmd::UpArgs),
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
@@ -83,12 +102,22 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        let file = match config::file(cli.config.as_deref()) {
+            Ok(f) => f,
+            Err(e) => return Err(e),
+        };
+        let file = file.as_deref();
         match cli.command {
-            Command::Up(args) => bridge_cmd::up(args).await,
-            Command::Bridge(args) => bridge_cmd::bridge(args).await,
+            Command::Up(args) => bridge_cmd::up(args, file).await,
+            Command::Bridge(args) => bridge_cmd::bridge(args, file).await,
+            Command::Config(ConfigArgs { command: ConfigCommand::Show(args) }) => {
+                let config = args.load(file)?;
+                print!("{}", config::show(&config, file)?);
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Sim(args) => sim_cmd::run(args).await,
             Command::Mi(args) => mi_cmd::run(args).await,
-            Command::Engine(args) => engine_cmd::run(args).await,
+            Command::Engine(args) => engine_cmd::run(args, file).await,
             Command::Demo(args) => demo_cmd::run(args).await,
             Command::Replay(args) => replay_cmd::run(args).await,
             Command::Call(args) => call_cmd::run(args).await,

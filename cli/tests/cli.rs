@@ -420,3 +420,38 @@ async fn up_serves_metrics_and_sigterm_under_traffic_loses_nothing_acknowledged(
         assert!(logged.contains(cmd_id), "{cmd_id} was acknowledged but is not in the log");
     }
 }
+
+#[test]
+fn configuration_layers_file_environment_and_flags_and_names_bad_keys() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("edge.toml");
+    std::fs::write(
+        &file,
+        "nats = \"nats://bus:4222\"\n[bridge]\nnode = \"edge1\"\nbuffer = 5000\n[engine]\nnodes = [\"edge1\"]\n",
+    )
+    .expect("write");
+    let path = file.display().to_string();
+    let out = callbus()
+        .args(["--config", &path, "config", "show", "--buffer", "7000"])
+        .env("CALLBUS_NODE", "from-env")
+        .env("CALLBUS_NATS", "nats://alice:secret@bus:4222")
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("node = \"from-env\""), "the environment beats the file: {text}");
+    assert!(text.contains("buffer = 7000"), "a flag beats both: {text}");
+    assert!(text.contains("nodes = [\"edge1\"]"), "the file beats the defaults: {text}");
+    assert!(text.contains("nats://alice:***@bus:4222") && !text.contains("secret"), "secrets masked: {text}");
+
+    std::fs::write(&file, "[engine]\ndata_dri = \"/x\"\n").expect("write");
+    let out = callbus().args(["--config", &path, "up"]).output().expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("data_dri") && err.contains(&path), "names the key and the file: {err}");
+    std::fs::write(&file, "[bridge]\nmi = \"localhost\"\n").expect("write");
+    let out = callbus().args(["--config", &path, "bridge"]).output().expect("runs");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bridge.mi"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = callbus().args(["--config", "/no/such.toml", "engine"]).output().expect("runs");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such.toml"));
+}

@@ -1,0 +1,270 @@
+//! The configuration of the parts (`up`, `bridge`, `engine`): built-in defaults, then a TOML
+//! file (`--config`, or `./callbus.toml` when present), then `CALLBUS_*` environment
+//! variables, then flags — each layer over the one before, merged by `figment`. An unknown key
+//! or a bad value is an error naming the key and the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use callbus_schemas::event::DEFAULT_EVENTS;
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use crate::duration;
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_FILE: &str = "callbus.toml";
+
+/// A duration written as on the command line: `500ms`, `5s`, `2m`, or a number of seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ms = self.0.as_millis();
+        if ms % 1000 == 0 {
+            s.serialize_str(&format!("{}s", ms / 1000))
+        } else {
+            s.serialize_str(&format!("{ms}ms"))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Seconds(u64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(t) => duration::parse(&t).map(Dur).map_err(serde::de::Error::custom),
+            Raw::Seconds(s) => Ok(Dur(Duration::from_secs(s))),
+        }
+    }
+}
+
+/// Everything the parts read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS server URL (may carry `user:password@`; masked by `config show`).
+    pub nats: String,
+    /// Serve Prometheus metrics on `http://<this>/metrics`; off when absent.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The bridge.
+    pub bridge: BridgeSection,
+    /// The engine.
+    pub engine: EngineSection,
+}
+
+/// `[bridge]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BridgeSection {
+    /// Name of the OpenSIPS node (a subject token).
+    pub node: String,
+    /// OpenSIPS MI datagram socket.
+    pub mi: SocketAddr,
+    /// Where to receive OpenSIPS event datagrams.
+    pub events_listen: SocketAddr,
+    /// The address OpenSIPS should send events to, when it differs from `events_listen`.
+    pub events_advertise: Option<SocketAddr>,
+    /// How long to wait for an MI reply.
+    pub mi_timeout: Dur,
+    /// MI allow-list: `+cmd` adds to the default list, names replace it, `*` allows all.
+    pub mi_allow: Option<String>,
+    /// Events to subscribe to.
+    pub events: Vec<String>,
+    /// Expiry of each event subscription (renewed at a third of it).
+    pub subscribe_expire: Dur,
+    /// The most event datagrams kept while NATS is slow or down.
+    pub buffer: usize,
+    /// How often the bridge status is published.
+    pub status_interval: Dur,
+}
+
+/// `[engine]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    /// Where the event log lives.
+    pub data_dir: PathBuf,
+    /// OpenSIPS nodes to reconcile with on start.
+    pub nodes: Vec<String>,
+    /// How long an ended call stays in memory to absorb late events.
+    pub ended_retention: Dur,
+    /// Serve the OpenSIPS Call API protocol here; off when absent.
+    pub callapi_listen: Option<SocketAddr>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats: "nats://127.0.0.1:4222".into(),
+            metrics_listen: None,
+            bridge: BridgeSection::default(),
+            engine: EngineSection::default(),
+        }
+    }
+}
+
+impl Default for BridgeSection {
+    fn default() -> Self {
+        BridgeSection {
+            node: "default".into(),
+            mi: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            events_listen: SocketAddr::from(([127, 0, 0, 1], 8090)),
+            events_advertise: None,
+            mi_timeout: Dur(Duration::from_secs(5)),
+            mi_allow: None,
+            events: DEFAULT_EVENTS.map(String::from).to_vec(),
+            subscribe_expire: Dur(Duration::from_secs(60)),
+            buffer: 100_000,
+            status_interval: Dur(Duration::from_secs(5)),
+        }
+    }
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        EngineSection {
+            data_dir: PathBuf::from("./callbus-data"),
+            nodes: vec!["default".into()],
+            ended_retention: Dur(Duration::from_secs(60)),
+            callapi_listen: None,
+        }
+    }
+}
+
+/// Values given as flags or `CALLBUS_*` variables, by config key; absent ones are left out.
+#[derive(Default)]
+pub struct Overrides(Map<String, Value>);
+
+impl Overrides {
+    /// Sets `section.key` (or a top-level `key` when `section` is empty) if `value` is given.
+    pub fn set<T: Serialize>(&mut self, section: &str, key: &str, value: Option<T>) {
+        let Some(value) = value.and_then(|v| serde_json::to_value(v).ok()) else { return };
+        if section.is_empty() {
+            self.0.insert(key.into(), value);
+            return;
+        }
+        let entry = self.0.entry(section.to_owned()).or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(map) = entry {
+            map.insert(key.into(), value);
+        }
+    }
+}
+
+/// The file to read: `explicit`, or `./callbus.toml` when it exists.
+pub fn file(explicit: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    match explicit {
+        Some(path) if !path.is_file() => {
+            anyhow::bail!("the configuration file {} does not exist (--config / CALLBUS_CONFIG)", path.display())
+        }
+        Some(path) => Ok(Some(path.to_owned())),
+        None => Ok(Path::new(DEFAULT_FILE).is_file().then(|| PathBuf::from(DEFAULT_FILE))),
+    }
+}
+
+/// Defaults, then the file, then the overrides (flags and environment).
+pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Config> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(path) = file {
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment = figment.merge(Serialized::defaults(Value::Object(overrides.0)));
+    figment.extract::<Config>().map_err(|e| {
+        let errors: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+        anyhow::anyhow!("bad configuration: {}", errors.join("; "))
+    })
+}
+
+/// `nats://user:secret@host` → `nats://user:***@host`.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}")
+            } else {
+                // A bare token in the user part is a secret too.
+                format!("{scheme}://***@{host}")
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The effective configuration as TOML, secrets masked.
+pub fn show(config: &Config, file: Option<&Path>) -> anyhow::Result<String> {
+    let mut shown = config.clone();
+    shown.nats = mask_url(&shown.nats);
+    let text = toml::to_string_pretty(&shown).context("cannot write the configuration as TOML")?;
+    let source = match file {
+        Some(p) => format!("# from {} (then CALLBUS_* variables and flags)\n", p.display()),
+        None => "# no configuration file: defaults, then CALLBUS_* variables and flags\n".to_owned(),
+    };
+    Ok(format!("{source}{text}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().expect("tmp");
+        std::io::Write::write_all(&mut f, text.as_bytes()).expect("write");
+        f
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let f = write("nats = \"nats://file:4222\"\n[bridge]\nnode = \"edge1\"\nmi_timeout = \"2s\"\n[engine]\nnodes = [\"edge1\", \"edge2\"]\n");
+        let config = load(Some(f.path()), Overrides::default()).expect("valid");
+        assert_eq!(config.nats, "nats://file:4222");
+        assert_eq!(config.bridge.node, "edge1");
+        assert_eq!(config.bridge.mi_timeout, Dur(Duration::from_secs(2)));
+        assert_eq!(config.bridge.buffer, 100_000, "defaults fill what the file leaves out");
+        let mut over = Overrides::default();
+        over.set("bridge", "node", Some("flag-node"));
+        over.set("", "nats", Some("nats://flag:4222"));
+        over.set("bridge", "buffer", None::<usize>);
+        let config = load(Some(f.path()), over).expect("valid");
+        assert_eq!((config.nats.as_str(), config.bridge.node.as_str()), ("nats://flag:4222", "flag-node"));
+        assert_eq!(config.engine.nodes, ["edge1", "edge2"]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key_and_the_file() {
+        let f = write("[bridge]\nmi_timout = \"2s\"\n");
+        let e = load(Some(f.path()), Overrides::default()).expect_err("unknown key").to_string();
+        assert!(e.contains("mi_timout") && e.contains(&f.path().display().to_string()), "{e}");
+        let f = write("[bridge]\nmi_timeout = \"soon\"\n");
+        let e = load(Some(f.path()), Overrides::default()).expect_err("bad value").to_string();
+        assert!(e.contains("mi_timeout") && e.contains("soon") && e.contains(&f.path().display().to_string()), "{e}");
+        let f = write("[engine]\ncallapi_listen = \"not an address\"\n");
+        let e = load(Some(f.path()), Overrides::default()).expect_err("bad address").to_string();
+        assert!(e.contains("callapi_listen"), "{e}");
+        let f = write("[bridge\nnode=");
+        assert!(load(Some(f.path()), Overrides::default()).is_err(), "bad TOML");
+        assert!(file(Some(Path::new("/nonexistent/callbus.toml"))).is_err());
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(mask_url("nats://alice:s3cret@bus:4222"), "nats://alice:***@bus:4222");
+        assert_eq!(mask_url("nats://t0ken@bus:4222"), "nats://***@bus:4222");
+        assert_eq!(mask_url("nats://bus:4222"), "nats://bus:4222");
+        let config = Config { nats: "nats://a:b@h:1".into(), ..Config::default() };
+        let text = show(&config, None).expect("toml");
+        assert!(text.contains("nats://a:***@h:1") && !text.contains("a:b@"), "{text}");
+        assert!(text.contains("mi_timeout = \"5s\""), "{text}");
+    }
+}
