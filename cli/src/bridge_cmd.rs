@@ -50,6 +50,8 @@ pub struct BridgeArgs {
     /// Serve Prometheus metrics on http://<this>/metrics (e.g. 127.0.0.1:9464); off unless set.
     #[arg(long, env = "CALLBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub nats_auth: nats::NatsAuth,
 }
 
 /// Flags of `callbus up`.
@@ -66,6 +68,7 @@ impl BridgeArgs {
     pub fn overrides(&self, o: &mut Overrides) {
         o.set("", "nats", self.nats.clone());
         o.set("", "metrics_listen", self.metrics_listen);
+        o.set_auth(&self.nats_auth);
         o.set("bridge", "node", self.node.clone());
         o.set("bridge", "mi", self.mi);
         o.set("bridge", "events_listen", self.events_listen);
@@ -146,7 +149,7 @@ pub async fn bridge(args: BridgeArgs, file: Option<&std::path::Path>) -> anyhow:
         crate::metrics_http::serve(addr).await?;
     }
     let node = &config.bridge.node;
-    let client = nats::connect(&config.nats, &format!("callbus-bridge-{node}")).await?;
+    let client = nats::connect(&config.nats, &format!("callbus-bridge-{node}"), &config.nats_auth).await?;
     let bridge = Bridge::start(bridge_config, client.clone()).await?;
     println!(
         "callbus bridge: node {node} | OpenSIPS MI {} | events on {} | NATS {} | Ctrl-C to stop",
@@ -176,7 +179,7 @@ pub async fn up(args: UpArgs, file: Option<&std::path::Path>) -> anyhow::Result<
         crate::metrics_http::serve(addr).await?;
     }
     let node = &config.bridge.node;
-    let client = nats::connect(&config.nats, &format!("callbus-up-{node}")).await?;
+    let client = nats::connect(&config.nats, &format!("callbus-up-{node}"), &config.nats_auth).await?;
     let bridge = Bridge::start(bridge_config, client.clone()).await?;
     let engine = crate::engine_cmd::start(&config.engine, client.clone()).await?;
     println!(

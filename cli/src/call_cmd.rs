@@ -18,6 +18,8 @@ pub struct CallArgs {
     /// NATS server URL.
     #[arg(long, env = "CALLBUS_NATS", default_value = "nats://127.0.0.1:4222", global = true)]
     pub nats: String,
+    #[command(flatten)]
+    pub nats_auth: crate::nats::NatsAuth,
     /// How long to wait for the engine.
     #[arg(long, default_value = "10s", value_parser = duration::parse, global = true)]
     pub timeout: Duration,
@@ -255,7 +257,7 @@ pub async fn follow(
 
 /// `callbus call …`.
 pub async fn run(args: CallArgs) -> anyhow::Result<ExitCode> {
-    let client = nats::connect_client(&args.nats).await?;
+    let client = nats::connect_client(&args.nats, &args.nats_auth).await?;
     let (verb, body) = request(&args.command, args.cmd_id.as_deref());
     if let CallCommand::Start { answer_timeout, .. } = &args.command {
         let wait = (*answer_timeout).max(args.timeout);
@@ -323,6 +325,8 @@ pub struct EventsArgs {
     /// NATS server URL.
     #[arg(long, env = "CALLBUS_NATS", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    #[command(flatten)]
+    pub nats_auth: crate::nats::NatsAuth,
     /// Only this call's notifications (callbus call_id).
     #[arg(long)]
     pub call: Option<String>,
@@ -356,7 +360,7 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
             None => "callbus.call.>".to_owned(),
         }
     };
-    let client = nats::connect_client(&args.nats).await?;
+    let client = nats::connect_client(&args.nats, &args.nats_auth).await?;
     let mut sub = client.subscribe(subject.clone()).await?;
     eprintln!("listening on {subject} (Ctrl-C to stop)");
     let stop = async {

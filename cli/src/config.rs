@@ -57,6 +57,8 @@ pub struct Config {
     pub nats: String,
     /// Serve Prometheus metrics on `http://<this>/metrics`; off when absent.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[nats_auth]`: credentials and TLS for NATS (secrets masked by `config show`).
+    pub nats_auth: crate::nats::NatsAuth,
     /// The bridge.
     pub bridge: BridgeSection,
     /// The engine.
@@ -108,6 +110,7 @@ impl Default for Config {
         Config {
             nats: "nats://127.0.0.1:4222".into(),
             metrics_listen: None,
+            nats_auth: crate::nats::NatsAuth::default(),
             bridge: BridgeSection::default(),
             engine: EngineSection::default(),
         }
@@ -147,6 +150,19 @@ impl Default for EngineSection {
 pub struct Overrides(Map<String, Value>);
 
 impl Overrides {
+    /// Sets the `[nats_auth]` keys given.
+    pub fn set_auth(&mut self, auth: &crate::nats::NatsAuth) {
+        let a = auth.clone();
+        self.set("nats_auth", "user", a.user);
+        self.set("nats_auth", "password", a.password);
+        self.set("nats_auth", "token", a.token);
+        self.set("nats_auth", "nkey", a.nkey);
+        self.set("nats_auth", "creds", a.creds);
+        self.set("nats_auth", "ca", a.ca);
+        self.set("nats_auth", "cert", a.cert);
+        self.set("nats_auth", "key", a.key);
+    }
+
     /// Sets `section.key` (or a top-level `key` when `section` is empty) if `value` is given.
     pub fn set<T: Serialize>(&mut self, section: &str, key: &str, value: Option<T>) {
         let Some(value) = value.and_then(|v| serde_json::to_value(v).ok()) else { return };
@@ -206,6 +222,7 @@ pub fn mask_url(url: &str) -> String {
 pub fn show(config: &Config, file: Option<&Path>) -> anyhow::Result<String> {
     let mut shown = config.clone();
     shown.nats = mask_url(&shown.nats);
+    shown.nats_auth = shown.nats_auth.masked();
     let text = toml::to_string_pretty(&shown).context("cannot write the configuration as TOML")?;
     let source = match file {
         Some(p) => format!("# from {} (then CALLBUS_* variables and flags)\n", p.display()),
@@ -262,9 +279,12 @@ mod tests {
         assert_eq!(mask_url("nats://alice:s3cret@bus:4222"), "nats://alice:***@bus:4222");
         assert_eq!(mask_url("nats://t0ken@bus:4222"), "nats://***@bus:4222");
         assert_eq!(mask_url("nats://bus:4222"), "nats://bus:4222");
-        let config = Config { nats: "nats://a:b@h:1".into(), ..Config::default() };
+        let mut config = Config { nats: "nats://a:b@h:1".into(), ..Config::default() };
+        config.nats_auth.password = Some("hunter2".into());
+        config.nats_auth.user = Some("svc".into());
         let text = show(&config, None).expect("toml");
         assert!(text.contains("nats://a:***@h:1") && !text.contains("a:b@"), "{text}");
+        assert!(text.contains("user = \"svc\"") && !text.contains("hunter2"), "{text}");
         assert!(text.contains("mi_timeout = \"5s\""), "{text}");
     }
 }

@@ -111,7 +111,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("cannot start the OpenSIPS simulator")?;
     println!("  OpenSIPS  simulated 3.4, MI at {}", sim.mi_addr());
-    let client = nats::connect(&url, "callbus-demo").await?;
+    let client = nats::connect(&url, "callbus-demo", &nats::NatsAuth::default()).await?;
     let bridge_config = BridgeConfig {
         node: NODE.into(),
         mi: sim.mi_addr(),

@@ -59,6 +59,8 @@ pub struct EngineArgs {
     #[arg(long, env = "CALLBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
+    pub nats_auth: nats::NatsAuth,
+    #[command(flatten)]
     pub engine: EngineFlags,
 }
 
@@ -101,12 +103,13 @@ pub async fn run(args: EngineArgs, file: Option<&std::path::Path>) -> anyhow::Re
     let mut o = Overrides::default();
     o.set("", "nats", args.nats.clone());
     o.set("", "metrics_listen", args.metrics_listen);
+    o.set_auth(&args.nats_auth);
     args.engine.overrides(&mut o);
     let config = config::load(file, o)?;
     if let Some(addr) = config.metrics_listen {
         crate::metrics_http::serve(addr).await?;
     }
-    let client = nats::connect(&config.nats, "callbus-engine").await?;
+    let client = nats::connect(&config.nats, "callbus-engine", &config.nats_auth).await?;
     let engine = start(&config.engine, client.clone()).await?;
     println!(
         "callbus engine: log in {} | NATS {} | {} live calls recovered | Ctrl-C to stop",

@@ -17,6 +17,8 @@ pub struct MiArgs {
     /// NATS server URL.
     #[arg(long, env = "CALLBUS_NATS", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    #[command(flatten)]
+    pub nats_auth: crate::nats::NatsAuth,
     /// The OpenSIPS node.
     #[arg(long, env = "CALLBUS_NODE", default_value = "default")]
     pub node: String,
@@ -48,7 +50,7 @@ pub async fn run(args: MiArgs) -> anyhow::Result<ExitCode> {
     let subject = subjects::mi(&args.node, &args.command)?;
     let params = params(&args.params)?;
     let body = if params.is_empty() { Vec::new() } else { serde_json::to_vec(&params)? };
-    let client = nats::connect_client(&args.nats).await?;
+    let client = nats::connect_client(&args.nats, &args.nats_auth).await?;
     let reply = tokio::time::timeout(args.timeout, client.request(subject.clone(), Bytes::from(body)))
         .await
         .with_context(|| {

@@ -73,11 +73,92 @@ pub fn ensure_local(url: &str) -> anyhow::Result<Option<LocalNats>> {
     Ok(Some(local))
 }
 
+/// How to authenticate to NATS and secure the connection. Each field is a flag, a
+/// `CALLBUS_NATS_*` variable and (for `up`, `bridge`, `engine`) a `nats_*` configuration key.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsAuth {
+    /// NATS user name (with --nats-password).
+    #[arg(long = "nats-user", env = "CALLBUS_NATS_USER")]
+    pub user: Option<String>,
+    /// NATS password.
+    #[arg(long = "nats-password", env = "CALLBUS_NATS_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// NATS authentication token.
+    #[arg(long = "nats-token", env = "CALLBUS_NATS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// NKey seed (`SU…`) to sign the server's challenge with.
+    #[arg(long = "nats-nkey", env = "CALLBUS_NATS_NKEY", hide_env_values = true)]
+    pub nkey: Option<String>,
+    /// Credentials file (JWT and NKey seed, from `nsc`).
+    #[arg(long = "nats-creds", env = "CALLBUS_NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server with; turns TLS on.
+    #[arg(long = "nats-ca", env = "CALLBUS_NATS_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS (with --nats-key).
+    #[arg(long = "nats-cert", env = "CALLBUS_NATS_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Client certificate's private key (PEM).
+    #[arg(long = "nats-key", env = "CALLBUS_NATS_KEY")]
+    pub key: Option<PathBuf>,
+}
+
+impl NatsAuth {
+    /// The same with secrets replaced by `***`, for showing.
+    pub fn masked(&self) -> NatsAuth {
+        let hide = |s: &Option<String>| s.as_ref().map(|_| "***".to_owned());
+        NatsAuth { password: hide(&self.password), token: hide(&self.token), nkey: hide(&self.nkey), ..self.clone() }
+    }
+
+    /// Applies the options; a missing file or a half-given pair is an error naming it.
+    pub async fn apply(&self, mut options: async_nats::ConnectOptions) -> anyhow::Result<async_nats::ConnectOptions> {
+        match (&self.user, &self.password) {
+            (Some(u), Some(p)) => options = options.user_and_password(u.clone(), p.clone()),
+            (Some(_), None) => bail!("--nats-user needs --nats-password (CALLBUS_NATS_PASSWORD)"),
+            (None, Some(_)) => bail!("--nats-password needs --nats-user (CALLBUS_NATS_USER)"),
+            (None, None) => {}
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.clone());
+        }
+        if let Some(seed) = &self.nkey {
+            options = options.nkey(seed.clone());
+        }
+        if let Some(creds) = &self.creds {
+            options = options
+                .credentials_file(creds)
+                .await
+                .with_context(|| format!("cannot read the NATS credentials file {}", creds.display()))?;
+        }
+        if let Some(ca) = &self.ca {
+            if !ca.is_file() {
+                bail!("the NATS CA certificate {} does not exist (--nats-ca)", ca.display());
+            }
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                for f in [cert, key] {
+                    if !f.is_file() {
+                        bail!("{} does not exist (--nats-cert / --nats-key)", f.display());
+                    }
+                }
+                options = options.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+            }
+            (None, None) => {}
+            _ => bail!("--nats-cert and --nats-key go together"),
+        }
+        Ok(options)
+    }
+}
+
 /// Connects to NATS, retrying in the background if it is down (the bridge keeps working and
 /// buffers meanwhile).
-pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    let url_for_log = url.to_owned();
-    async_nats::ConnectOptions::new()
+pub async fn connect(url: &str, name: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::Client> {
+    let url_for_log = crate::config::mask_url(url);
+    auth.apply(async_nats::ConnectOptions::new())
+        .await?
         .name(name)
         .retry_on_initial_connect()
         .reconnect_delay_callback(|attempt| Duration::from_millis((100 * attempt as u64).min(2000)))
@@ -99,11 +180,14 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client
         })
         .connect(url)
         .await
-        .with_context(|| format!("cannot connect to NATS at {url}"))
+        .with_context(|| format!("cannot connect to NATS at {}", crate::config::mask_url(url)))
 }
 
 /// Connects to NATS for a client command, failing fast when nothing answers.
-pub async fn connect_client(url: &str) -> anyhow::Result<async_nats::Client> {
-    let options = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(3));
-    options.connect(url).await.with_context(|| format!("cannot connect to NATS at {url}: is it running? (--nats)"))
+pub async fn connect_client(url: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::Client> {
+    let options = auth.apply(async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(3))).await?;
+    let shown = crate::config::mask_url(url);
+    options.connect(url).await.with_context(|| {
+        format!("cannot connect to NATS at {shown}: is it running, and are the credentials right? (--nats, --nats-*)")
+    })
 }

@@ -69,6 +69,8 @@ pub enum ReplayCommand {
         /// NATS server URL.
         #[arg(long, env = "CALLBUS_NATS", default_value = "nats://127.0.0.1:4222")]
         nats: String,
+        #[command(flatten)]
+        nats_auth: crate::nats::NatsAuth,
         /// Subject prefix: events go to <prefix>.opensips.<node>.event.<EVENT>.
         #[arg(long, default_value = "replay")]
         subject_prefix: String,
@@ -221,7 +223,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             eprintln!("{n} records exported");
             Ok(ExitCode::SUCCESS)
         }
-        ReplayCommand::Republish { nats: url, subject_prefix, speed, call } => {
+        ReplayCommand::Republish { nats: url, nats_auth, subject_prefix, speed, call } => {
             let speed = match speed.as_str() {
                 "max" => Speed::Max,
                 n => Speed::Times(
@@ -232,7 +234,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                 ),
             };
             callbus_schemas::subjects::validate_token("subject prefix", &subject_prefix)?;
-            let client = nats::connect_client(&url).await?;
+            let client = nats::connect_client(&url, &nats_auth).await?;
             let n = callbus_replay::republish(&reader, &client, &subject_prefix, speed, call.as_deref()).await?;
             eprintln!("{n} events republished under {subject_prefix}.opensips.>");
             Ok(ExitCode::SUCCESS)

@@ -16,6 +16,8 @@ pub struct UaArgs {
     /// NATS server URL.
     #[arg(long, env = "CALLBUS_NATS", default_value = "nats://127.0.0.1:4222", global = true)]
     pub nats: String,
+    #[command(flatten)]
+    pub nats_auth: crate::nats::NatsAuth,
     /// How long to wait for the engine's answer.
     #[arg(long, default_value = "10s", value_parser = duration::parse, global = true)]
     pub timeout: Duration,
@@ -200,7 +202,7 @@ pub fn request(command: &UaCommand) -> anyhow::Result<(&'static str, Value)> {
 /// `callbus ua …`: sends the command and prints the call's notifications until its outcome.
 pub async fn run(args: UaArgs) -> anyhow::Result<ExitCode> {
     let (verb, body) = request(&args.command)?;
-    let client = nats::connect_client(&args.nats).await?;
+    let client = nats::connect_client(&args.nats, &args.nats_auth).await?;
     let wait = match &args.command {
         UaCommand::Start { answer_timeout, .. } => (*answer_timeout).max(args.timeout),
         _ => args.timeout.max(Duration::from_secs(40)),

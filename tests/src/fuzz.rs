@@ -6,8 +6,6 @@
 //! handle, or an accepted input that does not survive its own round trip. The `fuzz` binary
 //! runs them; `tests/fuzz.rs` replays the kept crash inputs and a short run.
 
-use std::path::PathBuf;
-
 use callbus_engine::log::{Record, RECORD_FORMAT};
 use callbus_engine::machines::{BridgedState, CallState, Ctx, DialogState, Input, Timeouts, UaState};
 use callbus_schemas::command::CommandRequest;
@@ -120,15 +118,8 @@ pub fn mutate(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
     data
 }
 
-/// The OpenSIPS captures.
-pub fn fixtures() -> PathBuf {
-    std::env::var_os("CALLBUS_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/opensips"))
-}
-
 fn files(dir: &str, filter: impl Fn(&str) -> bool) -> Vec<Vec<u8>> {
-    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(fixtures().join(dir))
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(crate::fixtures_dir().join(dir))
         .map(|d| {
             d.filter_map(Result::ok)
                 .filter(|e| filter(&e.file_name().to_string_lossy()))

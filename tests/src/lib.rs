@@ -44,12 +44,25 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     store_dir: Option<tempfile::TempDir>,
+    /// A configuration file (`-c`), with the directory holding it.
+    config: Option<(tempfile::TempDir, PathBuf)>,
 }
 
 impl NatsServer {
     /// Starts a plain nats-server on a free port and waits until it accepts clients.
     pub fn start() -> NatsServer {
-        let mut server = NatsServer { child: None, port: free_port(), store_dir: None };
+        let mut server = NatsServer { child: None, port: free_port(), store_dir: None, config: None };
+        server.spawn();
+        server
+    }
+
+    /// Starts a nats-server with this configuration file text (e.g. TLS and authorization),
+    /// on a free loopback port; files the configuration names (certificates) must exist.
+    pub fn start_with_config(text: &str) -> NatsServer {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temporary dir: {e}"));
+        let path = dir.path().join("nats.conf");
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        let mut server = NatsServer { child: None, port: free_port(), store_dir: None, config: Some((dir, path)) };
         server.spawn();
         server
     }
@@ -57,7 +70,7 @@ impl NatsServer {
     /// Starts a nats-server with JetStream (file storage in a temporary directory).
     pub fn start_jetstream() -> NatsServer {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temporary JetStream dir: {e}"));
-        let mut server = NatsServer { child: None, port: free_port(), store_dir: Some(dir) };
+        let mut server = NatsServer { child: None, port: free_port(), store_dir: Some(dir), config: None };
         server.spawn();
         server
     }
@@ -65,6 +78,9 @@ impl NatsServer {
     fn spawn(&mut self) {
         let binary = nats_server_binary().unwrap_or_else(|e| panic!("{e}"));
         let mut cmd = Command::new(&binary);
+        if let Some((_, path)) = &self.config {
+            cmd.arg("-c").arg(path);
+        }
         cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
         if let Some(dir) = &self.store_dir {
             cmd.arg("-js").arg("-sd").arg(dir.path());

@@ -8,7 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use callbus_tests::fuzz::{fixtures, mutate, targets, Rng};
+use callbus_tests::fixtures_dir as fixtures;
+use callbus_tests::fuzz::{mutate, targets, Rng};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

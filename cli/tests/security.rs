@@ -1,0 +1,160 @@
+//! NATS authentication and TLS from the configuration file, the environment and flags: a
+//! nats-server with TLS (certificates made here with `openssl`) and users with a password or an
+//! NKey, and another with a token. Secrets never reach the logs.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use callbus_tests::{free_port, NatsServer};
+use opensips_sim::{Sim, SimConfig};
+
+fn callbus() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_callbus"));
+    cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
+    for var in
+        ["CALLBUS_NATS_USER", "CALLBUS_NATS_PASSWORD", "CALLBUS_NATS_TOKEN", "CALLBUS_NATS_NKEY", "CALLBUS_NATS_CA"]
+    {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl is installed");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA, and a server certificate for 127.0.0.1 signed by it.
+fn certificates(dir: &Path) {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=callbus test CA"]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    openssl(dir, &csr);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+}
+
+fn list(url: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = callbus();
+    cmd.args(["call", "--nats", url, "--timeout", "3s"]).args(extra).arg("list");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("runs")
+}
+
+#[test]
+fn tls_and_password_or_nkey_users_from_config_env_and_flags_and_secrets_stay_out_of_logs() {
+    let dir = tempfile::tempdir().expect("tmp");
+    certificates(dir.path());
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let d = dir.path().display();
+    let nats = NatsServer::start_with_config(&format!(
+        "tls {{\n  cert_file: \"{d}/server.pem\"\n  key_file: \"{d}/server.key\"\n}}\n\
+         authorization {{\n  users = [\n    {{user: svc, password: \"s3cret-pw\"}}\n    {{nkey: {}}}\n  ]\n}}\n",
+        user.public_key()
+    ));
+    let url = nats.url();
+    let ca = format!("{d}/ca.pem");
+
+    // `up` connects with TLS and a password from its configuration file.
+    let data = tempfile::tempdir().expect("tmp");
+    let sim = tokio::runtime::Runtime::new()
+        .expect("rt")
+        .block_on(async { Sim::start(SimConfig::default()).await.expect("sim") });
+    let config = dir.path().join("callbus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "nats = \"{url}\"\n[nats_auth]\nuser = \"svc\"\npassword = \"s3cret-pw\"\nca = \"{ca}\"\n\
+             [bridge]\nmi = \"{}\"\nevents_listen = \"127.0.0.1:{}\"\n[engine]\ndata_dir = \"{}\"\n",
+            sim.mi_addr(),
+            free_port(),
+            data.path().display()
+        ),
+    )
+    .expect("write");
+    let mut up = callbus()
+        .args(["--config", &config.display().to_string(), "up"])
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("up starts");
+
+    // Clients: TLS plus a password (flags), an NKey seed (environment); refused without them.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = list(&url, &["--nats-ca", &ca, "--nats-user", "svc", "--nats-password", "s3cret-pw"], &[]);
+        if out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("calls"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the engine never answered: {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = list(&url, &[], &[("CALLBUS_NATS_CA", &ca), ("CALLBUS_NATS_NKEY", &seed)]);
+    assert!(out.status.success(), "nkey: {}", String::from_utf8_lossy(&out.stderr));
+    let out = list(&url, &["--nats-ca", &ca, "--nats-user", "svc", "--nats-password", "wrong"], &[]);
+    assert!(!out.status.success(), "a wrong password is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to NATS"));
+    let out = list(&url, &["--nats-user", "svc", "--nats-password", "s3cret-pw"], &[]);
+    assert!(!out.status.success(), "no TLS: refused by a server that requires it");
+    let out = list(&url, &["--nats-ca", &ca, "--nats-user", "svc"], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--nats-password"), "a half-given pair is named");
+
+    // `config show` masks them; the logs never carry them.
+    let out = callbus().args(["--config", &config.display().to_string(), "config", "show"]).output().expect("runs");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("password = \"***\"") && !shown.contains("s3cret-pw"), "{shown}");
+    let pid = up.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let out = up.wait_with_output().expect("up exits");
+    assert!(out.status.success(), "SIGTERM exits 0");
+    let logs = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(logs.contains("connected to NATS"), "debug logs were captured: {logs}");
+    assert!(!logs.contains("s3cret-pw"), "the password was logged");
+    drop(sim);
+}
+
+#[test]
+fn token_authentication() {
+    let nats = NatsServer::start_with_config("authorization {\n  token: \"t0k3n-value\"\n}\n");
+    let url = nats.url();
+    // Nothing answers on the bus, but the connection itself is what is tested: a `call list`
+    // that connects waits for an engine (no responders), one that cannot connect says so.
+    let out = list(&url, &["--nats-token", "t0k3n-value"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("cannot connect to NATS"), "the token is accepted: {err}");
+    assert!(err.contains("engine"), "{err}");
+    let out = list(&url, &[], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to NATS"));
+    let out = list(&url, &[], &[("CALLBUS_NATS_TOKEN", "nope")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to NATS"));
+}
