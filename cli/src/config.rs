@@ -103,6 +103,8 @@ pub struct EngineSection {
     pub ended_retention: Dur,
     /// Serve the OpenSIPS Call API protocol here; off when absent.
     pub callapi_listen: Option<SocketAddr>,
+    /// The bearer token Call API clients must present; required to listen beyond loopback.
+    pub callapi_token: Option<String>,
 }
 
 impl Default for Config {
@@ -141,6 +143,7 @@ impl Default for EngineSection {
             nodes: vec!["default".into()],
             ended_retention: Dur(Duration::from_secs(60)),
             callapi_listen: None,
+            callapi_token: None,
         }
     }
 }
@@ -223,6 +226,9 @@ pub fn show(config: &Config, file: Option<&Path>) -> anyhow::Result<String> {
     let mut shown = config.clone();
     shown.nats = mask_url(&shown.nats);
     shown.nats_auth = shown.nats_auth.masked();
+    if shown.engine.callapi_token.is_some() {
+        shown.engine.callapi_token = Some("***".into());
+    }
     let text = toml::to_string_pretty(&shown).context("cannot write the configuration as TOML")?;
     let source = match file {
         Some(p) => format!("# from {} (then CALLBUS_* variables and flags)\n", p.display()),

@@ -27,6 +27,9 @@ pub struct EngineFlags {
     /// e.g. 127.0.0.1:5059; off unless set.
     #[arg(long, env = "CALLBUS_CALLAPI_LISTEN")]
     pub callapi_listen: Option<std::net::SocketAddr>,
+    /// Bearer token Call API clients must present (required beyond loopback).
+    #[arg(long, env = "CALLBUS_CALLAPI_TOKEN", hide_env_values = true)]
+    pub callapi_token: Option<String>,
 }
 
 impl EngineFlags {
@@ -36,6 +39,7 @@ impl EngineFlags {
         o.set("engine", "nodes", self.nodes.clone());
         o.set("engine", "ended_retention", self.ended_retention.map(Dur));
         o.set("engine", "callapi_listen", self.callapi_listen);
+        o.set("engine", "callapi_token", self.callapi_token.clone());
     }
 }
 
@@ -86,7 +90,7 @@ pub async fn start(section: &EngineSection, client: async_nats::Client) -> anyho
     let engine = Engine::start(engine_config(section), client.clone()).await?;
     let door = match section.callapi_listen {
         Some(addr) => Some(
-            CallApiDoor::start(addr, client)
+            CallApiDoor::start_with_token(addr, client, section.callapi_token.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen for Call API clients on {addr}: {e}"))?,
         ),

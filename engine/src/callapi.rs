@@ -8,6 +8,7 @@
 //! transfer, which Call API reported as pending for ever.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,12 +39,32 @@ pub struct CallApiDoor {
 }
 
 impl CallApiDoor {
-    /// Listens on `listen` and serves every connection until shut down.
+    /// Listens on `listen` and serves every connection until shut down; no token is asked for
+    /// (Call API's own behaviour), so `listen` must be a loopback address.
     pub async fn start(listen: SocketAddr, client: async_nats::Client) -> std::io::Result<CallApiDoor> {
+        CallApiDoor::start_with_token(listen, client, None).await
+    }
+
+    /// Listens on `listen`; with `token`, a client must send `Authorization: Bearer <token>`
+    /// in its WebSocket handshake (or `?token=<token>` on the URL, for clients that cannot set
+    /// headers), else it gets 401. Without a token only a loopback address is accepted: the
+    /// door can end and transfer every call.
+    pub async fn start_with_token(
+        listen: SocketAddr,
+        client: async_nats::Client,
+        token: Option<String>,
+    ) -> std::io::Result<CallApiDoor> {
+        if token.is_none() && !listen.ip().is_loopback() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("the Call API door would serve {listen} to anyone who can reach it: bind a loopback address, or set a bearer token (callapi_token / CALLBUS_CALLAPI_TOKEN)"),
+            ));
+        }
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(accept(listener, client, cancel.clone()));
+        let token: Option<Arc<str>> = token.map(Arc::from);
+        let task = tokio::spawn(accept(listener, client, token, cancel.clone()));
         tracing::info!(%addr, path = PATH, "Call API door listening");
         Ok(CallApiDoor { addr, cancel, task })
     }
@@ -60,7 +81,7 @@ impl CallApiDoor {
     }
 }
 
-async fn accept(listener: TcpListener, client: async_nats::Client, cancel: CancellationToken) {
+async fn accept(listener: TcpListener, client: async_nats::Client, token: Option<Arc<str>>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -68,7 +89,7 @@ async fn accept(listener: TcpListener, client: async_nats::Client, cancel: Cance
         };
         match accepted {
             Ok((stream, peer)) => {
-                tokio::spawn(connection(stream, peer, client.clone(), cancel.child_token()));
+                tokio::spawn(connection(stream, peer, client.clone(), token.clone(), cancel.child_token()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Call API door: accept failed");
@@ -78,21 +99,47 @@ async fn accept(listener: TcpListener, client: async_nats::Client, cancel: Cance
     }
 }
 
-/// Accepts the WebSocket handshake on [`PATH`] only.
-// The callback's signature (and so its large error type) is tungstenite's.
-#[allow(clippy::result_large_err)]
-fn only_our_path(request: &HttpRequest, response: Response) -> Result<Response, ErrorResponse> {
-    if request.uri().path() == PATH {
-        Ok(response)
-    } else {
-        let mut refusal = ErrorResponse::new(Some(format!("the Call API is served on {PATH}")));
-        *refusal.status_mut() = StatusCode::NOT_FOUND;
-        Err(refusal)
-    }
+/// Whether a handshake carries `token` (constant time in the token's length).
+fn presents(request: &HttpRequest, token: &str) -> bool {
+    let header = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let query = request.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    let same = |given: &str| {
+        given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    };
+    header.is_some_and(same) || query.is_some_and(same)
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, client: async_nats::Client, cancel: CancellationToken) {
-    let ws = match tokio_tungstenite::accept_hdr_async(stream, only_our_path).await {
+/// Accepts the WebSocket handshake on [`PATH`] only, with the token when one is set.
+// The callback's signature (and so its large error type) is tungstenite's.
+#[allow(clippy::result_large_err)]
+fn check_handshake(request: &HttpRequest, response: Response, token: Option<&str>) -> Result<Response, ErrorResponse> {
+    if request.uri().path() != PATH {
+        let mut refusal = ErrorResponse::new(Some(format!("the Call API is served on {PATH}")));
+        *refusal.status_mut() = StatusCode::NOT_FOUND;
+        return Err(refusal);
+    }
+    if token.is_some_and(|t| !presents(request, t)) {
+        let mut refusal = ErrorResponse::new(Some("a bearer token is required (Authorization: Bearer …)".into()));
+        *refusal.status_mut() = StatusCode::UNAUTHORIZED;
+        return Err(refusal);
+    }
+    Ok(response)
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    client: async_nats::Client,
+    token: Option<Arc<str>>,
+    cancel: CancellationToken,
+) {
+    let check = |request: &HttpRequest, response: Response| check_handshake(request, response, token.as_deref());
+    let ws = match tokio_tungstenite::accept_hdr_async(stream, check).await {
         Ok(ws) => ws,
         Err(e) => {
             tracing::info!(%peer, error = %e, "Call API handshake refused");

@@ -183,3 +183,28 @@ async fn request_errors_use_call_apis_code_and_messages_and_keep_the_connection(
     door.shutdown().await;
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_door_with_a_token_refuses_clients_without_it_and_open_doors_stay_on_loopback() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut s = Stack::start().await;
+    let any: std::net::SocketAddr = "0.0.0.0:0".parse().expect("addr");
+    let refused = CallApiDoor::start(any, s.client.clone()).await.err().expect("no token, not loopback: refused");
+    assert!(refused.to_string().contains("bearer token"), "{refused}");
+    let door = CallApiDoor::start_with_token(any, s.client.clone(), Some("door-secret".into())).await.expect("door");
+    let url = format!("ws://127.0.0.1:{}/call-api", door.local_addr().port());
+    let err = tokio_tungstenite::connect_async(&url).await.err().expect("no token: refused");
+    assert!(err.to_string().contains("401"), "{err}");
+    let mut wrong = url.as_str().into_client_request().expect("request");
+    wrong.headers_mut().insert("Authorization", "Bearer door-secreT".parse().expect("header"));
+    assert!(tokio_tungstenite::connect_async(wrong).await.is_err(), "a wrong token is refused");
+    let mut right = url.as_str().into_client_request().expect("request");
+    right.headers_mut().insert("Authorization", "Bearer door-secret".parse().expect("header"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(right).await.expect("the token opens the door");
+    let (_, events) =
+        call(&mut ws, json!({"jsonrpc": "2.0", "id": 1, "method": "CallEnd", "params": {"callid": "none"}})).await;
+    assert_eq!(names(&events), ["Error", "Ended"]);
+    let (_, _) = tokio_tungstenite::connect_async(format!("{url}?token=door-secret")).await.expect("query token");
+    door.shutdown().await;
+    s.shutdown().await;
+}
