@@ -138,6 +138,7 @@ async fn connection(
     token: Option<Arc<str>>,
     cancel: CancellationToken,
 ) {
+    #[allow(clippy::result_large_err)]
     let check = |request: &HttpRequest, response: Response| check_handshake(request, response, token.as_deref());
     let ws = match tokio_tungstenite::accept_hdr_async(stream, check).await {
         Ok(ws) => ws,
