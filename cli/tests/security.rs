@@ -100,7 +100,7 @@ fn tls_and_password_or_nkey_users_from_config_env_and_flags_and_secrets_stay_out
         ),
     )
     .expect("write");
-    let mut up = callbus()
+    let up = callbus()
         .args(["--config", &config.display().to_string(), "up"])
         .env("RUST_LOG", "debug")
         .stdout(Stdio::piped())
