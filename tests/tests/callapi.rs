@@ -189,11 +189,13 @@ async fn a_door_with_a_token_refuses_clients_without_it_and_open_doors_stay_on_l
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut s = Stack::start().await;
     let any: std::net::SocketAddr = "0.0.0.0:0".parse().expect("addr");
-    let refused = CallApiDoor::start(any, s.client.clone()).await.err().expect("no token, not loopback: refused");
+    let Err(refused) = CallApiDoor::start(any, s.client.clone()).await else {
+        panic!("no token, not loopback: refused")
+    };
     assert!(refused.to_string().contains("bearer token"), "{refused}");
     let door = CallApiDoor::start_with_token(any, s.client.clone(), Some("door-secret".into())).await.expect("door");
     let url = format!("ws://127.0.0.1:{}/call-api", door.local_addr().port());
-    let err = tokio_tungstenite::connect_async(&url).await.err().expect("no token: refused");
+    let Err(err) = tokio_tungstenite::connect_async(&url).await else { panic!("no token: refused") };
     assert!(err.to_string().contains("401"), "{err}");
     let mut wrong = url.as_str().into_client_request().expect("request");
     wrong.headers_mut().insert("Authorization", "Bearer door-secreT".parse().expect("header"));

@@ -42,4 +42,3 @@ fn a_short_seeded_run_of_every_target_finds_nothing() {
         assert!(accepted > 0, "{}: no mutated input was accepted: the mutations do not reach the parser", target.name);
     }
 }
-
