@@ -105,6 +105,8 @@ pub struct EngineSection {
     pub callapi_listen: Option<SocketAddr>,
     /// The bearer token Call API clients must present; required to listen beyond loopback.
     pub callapi_token: Option<String>,
+    /// The most live calls; new `call.start` / `ua.start` are refused beyond it.
+    pub max_live_calls: usize,
 }
 
 impl Default for Config {
@@ -144,6 +146,7 @@ impl Default for EngineSection {
             ended_retention: Dur(Duration::from_secs(60)),
             callapi_listen: None,
             callapi_token: None,
+            max_live_calls: 500_000,
         }
     }
 }

@@ -30,6 +30,9 @@ pub struct EngineFlags {
     /// Bearer token Call API clients must present (required beyond loopback).
     #[arg(long, env = "CALLBUS_CALLAPI_TOKEN", hide_env_values = true)]
     pub callapi_token: Option<String>,
+    /// The most live calls; new calls from apps are refused beyond it [default: 500000].
+    #[arg(long, env = "CALLBUS_MAX_LIVE_CALLS")]
+    pub max_live_calls: Option<usize>,
 }
 
 impl EngineFlags {
@@ -40,6 +43,7 @@ impl EngineFlags {
         o.set("engine", "ended_retention", self.ended_retention.map(Dur));
         o.set("engine", "callapi_listen", self.callapi_listen);
         o.set("engine", "callapi_token", self.callapi_token.clone());
+        o.set("engine", "max_live_calls", self.max_live_calls);
     }
 }
 
@@ -49,6 +53,7 @@ pub fn engine_config(c: &EngineSection) -> EngineConfig {
         data_dir: c.data_dir.clone(),
         nodes: c.nodes.clone(),
         ended_retention: c.ended_retention.0,
+        max_live_calls: c.max_live_calls,
         ..EngineConfig::default()
     }
 }

@@ -140,6 +140,8 @@ pub(crate) struct Owner {
     log: Arc<SledLog>,
     client: async_nats::Client,
     calls: HashMap<String, CallEntry>,
+    /// How many of `calls` have not ended.
+    live: usize,
     by_sip: HashMap<String, String>,
     /// UA session keys → call.
     by_key: HashMap<String, String>,
@@ -256,6 +258,12 @@ impl Owner {
             }
         }
         let ended_now = after.is_ended().then(Instant::now);
+        let was_live = self.calls.get(call_id).is_some_and(|e| !e.state.is_ended());
+        match (was_live, after.is_ended()) {
+            (false, false) => self.live += 1,
+            (true, true) => self.live = self.live.saturating_sub(1),
+            _ => {}
+        }
         match self.calls.get_mut(call_id) {
             Some(entry) => {
                 entry.state = after;
@@ -452,6 +460,17 @@ impl Owner {
             _ => None,
         };
         if let Some(fresh) = fresh {
+            if self.live >= self.config.max_live_calls {
+                let error = CommandError::new(
+                    CommandErrorCode::Unavailable,
+                    format!(
+                        "the engine holds {} live calls, its limit (engine.max_live_calls): new calls are refused until some end",
+                        self.live
+                    ),
+                );
+                refuse(out, Some(cmd_id), error);
+                return Ok(());
+            }
             if let Err(error) = fresh.check(&command) {
                 refuse(out, Some(cmd_id), error);
                 return Ok(());
@@ -828,6 +847,7 @@ pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
         );
     }
     let live = owner.calls.values().filter(|e| !e.state.is_ended()).count();
+    owner.live = live;
     Ok((live, tail))
 }
 
@@ -843,6 +863,7 @@ pub(crate) fn owner(
         log,
         client,
         calls: HashMap::new(),
+        live: 0,
         by_sip: HashMap::new(),
         by_key: HashMap::new(),
         parked: HashMap::new(),

@@ -40,6 +40,9 @@ pub struct EngineConfig {
     pub reconcile: bool,
     /// The log's page cache, in bytes.
     pub cache_bytes: u64,
+    /// The most live calls; `call.start` and `ua.start` are refused beyond it (calls OpenSIPS
+    /// reports are always followed: refusing them would lose them).
+    pub max_live_calls: usize,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +55,7 @@ impl Default for EngineConfig {
             ended_retention: Duration::from_secs(60),
             reconcile: true,
             cache_bytes: log::DEFAULT_CACHE_BYTES,
+            max_live_calls: 500_000,
         }
     }
 }

@@ -118,13 +118,22 @@ impl Stack {
 
     /// Starts (or restarts) the engine on the same data dir.
     pub async fn start_engine(&mut self) {
-        let config = EngineConfig {
+        self.start_engine_with(|_| {}).await;
+    }
+
+    /// Starts (or restarts) the engine on the same data dir, its configuration changed by `tweak`.
+    pub async fn start_engine_with(&mut self, tweak: impl FnOnce(&mut EngineConfig)) {
+        if let Some(engine) = self.engine.take() {
+            engine.shutdown().await;
+        }
+        let mut config = EngineConfig {
             data_dir: self.data.path().to_owned(),
             timeouts: timeouts(),
             nodes: vec![NODE.into()],
             mi_timeout: Duration::from_secs(3),
             ..EngineConfig::default()
         };
+        tweak(&mut config);
         self.engine = Some(Engine::start(config, self.client.clone()).await.expect("engine"));
         self.client.flush().await.expect("flush");
     }

@@ -384,3 +384,19 @@ async fn click_to_dial_blind_transfer_replaces_a_leg() {
     assert_eq!(of(&notes, "transfer_failed").data["cause"], json!("busy"));
     finish(s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_calls_beyond_the_live_call_limit_are_refused_with_the_reason() {
+    let mut s = Stack::start().await;
+    s.start_engine_with(|c| c.max_live_calls = 2).await;
+    ua_call(&mut s, "sip:bob@127.0.0.1", json!({}), "answered").await;
+    click_to_dial(&mut s, "sip:alice@127.0.0.1", "sip:carol@127.0.0.1", "connected").await;
+    let reply = s.cmd("ua.start", json!({"to": "sip:dave@127.0.0.1", "from": "sip:a@127.0.0.1"})).await;
+    let CommandReply::Refused { error, .. } = reply else { panic!("{reply:?}") };
+    assert_eq!(error.code, CommandErrorCode::Unavailable);
+    assert!(error.message.contains("max_live_calls"), "{}", error.message);
+    // Calls OpenSIPS reports are still followed.
+    s.sim.incoming_ua_call(UasScript::default()).expect("key");
+    s.notes_until(|n| n.event == "incoming").await;
+    finish(s).await;
+}
