@@ -158,3 +158,83 @@ fn token_authentication() {
     let out = list(&url, &[], &[("CALLBUS_NATS_TOKEN", "nope")]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to NATS"));
 }
+
+fn spawn(args: &[&str], user: &str, password: &str) -> std::process::Child {
+    callbus()
+        .args(args)
+        .env("CALLBUS_NATS_USER", user)
+        .env("CALLBUS_NATS_PASSWORD", password)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starts")
+}
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_documented_subject_permissions_let_each_role_do_its_work_and_no_more() {
+    let conf = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/nats-permissions.conf"))
+        .expect("docs/examples/nats-permissions.conf");
+    let nats = NatsServer::start_with_config(&conf);
+    let url = nats.url();
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let sim = rt.block_on(async { Sim::start(SimConfig::default()).await.expect("sim") });
+    let data = tempfile::tempdir().expect("tmp");
+    let (mi, events) = (sim.mi_addr().to_string(), format!("127.0.0.1:{}", free_port()));
+    let bridge_args = ["bridge", "--nats", &url, "--node", "edge1", "--mi", &mi, "--events-listen", &events];
+    let _bridge = Killed(spawn(&bridge_args, "bridge-edge1", "bridge-pw"));
+    let data_dir = data.path().display().to_string();
+    let _engine =
+        Killed(spawn(&["engine", "--nats", &url, "--nodes", "edge1", "--data-dir", &data_dir], "engine", "engine-pw"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sim.live_subscriptions().len() < 4 {
+        assert!(Instant::now() < deadline, "the bridge subscribes with its permissions");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // An app starts a click-to-dial and follows it to the end: every hop is permitted.
+    let app = [("CALLBUS_NATS_USER", "app"), ("CALLBUS_NATS_PASSWORD", "app-pw")];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut cmd = callbus();
+        cmd.args(["call", "--nats", &url, "--timeout", "3s", "start", "sip:alice@127.0.0.1", "sip:bob@127.0.0.1"])
+            .args(["--node", "edge1"]);
+        for (k, v) in app {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("runs");
+        if out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("connected"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "click-to-dial as app: {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The app may not run MI (it could stop OpenSIPS) nor read raw OpenSIPS events.
+    let mut cmd = callbus();
+    cmd.args(["mi", "--nats", &url, "--node", "edge1", "--timeout", "2s", "uptime"]);
+    for (k, v) in app {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("runs");
+    assert!(!out.status.success(), "MI as app must be refused: {}", String::from_utf8_lossy(&out.stdout));
+    let mut cmd = callbus();
+    cmd.args(["events", "--nats", &url, "--raw", "--duration", "2s"]).stdout(Stdio::piped()).stderr(Stdio::null());
+    for (k, v) in app {
+        cmd.env(k, v);
+    }
+    let tail = cmd.spawn().expect("events starts");
+    std::thread::sleep(Duration::from_millis(500));
+    let _guard = rt.enter();
+    sim.proxied_call(opensips_sim::CallScript::default()); // events flow while the app listens
+    let out = tail.wait_with_output().expect("events ends");
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "raw events reached an app");
+    drop(sim);
+}
