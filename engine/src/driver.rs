@@ -900,7 +900,22 @@ impl Owner {
         loop {
             let first = tokio::select! {
                 w = rx.recv() => w,
-                _ = sweep.tick() => { self.forget_ended(); self.gauge_live_calls(); continue; }
+                _ = sweep.tick() => {
+                    self.forget_ended();
+                    self.gauge_live_calls();
+                    // Checkpoints are written between batches, so no input waits for one.
+                    if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY && !self.dirty.is_empty() {
+                        match self.checkpoint() {
+                            Ok(()) => {
+                                if let Err(e) = self.log.commit().await {
+                                    tracing::warn!(error = %e, "checkpoint not committed; the next one retries");
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "checkpoint not written; the next one retries"),
+                        }
+                    }
+                    continue;
+                }
                 _ = cancel.cancelled() => rx.try_recv().ok(),
             };
             let Some(first) = first else { break };
@@ -920,7 +935,8 @@ impl Owner {
                     break;
                 }
             }
-            if failed.is_none() && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            // Under a load that never leaves the queue empty, a checkpoint rides along a batch.
+            if failed.is_none() && self.last_checkpoint.elapsed() >= 2 * CHECKPOINT_EVERY {
                 if let Err(e) = self.checkpoint() {
                     failed = Some(e);
                 } else {

@@ -134,7 +134,19 @@ impl Stack {
             ..EngineConfig::default()
         };
         tweak(&mut config);
-        self.engine = Some(Engine::start(config, self.client.clone()).await.expect("engine"));
+        // An engine aborted a moment ago (a simulated crash) releases the log's file lock
+        // when its task is dropped, as a killed process's lock goes with the process.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let engine = loop {
+            match Engine::start(config.clone(), self.client.clone()).await {
+                Ok(engine) => break engine,
+                Err(e) if e.to_string().contains("lock") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("engine: {e}"),
+            }
+        };
+        self.engine = Some(engine);
         self.client.flush().await.expect("flush");
     }
 
