@@ -107,6 +107,8 @@ pub struct EngineSection {
     pub callapi_token: Option<String>,
     /// The most live calls; new `call.start` / `ua.start` are refused beyond it.
     pub max_live_calls: usize,
+    /// How often live calls are checked against OpenSIPS (lost events, OpenSIPS restarts).
+    pub reconcile_every: Dur,
 }
 
 impl Default for Config {
@@ -147,6 +149,7 @@ impl Default for EngineSection {
             callapi_listen: None,
             callapi_token: None,
             max_live_calls: 500_000,
+            reconcile_every: Dur(Duration::from_secs(300)),
         }
     }
 }

@@ -33,6 +33,9 @@ pub struct EngineFlags {
     /// The most live calls; new calls from apps are refused beyond it [default: 500000].
     #[arg(long, env = "CALLBUS_MAX_LIVE_CALLS")]
     pub max_live_calls: Option<usize>,
+    /// How often live calls are checked against OpenSIPS's dialogs and UA sessions [default: 5m].
+    #[arg(long, env = "CALLBUS_RECONCILE_EVERY", value_parser = duration::parse)]
+    pub reconcile_every: Option<Duration>,
 }
 
 impl EngineFlags {
@@ -44,6 +47,7 @@ impl EngineFlags {
         o.set("engine", "callapi_listen", self.callapi_listen);
         o.set("engine", "callapi_token", self.callapi_token.clone());
         o.set("engine", "max_live_calls", self.max_live_calls);
+        o.set("engine", "reconcile_every", self.reconcile_every.map(Dur));
     }
 }
 
@@ -54,6 +58,7 @@ pub fn engine_config(c: &EngineSection) -> EngineConfig {
         nodes: c.nodes.clone(),
         ended_retention: c.ended_retention.0,
         max_live_calls: c.max_live_calls,
+        reconcile_every: Some(c.reconcile_every.0).filter(|d| !d.is_zero()),
         ..EngineConfig::default()
     }
 }

@@ -72,6 +72,9 @@ pub(crate) enum Work {
         /// The keys of OpenSIPS's UA sessions (client: Call-ID, server: To-tag), if it told them.
         ua_keys: Option<Vec<String>>,
         candidates: Vec<String>,
+        /// A periodic check (not the one at start): only calls OpenSIPS no longer has are
+        /// logged, so live calls do not fill the log with "still there" records.
+        periodic: bool,
     },
 }
 
@@ -524,8 +527,10 @@ impl Owner {
         dialogs: Vec<(String, i64)>,
         ua_keys: Option<Vec<String>>,
         candidates: &[String],
+        periodic: bool,
         out: &mut Outputs,
     ) -> Result<(), LogError> {
+        let candidates: std::collections::HashSet<&String> = candidates.iter().collect();
         if let Some(keys) = ua_keys {
             let keys: std::collections::HashSet<String> = keys.into_iter().collect();
             let ua_calls: Vec<(String, bool)> = self
@@ -537,6 +542,9 @@ impl Owner {
                 .collect();
             let mut closed = 0;
             for (call_id, present) in ua_calls {
+                if present && periodic {
+                    continue;
+                }
                 let opensips_state = if present { Some(0) } else { None };
                 if !present {
                     closed += 1;
@@ -556,6 +564,9 @@ impl Owner {
         let mut closed = 0;
         for (call_id, sip) in &live {
             let state = present.get(sip).copied();
+            if state.is_some() && periodic {
+                continue;
+            }
             if state.is_none() {
                 closed += 1;
             }
@@ -570,7 +581,9 @@ impl Owner {
                 self.apply(&call_id, Some(fresh), Input::Reconcile { opensips_state: Some(state) }, out)?;
             }
         }
-        tracing::info!(node, checked = live.len(), closed, adopted, "reconciled calls with OpenSIPS");
+        if !periodic || closed > 0 || adopted > 0 {
+            tracing::info!(node, checked = live.len(), closed, adopted, periodic, "reconciled calls with OpenSIPS");
+        }
         Ok(())
     }
 
@@ -601,8 +614,8 @@ impl Owner {
                     self.apply(&call_id, None, Input::Timer { name }, out).map(|_| ())
                 }
             }
-            Work::Reconciled { node, dialogs, ua_keys, candidates } => {
-                self.on_reconciled(&node, dialogs, ua_keys, &candidates, out)
+            Work::Reconciled { node, dialogs, ua_keys, candidates, periodic } => {
+                self.on_reconciled(&node, dialogs, ua_keys, &candidates, periodic, out)
             }
         }?;
         // Events parked for a key that this work made known, in their order of arrival.
@@ -672,6 +685,20 @@ impl Owner {
         self.log.stage_checkpoint(self.log.next_seq().saturating_sub(1))?;
         self.last_checkpoint = Instant::now();
         Ok(())
+    }
+
+    /// Asks OpenSIPS, node by node, which of the live calls it still has (in the background).
+    fn reconcile_live_calls(&self) {
+        let mut nodes: Vec<String> = self.live_nodes();
+        nodes.sort();
+        nodes.dedup();
+        if nodes.is_empty() {
+            return;
+        }
+        let candidates = self.live_call_ids();
+        tracing::debug!(nodes = nodes.len(), calls = candidates.len(), "periodic reconciliation with OpenSIPS");
+        let (client, timeout, tx) = (self.client.clone(), self.config.mi_timeout, self.tx.clone());
+        tokio::spawn(reconcile_nodes(client, nodes, candidates, timeout, tx, true));
     }
 
     /// Sets the live-calls gauge: calls by kind and state (states no call is in read 0).
@@ -794,6 +821,46 @@ pub(crate) async fn list_ua_keys(
     }
 }
 
+/// Lists each node's dialogs and UA sessions (retrying a few times) and hands them to the
+/// owner, which may close only `candidates`: calls it knew before the lists were taken.
+pub(crate) async fn reconcile_nodes(
+    client: async_nats::Client,
+    nodes: Vec<String>,
+    candidates: Vec<String>,
+    timeout: Duration,
+    tx: mpsc::Sender<Work>,
+    periodic: bool,
+) {
+    for node in nodes {
+        for attempt in 1..=5u32 {
+            match list_dialogs(&client, &node, timeout).await {
+                Ok(dialogs) => {
+                    let ua_keys = match list_ua_keys(&client, &node, timeout).await {
+                        Ok(keys) => Some(keys),
+                        Err(e) => {
+                            tracing::warn!(%node, error = %e, "cannot list UA sessions: UA calls are not reconciled");
+                            None
+                        }
+                    };
+                    let work = Work::Reconciled {
+                        node: node.clone(),
+                        dialogs,
+                        ua_keys,
+                        candidates: candidates.clone(),
+                        periodic,
+                    };
+                    let _ = tx.send(work).await;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(%node, attempt, error = %e, "cannot reconcile with OpenSIPS yet");
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                }
+            }
+        }
+    }
+}
+
 /// Rebuilds live calls from snapshots and the log's tail.
 pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
     let snapshots = owner.log.snapshots()?;
@@ -897,9 +964,16 @@ impl Owner {
     /// Processes inputs until cancelled and the queue is empty.
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Work>, cancel: CancellationToken) {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        let every = self.config.reconcile_every.filter(|_| self.config.reconcile);
+        let mut reconcile = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
+        reconcile.tick().await; // the start-up reconciliation is the first
         loop {
             let first = tokio::select! {
                 w = rx.recv() => w,
+                _ = reconcile.tick(), if every.is_some() => {
+                    self.reconcile_live_calls();
+                    continue;
+                }
                 _ = sweep.tick() => {
                     self.forget_ended();
                     self.gauge_live_calls();

@@ -36,8 +36,11 @@ pub struct EngineConfig {
     pub mi_timeout: Duration,
     /// How long an ended call stays in memory (late events for it are absorbed meanwhile).
     pub ended_retention: Duration,
-    /// Reconcile with OpenSIPS (`dlg_list`) on start.
+    /// Reconcile with OpenSIPS (`dlg_list`, `ua_session_list`) on start.
     pub reconcile: bool,
+    /// Also reconcile every node with live calls this often (closes calls whose end was lost
+    /// with a UDP event datagram, or that an OpenSIPS restart took away); `None`: only on start.
+    pub reconcile_every: Option<Duration>,
     /// The log's page cache, in bytes.
     pub cache_bytes: u64,
     /// The most live calls; `call.start` and `ua.start` are refused beyond it (calls OpenSIPS
@@ -54,6 +57,7 @@ impl Default for EngineConfig {
             mi_timeout: Duration::from_secs(7),
             ended_retention: Duration::from_secs(60),
             reconcile: true,
+            reconcile_every: Some(Duration::from_secs(300)),
             cache_bytes: log::DEFAULT_CACHE_BYTES,
             max_live_calls: 500_000,
         }
@@ -118,37 +122,14 @@ impl Engine {
             nodes.extend(owner.live_nodes());
             nodes.sort();
             nodes.dedup();
-            let client = client.clone();
-            let timeout = config.mi_timeout;
-            tokio::spawn(async move {
-                for node in nodes {
-                    for attempt in 1..=5u32 {
-                        match driver::list_dialogs(&client, &node, timeout).await {
-                            Ok(dialogs) => {
-                                let ua_keys = match driver::list_ua_keys(&client, &node, timeout).await {
-                                    Ok(keys) => Some(keys),
-                                    Err(e) => {
-                                        tracing::warn!(%node, error = %e, "cannot list UA sessions: UA calls are not reconciled");
-                                        None
-                                    }
-                                };
-                                let work = driver::Work::Reconciled {
-                                    node: node.clone(),
-                                    dialogs,
-                                    ua_keys,
-                                    candidates: candidates.clone(),
-                                };
-                                let _ = tx.send(work).await;
-                                break;
-                            }
-                            Err(e) => {
-                                tracing::warn!(%node, attempt, error = %e, "cannot reconcile with OpenSIPS yet");
-                                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
-                            }
-                        }
-                    }
-                }
-            });
+            tokio::spawn(driver::reconcile_nodes(
+                client.clone(),
+                nodes,
+                candidates,
+                config.mi_timeout,
+                tx.clone(),
+                false,
+            ));
         }
         let owner = tokio::spawn(owner.run(rx, cancel.clone()));
         Ok(Engine { cancel, owner: Some(owner), forwarders, recovered_live })

@@ -268,6 +268,8 @@ pub(crate) struct Inner {
     pub config: SimConfig,
     /// What was seen and done, when tracing is on.
     pub trace: Mutex<Option<Vec<(Instant, Traced)>>>,
+    /// Event datagrams are lost on the way (sent, never delivered), as UDP may.
+    events_lost: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     event_sockets: Vec<StdUdpSocket>,
     next_worker: AtomicUsize,
@@ -309,6 +311,11 @@ impl Inner {
                 &self.event_sockets[1 + n]
             }
         };
+        if self.events_lost.load(Ordering::Relaxed) {
+            // Gone on the wire: OpenSIPS believes it sent them.
+            self.events_failed.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
         let mut ok = true;
         for sub in state.subscriptions.iter().filter(|s| s.event == name) {
             if bytes.len() > MAX_UDP_PAYLOAD {
@@ -355,6 +362,7 @@ impl Sim {
         let inner = Arc::new(Inner {
             config,
             trace: Mutex::new(None),
+            events_lost: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State::new(seed)),
             event_sockets,
             next_worker: AtomicUsize::new(0),
@@ -442,6 +450,12 @@ impl Sim {
     /// Whether a UA session with this key exists.
     pub fn has_ua_session(&self, key: &str) -> bool {
         self.inner.lock().sessions.contains_key(key)
+    }
+
+    /// Loses every event datagram from now on (`true`) or delivers them again (`false`), as
+    /// a lossy network would: OpenSIPS goes on as if they were sent.
+    pub fn set_events_lost(&self, lost: bool) {
+        self.inner.events_lost.store(lost, Ordering::Relaxed);
     }
 
     /// Starts recording every MI request and raised event with its time (see [`Traced`]).

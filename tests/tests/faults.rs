@@ -1,0 +1,93 @@
+//! Faults injected under traffic, each checked for what was acknowledged (nothing lost) and for
+//! the system recovering by itself; each prints `FAULT|<fault>|<events in flight>|<lost>|<recovery>`
+//! for the table in the session notes. Bounded in time, on loopback. (NATS killed and restarted
+//! under load: `tests/bridge.rs`; the engine killed mid-traffic: `tests/engine.rs`.)
+
+use std::time::{Duration, Instant};
+
+use callbus_tests::stack::{accepted, Stack};
+use opensips_sim::{CallScript, Sim, SimConfig};
+use serde_json::json;
+
+async fn periodic_stack() -> Stack {
+    let mut s = Stack::start().await;
+    s.start_engine_with(|c| c.reconcile_every = Some(Duration::from_millis(300))).await;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_end_event_is_closed_by_the_periodic_reconciliation() {
+    let mut s = periodic_stack().await;
+    let (call_id, sip) =
+        s.confirmed_call(CallScript { hangup_after: Some(Duration::from_millis(400)), ..Default::default() }).await;
+    let (other, _) = s.confirmed_call(CallScript::default()).await;
+    // The network loses the BYE's E_DLG_STATE_CHANGED (4→5).
+    s.sim.set_events_lost(true);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.sim.dialog_state(&sip).is_some() {
+        assert!(Instant::now() < deadline, "the call ends in OpenSIPS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lost_at = Instant::now();
+    s.sim.set_events_lost(false);
+    let notes = s.notes_until(|n| n.call_id == call_id && n.event == "ended").await;
+    let recovery = lost_at.elapsed();
+    assert_eq!(notes.last().map(|n| n.data["reason"].clone()), Some(json!("ended_while_engine_away")));
+    assert!(notes.iter().all(|n| n.call_id != other || n.event != "ended"), "the live call is left alone");
+    let listed = s.cmd("call.list", json!({})).await;
+    assert!(format!("{listed:?}").contains(&other), "the other call is still listed");
+    println!("FAULT|UDP loss of an end event|1|0 (closed by reconciliation)|{} ms", recovery.as_millis());
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opensips_killed_and_restarted_under_load_recovers_by_itself() {
+    let mut s = periodic_stack().await;
+    let mut calls = Vec::new();
+    for _ in 0..10 {
+        calls.push(s.confirmed_call(CallScript::default()).await);
+    }
+    // OpenSIPS goes away: its MI socket closes; a command meanwhile fails with the reason.
+    let addr = s.sim.mi_addr();
+    let placeholder = Sim::start(SimConfig::default()).await.expect("sim");
+    std::mem::replace(&mut s.sim, placeholder).stop().await;
+    let killed_at = Instant::now();
+    let reply = s.cmd("call.hold", json!({"call_id": calls[0].0, "cmd_id": "during-outage"})).await;
+    accepted(&reply);
+    let notes = s.notes_until(|n| n.cmd_id.as_deref() == Some("during-outage") && n.event == "command_failed").await;
+    let reason = notes.last().map(|n| n.data["reason"].to_string()).unwrap_or_default();
+    assert!(reason.contains("unreachable") || reason.contains("did not answer"), "{reason}");
+    // It comes back on the same address a little later (its "Up since" changes), with no
+    // calls: a restart forgets them.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let back = Sim::start(SimConfig { mi_listen: addr, step: Duration::from_millis(3), ..SimConfig::default() })
+        .await
+        .expect("the sim restarts on its address");
+    std::mem::replace(&mut s.sim, back).stop().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.sim.live_subscriptions().len() < 4 {
+        assert!(Instant::now() < deadline, "the bridge subscribes again by itself");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resubscribed = killed_at.elapsed();
+    // The calls OpenSIPS lost are closed, with a recorded reason; new calls work.
+    let mut ended = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ended.len() < calls.len() {
+        assert!(Instant::now() < deadline, "the lost calls are closed ({} of {})", ended.len(), calls.len());
+        let notes = s.notes_until(|n| n.event == "ended").await;
+        for n in notes.iter().filter(|n| n.event == "ended") {
+            assert_eq!(n.data["reason"], json!("ended_while_engine_away"));
+            ended.insert(n.call_id.clone());
+        }
+    }
+    let recovered = killed_at.elapsed();
+    let (fresh, _) = s.confirmed_call(CallScript::default()).await;
+    assert!(!calls.iter().any(|(c, _)| *c == fresh));
+    println!(
+        "FAULT|OpenSIPS killed and restarted|10 live calls, 1 command|0 acknowledged (the command failed with its reason; 10 calls closed)|resubscribed {} ms, calls reconciled {} ms",
+        resubscribed.as_millis(),
+        recovered.as_millis()
+    );
+    s.shutdown().await;
+}
