@@ -455,3 +455,89 @@ fn configuration_layers_file_environment_and_flags_and_names_bad_keys() {
     let out = callbus().args(["--config", "/no/such.toml", "engine"]).output().expect("runs");
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such.toml"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_up_under_traffic_loses_nothing_acknowledged_and_the_restart_goes_on() {
+    let nats = NatsServer::start();
+    let sim = Sim::start(SimConfig::default()).await.expect("sim");
+    let events = format!("127.0.0.1:{}", free_port());
+    let data = tempfile::tempdir().expect("tmp");
+    let data_dir = data.path().display().to_string();
+    let up_args = |events: &str| {
+        let mut cmd = callbus();
+        cmd.args(["up", "--nats", &nats.url(), "--mi", &sim.mi_addr().to_string(), "--events-listen", events])
+            .args(["--data-dir", &data_dir, "--node", "k1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    };
+    let mut up = Running(up_args(&events).spawn().expect("up starts"));
+    let out = mi_until_ok(&nats.url(), &["--node", "k1", "uptime"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.live_subscriptions().len() < 4 {
+        assert!(Instant::now() < deadline, "up subscribes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Click-to-dial commands as fast as they are answered; kill -9 in the middle.
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sender = {
+        let (client, acknowledged) = (client.clone(), acknowledged.clone());
+        tokio::spawn(async move {
+            for i in 0..400 {
+                let body = serde_json::json!({"caller": format!("sip:a{i}@127.0.0.1"), "callee": format!("sip:b{i}@127.0.0.1"), "cmd_id": format!("k-{i}")});
+                let ask = client.request("callbus.cmd.call.start", body.to_string().into());
+                match tokio::time::timeout(Duration::from_millis(500), ask).await {
+                    Ok(Ok(reply)) if String::from_utf8_lossy(&reply.payload).contains("\"accepted\":true") => {
+                        acknowledged.lock().expect("lock").push(format!("k-{i}"));
+                    }
+                    Ok(Ok(_)) | Ok(Err(_)) | Err(_) => break,
+                }
+            }
+        })
+    };
+    while acknowledged.lock().expect("lock").len() < 50 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Command::new("kill").args(["-KILL", &up.0.id().to_string()]).status().expect("kill");
+    let _ = up.0.wait();
+    let _ = sender.await;
+    let acknowledged = acknowledged.lock().expect("lock").clone();
+    // Every acknowledged command is in the log, and a new `up` on the same data dir serves them.
+    let mut again = Running(up_args(&format!("127.0.0.1:{}", free_port())).spawn().expect("up restarts"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let listed = loop {
+        let reply = client.request("callbus.cmd.call.list", bytes::Bytes::from_static(b"{}")).await;
+        if let Ok(reply) = reply {
+            let v: serde_json::Value = serde_json::from_slice(&reply.payload).expect("json");
+            if v["result"]["calls"].is_array() {
+                break v;
+            }
+        }
+        assert!(Instant::now() < deadline, "the restarted engine answers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(listed["result"]["calls"].as_array().is_some_and(|c| !c.is_empty()), "calls survived the kill");
+    // A repeated cmd_id after the crash is answered with the first answer, not acted on again.
+    let first = &acknowledged[0];
+    let body = serde_json::json!({"caller": "sip:a0@127.0.0.1", "callee": "sip:b0@127.0.0.1", "cmd_id": first});
+    let reply = client.request("callbus.cmd.call.start", body.to_string().into()).await.expect("reply");
+    assert!(String::from_utf8_lossy(&reply.payload).contains("\"accepted\":true"));
+    assert!(terminate(&mut again.0).success());
+    let log = callbus_engine::log::SledLog::open(data.path()).expect("log");
+    let logged: Vec<String> = callbus_engine::log::EventLog::records_from(&log, 1)
+        .filter_map(Result::ok)
+        .filter_map(|r| match r.input {
+            callbus_engine::machines::Input::Command { cmd_id, .. } => Some(cmd_id),
+            _ => None,
+        })
+        .collect();
+    for cmd_id in &acknowledged {
+        assert_eq!(logged.iter().filter(|c| *c == cmd_id).count(), 1, "{cmd_id}: acknowledged, logged once");
+    }
+    println!(
+        "FAULT|SIGKILL of callbus up under traffic|{} commands acknowledged|0|restart answers in <15 s",
+        acknowledged.len()
+    );
+}
