@@ -408,14 +408,8 @@ async fn up_serves_metrics_and_sigterm_under_traffic_loses_nothing_acknowledged(
     let _ = sender.await;
     let acknowledged = acknowledged.lock().expect("lock").clone();
     assert!(acknowledged.len() >= 10);
-    let log = callbus_engine::log::SledLog::open(data.path()).expect("the log opens after a clean stop");
-    let logged: std::collections::HashSet<String> = callbus_engine::log::EventLog::records_from(&log, 1)
-        .filter_map(Result::ok)
-        .filter_map(|r| match r.input {
-            callbus_engine::machines::Input::Command { cmd_id, .. } => Some(cmd_id),
-            _ => None,
-        })
-        .collect();
+    let logged: std::collections::HashSet<String> =
+        callbus_tests::stack::logged_cmd_ids(data.path()).into_iter().collect();
     for cmd_id in &acknowledged {
         assert!(logged.contains(cmd_id), "{cmd_id} was acknowledged but is not in the log");
     }
@@ -525,14 +519,7 @@ async fn sigkill_of_up_under_traffic_loses_nothing_acknowledged_and_the_restart_
     let reply = client.request("callbus.cmd.call.start", body.to_string().into()).await.expect("reply");
     assert!(String::from_utf8_lossy(&reply.payload).contains("\"accepted\":true"));
     assert!(terminate(&mut again.0).success());
-    let log = callbus_engine::log::SledLog::open(data.path()).expect("log");
-    let logged: Vec<String> = callbus_engine::log::EventLog::records_from(&log, 1)
-        .filter_map(Result::ok)
-        .filter_map(|r| match r.input {
-            callbus_engine::machines::Input::Command { cmd_id, .. } => Some(cmd_id),
-            _ => None,
-        })
-        .collect();
+    let logged = callbus_tests::stack::logged_cmd_ids(data.path());
     for cmd_id in &acknowledged {
         assert_eq!(logged.iter().filter(|c| *c == cmd_id).count(), 1, "{cmd_id}: acknowledged, logged once");
     }

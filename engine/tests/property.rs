@@ -32,17 +32,22 @@ impl Rng {
     }
 }
 
-fn datagrams() -> Vec<String> {
+/// The captured event datagrams whose file name does (`ua`) or does not start with E_UA_SESSION.
+fn fixture_events(ua: bool) -> Vec<String> {
     let dir = std::env::var_os("CALLBUS_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/opensips"))
         .join("events");
-    let mut out: Vec<String> = std::fs::read_dir(&dir)
+    std::fs::read_dir(&dir)
         .expect("fixtures")
         .filter_map(|e| e.ok())
-        .filter(|e| !e.file_name().to_string_lossy().starts_with("E_UA_SESSION"))
+        .filter(|e| e.file_name().to_string_lossy().starts_with("E_UA_SESSION") == ua)
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .collect();
+        .collect()
+}
+
+fn datagrams() -> Vec<String> {
+    let mut out = fixture_events(false);
     out.sort();
     // Malformed and hostile ones.
     out.push("{not json".into());
@@ -185,15 +190,8 @@ fn random_interleavings_never_panic_and_replay_exactly() {
 
 /// The UA fixture datagrams, with their key replaced by `{KEY}`.
 fn ua_datagrams() -> Vec<String> {
-    let dir = std::env::var_os("CALLBUS_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/opensips"))
-        .join("events");
-    let mut out: Vec<String> = std::fs::read_dir(&dir)
-        .expect("fixtures")
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("E_UA_SESSION"))
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+    let mut out: Vec<String> = fixture_events(true)
+        .into_iter()
         .filter_map(|d| {
             let v: serde_json::Value = serde_json::from_str(&d).ok()?;
             let key = v["params"]["key"].as_str()?.to_owned();

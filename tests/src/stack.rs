@@ -47,6 +47,18 @@ pub fn refused(reply: &CommandReply) -> callbus_schemas::command::CommandErrorCo
     }
 }
 
+/// The `cmd_id` of every command in the log in `data`, in log order (a stopped engine's log).
+pub fn logged_cmd_ids(data: &std::path::Path) -> Vec<String> {
+    let log = callbus_engine::log::SledLog::open(data).expect("the log opens");
+    callbus_engine::log::EventLog::records_from(&log, 1)
+        .filter_map(Result::ok)
+        .filter_map(|r| match r.input {
+            callbus_engine::machines::Input::Command { cmd_id, .. } => Some(cmd_id),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Checks that every record of the log in `data` re-runs to the same state and effects
 /// through today's machines; returns how many records there are.
 pub fn assert_log_replays(data: &std::path::Path) -> usize {

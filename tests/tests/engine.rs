@@ -249,18 +249,9 @@ async fn killed_mid_traffic_every_acknowledged_command_is_in_the_log() {
     let CommandReply::Data { result, .. } = &reply else { panic!("{reply:?}") };
     assert!(result["calls"].as_array().is_some_and(|c| c.len() >= 30), "the calls are still live");
     s.shutdown().await;
-    let log = SledLog::open(s.data.path()).expect("log");
-    let logged: Vec<String> = log
-        .records_from(1)
-        .filter_map(|r| r.ok())
-        .filter_map(|r| match r.input {
-            callbus_engine::machines::Input::Command { cmd_id, .. } => Some(cmd_id),
-            _ => None,
-        })
-        .collect();
+    let logged = callbus_tests::stack::logged_cmd_ids(s.data.path());
     for cmd_id in &acknowledged {
         assert!(logged.contains(cmd_id), "{cmd_id} was acknowledged but is not in the log");
     }
-    drop(log);
     assert_log_replays(s.data.path());
 }
