@@ -42,6 +42,7 @@ const REMEMBERED_COMMANDS: usize = 100_000;
 const PARK_FOR: Duration = Duration::from_secs(3);
 
 /// Work for the owner task.
+#[derive(Clone)]
 pub(crate) enum Work {
     Event {
         node: String,
@@ -162,6 +163,16 @@ pub(crate) struct Owner {
     dirty: std::collections::HashSet<String>,
     last_checkpoint: Instant,
     metrics: EngineMetrics,
+    /// Inputs to handle before the queue: a failed batch's, after the log works again.
+    pending: VecDeque<Work>,
+}
+
+/// Why the owner stopped before it was told to: the log failed. The inputs of the failed
+/// batch that no one was answered for (events, MI replies, timers), and the queue.
+pub(crate) struct Stopped {
+    pub error: LogError,
+    pub pending: Vec<Work>,
+    pub rx: mpsc::Receiver<Work>,
 }
 
 fn now_ms() -> u64 {
@@ -925,7 +936,17 @@ pub(crate) fn owner(
     client: async_nats::Client,
 ) -> (Owner, mpsc::Receiver<Work>) {
     let (tx, rx) = mpsc::channel(INPUT_QUEUE);
-    let owner = Owner {
+    (owner_on(config, log, client, tx), rx)
+}
+
+/// An owner feeding on an existing queue (a restart after the log failed).
+pub(crate) fn owner_on(
+    config: EngineConfig,
+    log: Arc<SledLog>,
+    client: async_nats::Client,
+    tx: mpsc::Sender<Work>,
+) -> Owner {
+    Owner {
         config,
         log,
         client,
@@ -944,8 +965,8 @@ pub(crate) fn owner(
         dirty: Default::default(),
         last_checkpoint: Instant::now(),
         metrics: EngineMetrics::new(),
-    };
-    (owner, rx)
+        pending: VecDeque::new(),
+    }
 }
 
 impl Owner {
@@ -962,13 +983,16 @@ impl Owner {
     }
 
     /// Processes inputs until cancelled and the queue is empty.
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Work>, cancel: CancellationToken) {
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Work>, cancel: CancellationToken) -> Option<Stopped> {
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
         let every = self.config.reconcile_every.filter(|_| self.config.reconcile);
         let mut reconcile = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
         reconcile.tick().await; // the start-up reconciliation is the first
         loop {
-            let first = tokio::select! {
+            let first = if let Some(w) = self.pending.pop_front() {
+                Some(w)
+            } else {
+                tokio::select! {
                 w = rx.recv() => w,
                 _ = reconcile.tick(), if every.is_some() => {
                     self.reconcile_live_calls();
@@ -991,10 +1015,15 @@ impl Owner {
                     continue;
                 }
                 _ = cancel.cancelled() => rx.try_recv().ok(),
+                }
             };
             let Some(first) = first else { break };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
+                if let Some(w) = self.pending.pop_front() {
+                    batch.push(w);
+                    continue;
+                }
                 match rx.try_recv() {
                     Ok(w) => batch.push(w),
                     Err(_) => break,
@@ -1003,6 +1032,9 @@ impl Owner {
             let mut out = Outputs::default();
             let mut failed = None;
             let batch_len = batch.len();
+            // Kept until the batch is durable: if the log fails, these are handled again once
+            // it works (commands are answered "unavailable" instead: the app retries them).
+            let replayable: Vec<Work> = batch.iter().filter(|w| !matches!(w, Work::Command { .. })).cloned().collect();
             for work in batch {
                 if let Err(e) = self.handle(work, &mut out) {
                     failed = Some(e);
@@ -1034,7 +1066,8 @@ impl Owner {
                 Err(e) => {
                     self.metrics.log_failures.increment(1);
                     // Nothing of this batch is acknowledged: commands get an error, effects
-                    // are not carried out, and the apps can retry.
+                    // are not carried out, and the apps can retry. The state in memory went
+                    // ahead of the log: the engine stops here and starts again from the log.
                     tracing::error!(error = %e, "the event log failed: this batch is not acknowledged");
                     let error = CommandError::new(
                         CommandErrorCode::Unavailable,
@@ -1044,6 +1077,10 @@ impl Owner {
                         let body = CommandReply::Refused { cmd_id: None, error: error.clone() }.to_bytes();
                         let _ = self.client.publish(subject, Bytes::from(body)).await;
                     }
+                    let mut pending: Vec<Work> = self.pending.drain(..).collect();
+                    pending.splice(0..0, replayable);
+                    let _ = self.client.flush().await;
+                    return Some(Stopped { error: e, pending, rx });
                 }
             }
         }
@@ -1057,6 +1094,79 @@ impl Owner {
             Err(e) => tracing::warn!(error = %e, "final checkpoint not written"),
         }
         let _ = self.client.flush().await;
+        None
+    }
+}
+
+/// Most inputs kept while the log cannot be written (events, MI replies, timers).
+const KEPT_WHILE_DOWN: usize = 200_000;
+
+/// Runs the owner; when the log fails, refuses commands, keeps the other inputs, reopens the
+/// log every second, and once it can be written again rebuilds the calls from it and goes on.
+pub(crate) async fn supervise(
+    mut owner: Owner,
+    mut rx: mpsc::Receiver<Work>,
+    cancel: CancellationToken,
+    config: EngineConfig,
+    client: async_nats::Client,
+) {
+    let tx = owner.sender();
+    loop {
+        let Some(Stopped { error, mut pending, rx: back }) = owner.run(rx, cancel.clone()).await else { return };
+        rx = back;
+        let down = metrics::gauge!("callbus_engine_log_down");
+        down.set(1.0);
+        tracing::error!(
+            %error,
+            data_dir = %config.data_dir.display(),
+            "the event log cannot be written: commands are refused until it can (free space or fix the disk); OpenSIPS events are kept meanwhile"
+        );
+        let refusal = CommandError::new(
+            CommandErrorCode::Unavailable,
+            format!("the engine cannot write its log ({error}): retry later"),
+        );
+        let mut retry = tokio::time::interval(Duration::from_secs(1));
+        let reopened = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                w = rx.recv() => match w {
+                    None => return,
+                    Some(Work::Command { reply, .. }) => {
+                        if let Some(reply) = reply {
+                            let body = CommandReply::Refused { cmd_id: None, error: refusal.clone() }.to_bytes();
+                            let _ = client.publish(reply, Bytes::from(body)).await;
+                        }
+                    }
+                    Some(other) if pending.len() < KEPT_WHILE_DOWN => pending.push(other),
+                    Some(_) => metrics::counter!("callbus_engine_inputs_dropped_total").increment(1),
+                },
+                _ = retry.tick() => {
+                    match SledLog::open_with_cache(&config.data_dir, config.cache_bytes) {
+                        Ok(log) => {
+                            // Writable again? A real write and flush says so.
+                            let probe = log.stage_timeouts(&config.timeouts);
+                            if probe.is_ok() && log.commit().await.is_ok() {
+                                break log;
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "the event log does not open yet"),
+                    }
+                }
+            }
+        };
+        let mut next = owner_on(config.clone(), Arc::new(reopened), client.clone(), tx.clone());
+        match recover(&mut next) {
+            Ok((live, _)) => {
+                tracing::info!(live, kept = pending.len(), "the event log works again: calls rebuilt from it; going on")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the event log reopened but cannot be read: the engine stops");
+                return;
+            }
+        }
+        down.set(0.0);
+        next.pending = pending.into();
+        owner = next;
     }
 }
 

@@ -131,7 +131,7 @@ impl Engine {
                 false,
             ));
         }
-        let owner = tokio::spawn(owner.run(rx, cancel.clone()));
+        let owner = tokio::spawn(driver::supervise(owner, rx, cancel.clone(), config.clone(), client.clone()));
         Ok(Engine { cancel, owner: Some(owner), forwarders, recovered_live })
     }
 

@@ -91,3 +91,95 @@ async fn opensips_killed_and_restarted_under_load_recovers_by_itself() {
     );
     s.shutdown().await;
 }
+
+/// A small tmpfs, unmounted when dropped (needs root; None otherwise).
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(bytes: usize) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().expect("tmp");
+        let size = format!("size={bytes}");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &size, "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// Fills the disk holding `path` with a file, leaving about nothing free.
+fn fill(path: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let filler = path.join("filler");
+    let mut f = std::fs::File::create(&filler).expect("filler");
+    let chunk = vec![0u8; 16 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    filler
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_commands_keeps_events_and_recovers_when_space_returns() {
+    let Some(disk) = SmallDisk::mount(8 * 1024 * 1024) else {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    };
+    let mut s = Stack::start().await;
+    let data = disk.0.path().join("log");
+    s.start_engine_with(|c| {
+        c.data_dir = data.clone();
+        c.cache_bytes = 4 * 1024 * 1024;
+    })
+    .await;
+    s.confirmed_call(CallScript::default()).await;
+    let filler = fill(disk.0.path());
+    // Commands until the log cannot be written: each accepted one is durable.
+    let mut acknowledged = Vec::new();
+    let refused_at = loop {
+        let n = acknowledged.len();
+        let body =
+            json!({"to": format!("sip:u{n}@127.0.0.1"), "from": "sip:app@127.0.0.1", "cmd_id": format!("disk-{n}")});
+        match s.cmd("ua.start", body).await {
+            callbus_schemas::command::CommandReply::Accepted { cmd_id, .. } => acknowledged.push(cmd_id),
+            callbus_schemas::command::CommandReply::Refused { error, .. } => {
+                assert_eq!(error.code, callbus_schemas::command::CommandErrorCode::Unavailable, "{}", error.message);
+                assert!(error.message.contains("log"), "the reason names the log: {}", error.message);
+                break Instant::now();
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(acknowledged.len() < 5_000, "the disk never filled");
+    };
+    // While it is down, OpenSIPS's events are kept: a call placed now is not lost.
+    let during = s.sim.proxied_call(CallScript::default());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::remove_file(&filler).expect("free the space");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let reply = s.cmd("call.list", json!({})).await;
+        if format!("{reply:?}").contains(&during) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the engine did not come back after space returned: {reply:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recovered = refused_at.elapsed();
+    s.shutdown().await;
+    let logged = callbus_tests::stack::logged_cmd_ids(&data);
+    for cmd_id in &acknowledged {
+        assert!(logged.contains(cmd_id), "{cmd_id} was acknowledged but is not in the log");
+    }
+    println!(
+        "FAULT|disk full under commands|{} commands acknowledged, 1 call's events during the outage|0|{} ms after the first refusal (300 ms of it the disk stayed full)",
+        acknowledged.len(),
+        recovered.as_millis()
+    );
+}
