@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::Subject;
 use bytes::Bytes;
@@ -175,15 +175,11 @@ pub(crate) struct Stopped {
     pub rx: mpsc::Receiver<Work>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 impl Owner {
     fn new_call_id(&mut self) -> String {
         // Time-ordered and subject-safe: milliseconds and a counter, in hex.
         self.next_call += 1;
-        format!("c{:012x}{:06x}", now_ms(), self.next_call & 0xff_ffff)
+        format!("c{:012x}{:06x}", self.config.clock.now_ms(), self.next_call & 0xff_ffff)
     }
 
     fn resolve(&self, target: &CallTarget) -> Option<String> {
@@ -208,7 +204,7 @@ impl Owner {
         let before = existing.map(|s| s.name().to_owned());
         let Some(current) = existing.cloned().or(fresh) else { return Ok(0) };
         let seq = self.log.next_seq();
-        let time_ms = now_ms();
+        let time_ms = self.config.clock.now_ms();
         let ctx = Ctx { call_id: call_id.to_owned(), seq, now_ms: time_ms, timeouts: self.config.timeouts };
         let (after, effects) = current.step(&input, &ctx);
         let record = Record {
@@ -411,7 +407,10 @@ impl Owner {
                 return Ok(());
             }
         };
-        let cmd_id = request.cmd_id.clone().unwrap_or_else(|| format!("k{:x}{:x}", now_ms(), self.log.next_seq()));
+        let cmd_id = request
+            .cmd_id
+            .clone()
+            .unwrap_or_else(|| format!("k{:x}{:x}", self.config.clock.now_ms(), self.log.next_seq()));
         let span = tracing::info_span!("command", verb = %verb, cmd_id = %cmd_id);
         let _enter = span.enter();
         if let Some(previous) = self.remembered.get(&cmd_id) {

@@ -23,6 +23,28 @@ use tokio_util::sync::CancellationToken;
 use crate::log::SledLog;
 pub use crate::machines::Timeouts;
 
+/// The wall clock the engine stamps records and notifications with: the system's, shifted by
+/// an offset tests can move to play a clock jump. Waits (timers) use the monotonic clock and
+/// the log's order is its sequence, so a jump only shows in the recorded times.
+#[derive(Clone, Debug, Default)]
+pub struct WallClock(Arc<std::sync::atomic::AtomicI64>);
+
+impl WallClock {
+    /// Milliseconds since the Unix epoch, as this clock reads them.
+    pub fn now_ms(&self) -> u64 {
+        let system = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        system.saturating_add(self.0.load(std::sync::atomic::Ordering::Relaxed)).max(0) as u64
+    }
+
+    /// Moves the clock by `ms` (negative: back), as an NTP step would.
+    pub fn jump(&self, ms: i64) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// How the engine is set up.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -46,6 +68,8 @@ pub struct EngineConfig {
     /// The most live calls; `call.start` and `ua.start` are refused beyond it (calls OpenSIPS
     /// reports are always followed: refusing them would lose them).
     pub max_live_calls: usize,
+    /// The wall clock (the system's).
+    pub clock: WallClock,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +84,7 @@ impl Default for EngineConfig {
             reconcile_every: Some(Duration::from_secs(300)),
             cache_bytes: log::DEFAULT_CACHE_BYTES,
             max_live_calls: 500_000,
+            clock: WallClock::default(),
         }
     }
 }

@@ -183,3 +183,31 @@ async fn a_full_disk_refuses_commands_keeps_events_and_recovers_when_space_retur
         recovered.as_millis()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_jump_changes_recorded_times_only() {
+    let mut s = Stack::start().await;
+    let clock = callbus_engine::WallClock::default();
+    let engine_clock = clock.clone();
+    s.start_engine_with(|c| c.clock = engine_clock).await;
+    let (call_id, sip) = s.confirmed_call(CallScript { declines_refer: true, ..Default::default() }).await;
+    let before = s.cmd("call.get", json!({"call_id": call_id})).await;
+    // An NTP step one hour back, mid-call.
+    clock.jump(-3_600_000);
+    let jumped_at = Instant::now();
+    let cmd = json!({"sip_call_id": sip, "leg": "callee", "destination": "sip:x@127.0.0.1", "cmd_id": "after-jump"});
+    accepted(&s.cmd("call.transfer.blind", cmd).await);
+    // The REFER is declined: only the engine's timer (600 ms here) can tell; it fires on time.
+    let notes = s.notes_until(|n| n.cmd_id.as_deref() == Some("after-jump") && n.event == "command_failed").await;
+    let waited = jumped_at.elapsed();
+    assert!(waited < Duration::from_secs(5), "the timer fired after {waited:?}, not an hour later");
+    let ours: Vec<_> = notes.iter().filter(|n| n.call_id == call_id).collect();
+    assert!(ours.windows(2).all(|w| w[0].seq <= w[1].seq), "the call's notifications stay in log order");
+    let after = notes.last().expect("note");
+    let callbus_schemas::command::CommandReply::Data { result, .. } = before else { panic!("{before:?}") };
+    let last_before = result["history"].as_array().and_then(|h| h.last()).map(|h| h["time_ms"].as_u64().unwrap_or(0));
+    assert!(last_before.is_some_and(|t| after.time_ms + 3_000_000 < t), "the recorded times show the jump");
+    s.shutdown().await;
+    callbus_tests::stack::assert_log_replays(s.data.path());
+    println!("FAULT|wall clock stepped 1 h back mid-call|1 call, 1 transfer|0|timer fired in {} ms; log order and replay unchanged", waited.as_millis());
+}
