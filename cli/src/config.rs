@@ -109,6 +109,8 @@ pub struct EngineSection {
     pub max_live_calls: usize,
     /// How often live calls are checked against OpenSIPS (lost events, OpenSIPS restarts).
     pub reconcile_every: Dur,
+    /// Inputs waiting for the engine at most; commands beyond it are refused ("overloaded").
+    pub input_queue: usize,
 }
 
 impl Default for Config {
@@ -150,6 +152,7 @@ impl Default for EngineSection {
             callapi_token: None,
             max_live_calls: 500_000,
             reconcile_every: Dur(Duration::from_secs(300)),
+            input_queue: 65_536,
         }
     }
 }

@@ -36,6 +36,9 @@ pub struct EngineFlags {
     /// How often live calls are checked against OpenSIPS's dialogs and UA sessions [default: 5m].
     #[arg(long, env = "CALLBUS_RECONCILE_EVERY", value_parser = duration::parse)]
     pub reconcile_every: Option<Duration>,
+    /// Inputs waiting for the engine at most; commands beyond it are refused [default: 65536].
+    #[arg(long, env = "CALLBUS_INPUT_QUEUE")]
+    pub input_queue: Option<usize>,
 }
 
 impl EngineFlags {
@@ -48,6 +51,7 @@ impl EngineFlags {
         o.set("engine", "callapi_token", self.callapi_token.clone());
         o.set("engine", "max_live_calls", self.max_live_calls);
         o.set("engine", "reconcile_every", self.reconcile_every.map(Dur));
+        o.set("engine", "input_queue", self.input_queue);
     }
 }
 
@@ -59,6 +63,7 @@ pub fn engine_config(c: &EngineSection) -> EngineConfig {
         ended_retention: c.ended_retention.0,
         max_live_calls: c.max_live_calls,
         reconcile_every: Some(c.reconcile_every.0).filter(|d| !d.is_zero()),
+        input_queue: c.input_queue,
         ..EngineConfig::default()
     }
 }

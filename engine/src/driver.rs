@@ -32,9 +32,6 @@ use crate::EngineConfig;
 
 /// The most inputs handled before one commit.
 pub const MAX_BATCH: usize = 1024;
-/// Inputs waiting for the owner task; beyond that commands are refused as unavailable and
-/// event delivery waits (NATS buffers).
-const INPUT_QUEUE: usize = 65_536;
 /// `cmd_id`s remembered for answering repeats.
 const REMEMBERED_COMMANDS: usize = 100_000;
 /// How long an `E_UA_SESSION` for a key nobody knows yet waits for the `ua_session_client_start`
@@ -934,7 +931,7 @@ pub(crate) fn owner(
     log: Arc<SledLog>,
     client: async_nats::Client,
 ) -> (Owner, mpsc::Receiver<Work>) {
-    let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+    let (tx, rx) = mpsc::channel(config.input_queue.max(1));
     (owner_on(config, log, client, tx), rx)
 }
 

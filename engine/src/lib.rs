@@ -70,6 +70,9 @@ pub struct EngineConfig {
     pub max_live_calls: usize,
     /// The wall clock (the system's).
     pub clock: WallClock,
+    /// Inputs waiting for the engine at most; beyond it commands are refused as `unavailable`
+    /// ("overloaded") and OpenSIPS events wait in NATS's buffers.
+    pub input_queue: usize,
 }
 
 impl Default for EngineConfig {
@@ -85,6 +88,7 @@ impl Default for EngineConfig {
             cache_bytes: log::DEFAULT_CACHE_BYTES,
             max_live_calls: 500_000,
             clock: WallClock::default(),
+            input_queue: 65_536,
         }
     }
 }

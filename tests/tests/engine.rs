@@ -255,3 +255,33 @@ async fn killed_mid_traffic_every_acknowledged_command_is_in_the_log() {
     }
     assert_log_replays(s.data.path());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_beyond_the_input_queue_are_refused_as_overloaded_and_nothing_else_changes() {
+    let mut s = Stack::start().await;
+    s.start_engine_with(|c| c.input_queue = 2).await;
+    let (call_id, _) = s.confirmed_call(CallScript::default()).await;
+    let asks = (0..300).map(|i| {
+        let body = json!({"call_id": call_id, "cmd_id": format!("burst-{i}")}).to_string();
+        s.client.request("callbus.cmd.call.get", Bytes::from(body))
+    });
+    let replies = futures::future::join_all(asks).await;
+    let (mut answered, mut overloaded) = (0, 0);
+    for reply in replies {
+        let reply: CommandReply = serde_json::from_slice(&reply.expect("a reply").payload).expect("typed");
+        match reply {
+            CommandReply::Data { .. } => answered += 1,
+            CommandReply::Refused { error, .. } => {
+                assert_eq!(error.code, CommandErrorCode::Unavailable);
+                assert!(error.message.contains("overloaded"), "{}", error.message);
+                overloaded += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(answered > 0 && overloaded > 0, "{answered} answered, {overloaded} refused");
+    // The engine goes on.
+    let reply = s.cmd("call.get", json!({"call_id": call_id})).await;
+    assert!(matches!(reply, CommandReply::Data { .. }), "{reply:?}");
+    s.shutdown().await;
+}
