@@ -84,6 +84,27 @@ struct CallEntry {
     /// Whether the log holds a snapshot of it (a call that started and ended between two
     /// checkpoints never had one: nothing to remove).
     snapshotted: bool,
+    /// Its timers still to fire: name and when (wall clock ms), kept so a restart re-arms them.
+    timers: Vec<(String, u64)>,
+}
+
+impl CallEntry {
+    /// Applies one record's timer effects, after the timer that was its input (`fired`).
+    fn track_timers(&mut self, fired: Option<&str>, effects: &[Effect], time_ms: u64) {
+        if let Some(name) = fired {
+            self.timers.retain(|(n, _)| n != name);
+        }
+        for effect in effects {
+            match effect {
+                Effect::StartTimer { name, after_ms } => {
+                    self.timers.retain(|(n, _)| n != name);
+                    self.timers.push((name.clone(), time_ms.saturating_add(*after_ms)));
+                }
+                Effect::CancelTimer { name } => self.timers.retain(|(n, _)| n != name),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// How often the snapshots of the calls touched since are written.
@@ -219,6 +240,16 @@ impl Owner {
         self.dirty.insert(call_id.to_owned());
         out.staged += 1;
         // The record is on its way to disk; its state and effects are now this call's.
+        let timer_effects: Vec<Effect> = record
+            .effects
+            .iter()
+            .filter(|e| matches!(e, Effect::StartTimer { .. } | Effect::CancelTimer { .. }))
+            .cloned()
+            .collect();
+        let fired = match &record.input {
+            Input::Timer { name } => Some(name.clone()),
+            _ => None,
+        };
         let Record { after, effects, .. } = record;
         for effect in effects {
             match effect {
@@ -271,17 +302,25 @@ impl Owner {
             (true, true) => self.live = self.live.saturating_sub(1),
             _ => {}
         }
-        match self.calls.get_mut(call_id) {
+        let entry = match self.calls.get_mut(call_id) {
             Some(entry) => {
                 entry.state = after;
                 entry.last_seq = seq;
                 entry.ended_at = entry.ended_at.or(ended_now);
+                entry
             }
             None => {
-                let entry = CallEntry { state: after, last_seq: seq, ended_at: ended_now, snapshotted: false };
-                self.calls.insert(call_id.to_owned(), entry);
+                let entry = CallEntry {
+                    state: after,
+                    last_seq: seq,
+                    ended_at: ended_now,
+                    snapshotted: false,
+                    timers: Vec::new(),
+                };
+                self.calls.entry(call_id.to_owned()).or_insert(entry)
             }
-        }
+        };
+        entry.track_timers(fired.as_deref(), &timer_effects, time_ms);
         Ok(seq)
     }
 
@@ -682,8 +721,12 @@ impl Owner {
         for call_id in std::mem::take(&mut self.dirty) {
             match self.calls.get(&call_id) {
                 Some(entry) if !entry.state.is_ended() => {
-                    let snapshot =
-                        Snapshot { seq: entry.last_seq, call_id: call_id.clone(), state: entry.state.clone() };
+                    let snapshot = Snapshot {
+                        seq: entry.last_seq,
+                        call_id: call_id.clone(),
+                        state: entry.state.clone(),
+                        timers: entry.timers.clone(),
+                    };
                     self.log.stage_snapshot(&snapshot)?;
                 }
                 _ => self.log.remove_snapshot(&call_id)?,
@@ -692,6 +735,29 @@ impl Owner {
         self.log.stage_checkpoint(self.log.next_seq().saturating_sub(1))?;
         self.last_checkpoint = Instant::now();
         Ok(())
+    }
+
+    /// Starts again the timers of the calls rebuilt from the log; one already due fires now.
+    fn rearm_timers(&mut self) {
+        let now = self.config.clock.now_ms();
+        let mut armed = 0;
+        for (call_id, entry) in self.calls.iter().filter(|(_, e)| !e.state.is_ended()) {
+            for (name, deadline) in &entry.timers {
+                self.timer_generation += 1;
+                let generation = self.timer_generation;
+                self.timers.insert((call_id.clone(), name.clone()), generation);
+                let (tx, call_id, name) = (self.tx.clone(), call_id.clone(), name.clone());
+                let wait = Duration::from_millis(deadline.saturating_sub(now));
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = tx.send(Work::Timer { call_id, name, generation }).await;
+                });
+                armed += 1;
+            }
+        }
+        if armed > 0 {
+            tracing::info!(armed, "timers of recovered calls started again");
+        }
     }
 
     /// Asks OpenSIPS, node by node, which of the live calls it still has (in the background).
@@ -883,7 +949,7 @@ pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
         }
         owner.calls.insert(
             snap.call_id,
-            CallEntry { state: snap.state, last_seq: snap.seq, ended_at: None, snapshotted: true },
+            CallEntry { state: snap.state, last_seq: snap.seq, ended_at: None, snapshotted: true, timers: snap.timers },
         );
     }
     let mut tail = 0;
@@ -915,13 +981,20 @@ pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
         let ended_at = record.after.is_ended().then(Instant::now);
         owner.dirty.insert(record.call_id.clone());
         let snapshotted = owner.calls.get(&record.call_id).is_some_and(|e| e.snapshotted);
-        owner.calls.insert(
-            record.call_id.clone(),
-            CallEntry { state: record.after, last_seq: record.seq, ended_at, snapshotted },
-        );
+        let mut timers = owner.calls.get(&record.call_id).map(|e| e.timers.clone()).unwrap_or_default();
+        let mut entry =
+            CallEntry { state: record.after, last_seq: record.seq, ended_at, snapshotted, timers: Vec::new() };
+        std::mem::swap(&mut entry.timers, &mut timers);
+        let fired = match &record.input {
+            Input::Timer { name } => Some(name.as_str()),
+            _ => None,
+        };
+        entry.track_timers(fired, &record.effects, record.time_ms);
+        owner.calls.insert(record.call_id.clone(), entry);
     }
     let live = owner.calls.values().filter(|e| !e.state.is_ended()).count();
     owner.live = live;
+    owner.rearm_timers();
     Ok((live, tail))
 }
 

@@ -30,8 +30,13 @@ async fn records_and_snapshots_survive_a_reopen() {
         for seq in 1..=10 {
             log.stage(&record(seq, if seq % 2 == 0 { "even" } else { "odd" })).expect("stage");
         }
-        log.stage_snapshot(&Snapshot { seq: 10, call_id: "even".into(), state: record(10, "even").after })
-            .expect("snap");
+        log.stage_snapshot(&Snapshot {
+            seq: 10,
+            call_id: "even".into(),
+            state: record(10, "even").after,
+            timers: vec![],
+        })
+        .expect("snap");
         log.stage_checkpoint(6).expect("checkpoint");
         log.commit().await.expect("commit");
         assert_eq!(

@@ -285,3 +285,20 @@ async fn commands_beyond_the_input_queue_are_refused_as_overloaded_and_nothing_e
     assert!(matches!(reply, CommandReply::Data { .. }), "{reply:?}");
     s.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_pending_at_a_crash_fire_after_the_restart() {
+    let mut s = Stack::start().await;
+    let (_, sip) = s.confirmed_call(CallScript { declines_refer: true, ..Default::default() }).await;
+    let cmd = json!({"sip_call_id": sip, "leg": "callee", "destination": "sip:x@127.0.0.1", "cmd_id": "x-crash"});
+    accepted(&s.cmd("call.transfer.blind", cmd).await);
+    // The REFER went out (its timer, 600 ms here, is armed); then the engine dies.
+    s.notes_until(|n| n.cmd_id.as_deref() == Some("x-crash") && n.event == "transfer_requested").await;
+    s.engine.take().expect("engine").abort();
+    s.start_engine().await;
+    // Only the re-armed timer can end the transfer: OpenSIPS raises nothing for a declined REFER.
+    let notes = s.notes_until(|n| n.cmd_id.as_deref() == Some("x-crash") && n.event == "command_failed").await;
+    assert!(notes.iter().any(|n| n.event == "transfer_failed"));
+    s.shutdown().await;
+    assert_log_replays(s.data.path());
+}

@@ -59,6 +59,9 @@ pub struct Snapshot {
     pub call_id: String,
     /// The state.
     pub state: CallState,
+    /// Its timers still to fire: name and when (wall clock, ms since the Unix epoch).
+    #[serde(default)]
+    pub timers: Vec<(String, u64)>,
 }
 
 /// What can go wrong with the log.
