@@ -12,23 +12,30 @@ use serde_json::{json, Map, Value};
 
 use crate::{duration, nats};
 
-/// Flags of `callbus call`.
+/// Flags every engine client shares (`callbus call`, `callbus ua`).
 #[derive(clap::Args, Debug)]
-pub struct CallArgs {
+pub struct ClientFlags {
     /// NATS server URL.
     #[arg(long, env = "CALLBUS_NATS", default_value = "nats://127.0.0.1:4222", global = true)]
     pub nats: String,
     #[command(flatten)]
     pub nats_auth: crate::nats::NatsAuth,
-    /// How long to wait for the engine.
+    /// How long to wait for the engine's answer.
     #[arg(long, default_value = "10s", value_parser = duration::parse, global = true)]
     pub timeout: Duration,
-    /// Wait for the command's outcome (command_succeeded / command_failed) and print its notifications.
-    #[arg(long, global = true)]
-    pub wait: bool,
     /// The client's command id (a repeat is answered once and acted on once).
     #[arg(long, global = true)]
     pub cmd_id: Option<String>,
+}
+
+/// Flags of `callbus call`.
+#[derive(clap::Args, Debug)]
+pub struct CallArgs {
+    #[command(flatten)]
+    pub client: ClientFlags,
+    /// Wait for the command's outcome (command_succeeded / command_failed) and print its notifications.
+    #[arg(long, global = true)]
+    pub wait: bool,
     #[command(subcommand)]
     pub command: CallCommand,
 }
@@ -257,17 +264,18 @@ pub async fn follow(
 
 /// `callbus call …`.
 pub async fn run(args: CallArgs) -> anyhow::Result<ExitCode> {
-    let client = nats::connect_client(&args.nats, &args.nats_auth).await?;
-    let (verb, body) = request(&args.command, args.cmd_id.as_deref());
+    let flags = &args.client;
+    let client = nats::connect_client(&flags.nats, &flags.nats_auth).await?;
+    let (verb, body) = request(&args.command, flags.cmd_id.as_deref());
     if let CallCommand::Start { answer_timeout, .. } = &args.command {
-        let wait = (*answer_timeout).max(args.timeout);
-        return follow(&client, verb, body, args.cmd_id.clone(), args.timeout, wait, until_outcome).await;
+        let wait = (*answer_timeout).max(flags.timeout);
+        return follow(&client, verb, body, flags.cmd_id.clone(), flags.timeout, wait, until_outcome).await;
     }
     let subject = format!("callbus.cmd.{verb}");
     let ask = client.request(subject.clone(), Bytes::from(body.to_string()));
-    let reply = tokio::time::timeout(args.timeout, ask)
+    let reply = tokio::time::timeout(flags.timeout, ask)
         .await
-        .with_context(|| format!("no answer on {subject} within {:?}: is an engine running?", args.timeout))?
+        .with_context(|| format!("no answer on {subject} within {:?}: is an engine running?", flags.timeout))?
         .with_context(|| format!("{subject} failed: is an engine running (callbus up / callbus engine)?"))?;
     let reply: CommandReply = serde_json::from_slice(&reply.payload).context("unexpected reply from the engine")?;
     match reply {
@@ -284,7 +292,7 @@ pub async fn run(args: CallArgs) -> anyhow::Result<ExitCode> {
             if !args.wait {
                 return Ok(ExitCode::SUCCESS);
             }
-            wait_for_outcome(&client, &call_id, &cmd_id, args.timeout).await
+            wait_for_outcome(&client, &call_id, &cmd_id, flags.timeout).await
         }
     }
 }

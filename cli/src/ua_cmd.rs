@@ -13,17 +13,8 @@ use crate::{duration, nats};
 /// Flags of `callbus ua`.
 #[derive(clap::Args, Debug)]
 pub struct UaArgs {
-    /// NATS server URL.
-    #[arg(long, env = "CALLBUS_NATS", default_value = "nats://127.0.0.1:4222", global = true)]
-    pub nats: String,
     #[command(flatten)]
-    pub nats_auth: crate::nats::NatsAuth,
-    /// How long to wait for the engine's answer.
-    #[arg(long, default_value = "10s", value_parser = duration::parse, global = true)]
-    pub timeout: Duration,
-    /// The client's command id (a repeat is answered once and acted on once).
-    #[arg(long, global = true)]
-    pub cmd_id: Option<String>,
+    pub client: crate::call_cmd::ClientFlags,
     #[command(subcommand)]
     pub command: UaCommand,
 }
@@ -202,10 +193,11 @@ pub fn request(command: &UaCommand) -> anyhow::Result<(&'static str, Value)> {
 /// `callbus ua …`: sends the command and prints the call's notifications until its outcome.
 pub async fn run(args: UaArgs) -> anyhow::Result<ExitCode> {
     let (verb, body) = request(&args.command)?;
-    let client = nats::connect_client(&args.nats, &args.nats_auth).await?;
+    let flags = &args.client;
+    let client = nats::connect_client(&flags.nats, &flags.nats_auth).await?;
     let wait = match &args.command {
-        UaCommand::Start { answer_timeout, .. } => (*answer_timeout).max(args.timeout),
-        _ => args.timeout.max(Duration::from_secs(40)),
+        UaCommand::Start { answer_timeout, .. } => (*answer_timeout).max(flags.timeout),
+        _ => flags.timeout.max(Duration::from_secs(40)),
     };
-    follow(&client, verb, body, args.cmd_id.clone(), args.timeout, wait, until_outcome).await
+    follow(&client, verb, body, flags.cmd_id.clone(), flags.timeout, wait, until_outcome).await
 }

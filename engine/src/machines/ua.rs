@@ -342,19 +342,23 @@ impl UaState {
             }
             Command::End { .. } | Command::UaTerminate { .. } => Ok(()),
             Command::UaAnswer { code, method, .. } => {
-                let pending = match method {
-                    Some(m) => self.remote.iter().any(|r| r == m),
-                    None => !self.remote.is_empty(),
+                // The request answered: the one named, else the oldest waiting.
+                let answered = match method {
+                    Some(m) => self.remote.iter().find(|r| *r == m),
+                    None => self.remote.first(),
                 };
-                if !pending {
+                let Some(answered) = answered else {
                     let what = method.as_deref().unwrap_or("request");
                     return Err(wrong_state(state, format!("no {what} from the remote side waits for an answer")));
-                }
-                let answering_invite = method.as_deref().unwrap_or(&self.remote[0]) == "INVITE";
-                if answering_invite && self.phase == UaPhase::Offered && *code == 100 {
+                };
+                if answered == "INVITE" && self.phase == UaPhase::Offered && *code == 100 {
                     return Err(wrong_state(state, "100 Trying is sent by OpenSIPS itself"));
                 }
-                if self.requests.iter().any(|r| matches!(&r.what, UaRequest::Reply { method: m, code } if *code >= 200 && Some(m.as_str()) == method.as_deref().or(self.remote.first().map(String::as_str)))) {
+                let final_on_its_way = self
+                    .requests
+                    .iter()
+                    .any(|r| matches!(&r.what, UaRequest::Reply { method: m, code } if *code >= 200 && m == answered));
+                if final_on_its_way {
                     return Err(wrong_state(state, "a final answer to that request is already on its way"));
                 }
                 Ok(())
