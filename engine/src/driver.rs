@@ -45,6 +45,13 @@ pub(crate) enum Work {
         node: String,
         bridge_seq: Option<u64>,
         payload: Bytes,
+        /// Its sequence in the cluster's input stream (cluster mode).
+        stream_seq: Option<u64>,
+    },
+    /// Cluster mode: every input-stream event up to this sequence that belongs to this
+    /// partition has been handed over already (lets an idle partition's resume point advance).
+    Position {
+        stream_seq: u64,
     },
     Command {
         verb: Verb,
@@ -183,6 +190,8 @@ pub(crate) struct Owner {
     metrics: EngineMetrics,
     /// Inputs to handle before the queue: a failed batch's, after the log works again.
     pending: VecDeque<Work>,
+    /// Cluster mode: the partition this owner serves and its replicated log.
+    pub(crate) part: Option<crate::cluster::PartCtx>,
 }
 
 /// Why the owner stopped before it was told to: the log failed. The inputs of the failed
@@ -197,7 +206,12 @@ impl Owner {
     fn new_call_id(&mut self) -> String {
         // Time-ordered and subject-safe: milliseconds and a counter, in hex.
         self.next_call += 1;
-        format!("c{:012x}{:06x}", self.config.clock.now_ms(), self.next_call & 0xff_ffff)
+        let id = format!("c{:012x}{:06x}", self.config.clock.now_ms(), self.next_call & 0xff_ffff);
+        match &self.part {
+            // The partition is part of the id, so a command naming the call finds its owner.
+            Some(part) => crate::cluster::call_id_in(&id, part.partition),
+            None => id,
+        }
     }
 
     fn resolve(&self, target: &CallTarget) -> Option<String> {
@@ -230,13 +244,20 @@ impl Owner {
             seq,
             time_ms,
             call_id: call_id.to_owned(),
-            partition: 0,
+            partition: self.part.as_ref().map_or(0, |p| p.partition),
             input,
             before,
             after,
             effects,
         };
-        self.log.stage(&record)?;
+        match &mut self.part {
+            None => self.log.stage(&record)?,
+            Some(part) => {
+                let bytes = crate::log::encode(&record)?;
+                self.log.stage_raw(seq, call_id, &bytes)?;
+                part.add(&bytes);
+            }
+        }
         self.dirty.insert(call_id.to_owned());
         out.staged += 1;
         // The record is on its way to disk; its state and effects are now this call's.
@@ -290,6 +311,9 @@ impl Owner {
         for key in after.keys() {
             if !self.by_key.contains_key(key) {
                 self.by_key.insert(key.to_owned(), call_id.to_owned());
+                if let Some(part) = &self.part {
+                    part.learn_key(key);
+                }
                 if let Some(events) = self.parked.remove(key) {
                     self.released.extend(events.into_iter().map(|(_, node, seq, payload)| (node, seq, payload)));
                 }
@@ -635,9 +659,18 @@ impl Owner {
 
     fn handle(&mut self, work: Work, out: &mut Outputs) -> Result<(), LogError> {
         match work {
-            Work::Event { node, bridge_seq, payload } => {
+            Work::Event { node, bridge_seq, payload, stream_seq } => {
                 self.metrics.inputs_event.increment(1);
+                if let (Some(part), Some(s)) = (&mut self.part, stream_seq) {
+                    part.input_seq = part.input_seq.max(s);
+                }
                 self.on_event(node, bridge_seq, payload, out)
+            }
+            Work::Position { stream_seq } => {
+                if let Some(part) = &mut self.part {
+                    part.input_seq = part.input_seq.max(stream_seq);
+                }
+                Ok(())
             }
             Work::Command { verb, payload, reply, received } => {
                 self.metrics.inputs_command.increment(1);
@@ -709,6 +742,15 @@ impl Owner {
                 tokio::time::sleep(Duration::from_millis(after_ms)).await;
                 let _ = tx.send(Work::Timer { call_id, name, generation }).await;
             });
+        }
+    }
+
+    /// Makes the batch durable: the local log's flush, or in cluster mode the partition's
+    /// append to its replicated log (the local copy is flushed by sled in the background).
+    async fn commit_batch(&mut self) -> Result<(), LogError> {
+        match &mut self.part {
+            None => self.log.commit().await,
+            Some(part) => part.publish().await,
         }
     }
 
@@ -808,6 +850,9 @@ impl Owner {
                 for key in entry.state.keys() {
                     if self.by_key.get(key) == Some(&id) {
                         self.by_key.remove(key);
+                        if let Some(part) = &self.part {
+                            part.forget_key(key);
+                        }
                     }
                 }
             }
@@ -815,7 +860,7 @@ impl Owner {
         self.parked.retain(|key, events| {
             let before = events.len();
             events.retain(|(at, ..)| at.elapsed() < PARK_FOR);
-            if events.len() < before {
+            if events.len() < before && self.part.is_none() {
                 tracing::warn!(%key, dropped = before - events.len(), "UA events for a session no call started or owns: dropped after 3 s (the raw datagrams are on the bus)");
             }
             !events.is_empty()
@@ -1035,6 +1080,7 @@ pub(crate) fn owner_on(
         last_checkpoint: Instant::now(),
         metrics: EngineMetrics::new(),
         pending: VecDeque::new(),
+        part: None,
     }
 }
 
@@ -1045,6 +1091,11 @@ impl Owner {
 
     pub(crate) fn live_nodes(&self) -> Vec<String> {
         self.calls.values().filter(|e| !e.state.is_ended()).map(|e| e.state.node().to_owned()).collect()
+    }
+
+    /// The UA session keys of its calls.
+    pub(crate) fn known_keys(&self) -> Vec<String> {
+        self.by_key.keys().cloned().collect()
     }
 
     pub(crate) fn live_call_ids(&self) -> Vec<String> {
@@ -1070,6 +1121,15 @@ impl Owner {
                 _ = sweep.tick() => {
                     self.forget_ended();
                     self.gauge_live_calls();
+                    // An idle partition's resume point moves on too.
+                    if self.part.as_ref().is_some_and(|p| p.position_due()) {
+                        if let Err(e) = self.commit_batch().await {
+                            tracing::warn!(error = %e, "the partition's position was not logged");
+                            if matches!(e, LogError::Fenced { .. }) {
+                                return Some(Stopped { error: e, pending: Vec::new(), rx });
+                            }
+                        }
+                    }
                     // Checkpoints are written between batches, so no input waits for one.
                     if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY && !self.dirty.is_empty() {
                         match self.checkpoint() {
@@ -1123,7 +1183,7 @@ impl Owner {
             let committed = match failed {
                 None if out.staged == 0 => Ok(()),
                 None => {
-                    let r = self.log.commit().await;
+                    let r = self.commit_batch().await;
                     self.metrics.flush_seconds.record(flush_started.elapsed().as_secs_f64());
                     self.metrics.log_appends.increment(out.staged as u64);
                     r
@@ -1142,7 +1202,9 @@ impl Owner {
                         CommandErrorCode::Unavailable,
                         format!("the engine could not log the command: {e}"),
                     );
-                    for (subject, _) in out.replies {
+                    // A fenced owner says nothing: the partition's new owner answers.
+                    let fenced = matches!(e, LogError::Fenced { .. });
+                    for (subject, _) in out.replies.into_iter().filter(|_| !fenced) {
                         let body = CommandReply::Refused { cmd_id: None, error: error.clone() }.to_bytes();
                         let _ = self.client.publish(subject, Bytes::from(body)).await;
                     }
@@ -1252,7 +1314,7 @@ pub(crate) async fn forward_events(mut sub: async_nats::Subscriber, tx: mpsc::Se
             _ => continue,
         };
         let bridge_seq = msg.headers.as_ref().and_then(|h| h.get(HEADER_SEQ)).and_then(|v| v.as_str().parse().ok());
-        if tx.send(Work::Event { node, bridge_seq, payload: msg.payload }).await.is_err() {
+        if tx.send(Work::Event { node, bridge_seq, payload: msg.payload, stream_seq: None }).await.is_err() {
             break;
         }
     }
@@ -1261,7 +1323,19 @@ pub(crate) async fn forward_events(mut sub: async_nats::Subscriber, tx: mpsc::Se
 
 /// Forwards commands from NATS to the owner; refuses them when it is overloaded.
 pub(crate) async fn forward_commands(
+    sub: async_nats::Subscriber,
+    tx: mpsc::Sender<Work>,
+    client: async_nats::Client,
+    cancel: CancellationToken,
+) {
+    forward_commands_from(sub, "callbus.cmd.".into(), tx, client, cancel).await
+}
+
+/// Forwards commands whose subjects are `prefix` + verb to the owner; refuses them when it is
+/// overloaded.
+pub(crate) async fn forward_commands_from(
     mut sub: async_nats::Subscriber,
+    prefix: String,
     tx: mpsc::Sender<Work>,
     client: async_nats::Client,
     cancel: CancellationToken,
@@ -1272,9 +1346,9 @@ pub(crate) async fn forward_commands(
             _ = cancel.cancelled() => break,
         };
         let Some(msg) = msg else { break };
-        let verb = match BusSubject::parse(msg.subject.as_str()) {
-            Ok(BusSubject::Cmd { verb }) => verb,
-            _ => {
+        let verb = match msg.subject.as_str().strip_prefix(prefix.as_str()).and_then(Verb::from_name) {
+            Some(verb) => verb,
+            None => {
                 if let Some(reply) = msg.reply {
                     let error = CommandError::new(
                         CommandErrorCode::Unsupported,

@@ -5,9 +5,11 @@
 //! - [`machines`]: pure per-call state machines.
 //! - `driver`: the I/O around them: NATS in, log, effects out.
 //! - [`callapi`]: the OpenSIPS Call API compatibility door (WebSocket).
+//! - [`cluster`]: many engines on NATS JetStream: partitions, leases, a replicated log.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod callapi;
+pub mod cluster;
 mod driver;
 pub mod log;
 pub mod machines;
@@ -20,6 +22,7 @@ use callbus_schemas::subjects;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::cluster::{ClusterConfig, ClusterEngine};
 use crate::log::SledLog;
 pub use crate::machines::Timeouts;
 

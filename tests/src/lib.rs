@@ -136,6 +136,75 @@ impl Drop for NatsServer {
     }
 }
 
+/// A cluster of `nats-server`s with JetStream on loopback: cluster routes between all of
+/// them, each with its own store; killed when dropped.
+pub struct NatsCluster {
+    /// The servers, in order.
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` servers that route to each other (JetStream needs 3 for replicas 3).
+    pub fn start(n: usize) -> NatsCluster {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let route_urls: Vec<String> = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+        let servers = (0..n)
+            .map(|i| {
+                let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temporary dir: {e}"));
+                let store = dir.path().join("js");
+                let text = format!(
+                    "server_name: n{i}\njetstream {{ store_dir: \"{}\" }}\ncluster {{\n  name: callbus\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    store.display(),
+                    routes[i],
+                    route_urls.join(", ")
+                );
+                let path = dir.path().join("nats.conf");
+                std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+                let mut server =
+                    NatsServer { child: None, port: free_port(), store_dir: None, config: Some((dir, path)) };
+                server.spawn();
+                server
+            })
+            .collect();
+        NatsCluster { servers }
+    }
+
+    /// Every client URL, comma-separated (what `async_nats::connect` and `--nats` take).
+    pub fn urls(&self) -> String {
+        self.servers.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// A client that knows every server of the cluster (and so survives losing one).
+    pub async fn connect(&self) -> async_nats::Client {
+        let addrs: Vec<async_nats::ServerAddr> =
+            self.servers.iter().map(|s| s.url().parse().unwrap_or_else(|e| panic!("server url: {e}"))).collect();
+        async_nats::connect(addrs).await.unwrap_or_else(|e| panic!("connect to the cluster: {e}"))
+    }
+
+    /// Waits until JetStream answers with a cluster leader (a stream of replicas `n` can be
+    /// made), or panics after 30 s.
+    pub async fn wait_jetstream(&self) {
+        let js = async_nats::jetstream::new(self.connect().await);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let config = async_nats::jetstream::stream::Config {
+                name: "HARNESS_PROBE".into(),
+                subjects: vec!["harness.probe".into()],
+                num_replicas: self.servers.len(),
+                ..Default::default()
+            };
+            match js.create_stream(config).await {
+                Ok(_) => {
+                    let _ = js.delete_stream("HARNESS_PROBE").await;
+                    return;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "JetStream cluster not ready within 30 s: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 /// The OpenSIPS fixtures directory (`../shared/fixtures/opensips` beside the repository, or
 /// `CALLBUS_FIXTURES`).
 pub fn fixtures_dir() -> PathBuf {

@@ -83,6 +83,21 @@ pub enum LogError {
         /// The decoder's error.
         reason: String,
     },
+    /// Another worker owns the partition now: its log refused this worker's append
+    /// (`Nats-Expected-Last-Subject-Sequence` did not match).
+    #[error("partition {partition} belongs to another worker now: its log refused this append")]
+    Fenced {
+        /// The partition.
+        partition: u16,
+    },
+    /// The replicated log (JetStream) did not take a batch.
+    #[error("the replicated log did not take partition {partition}'s batch: {reason}; check the NATS cluster")]
+    Replica {
+        /// The partition.
+        partition: u16,
+        /// What JetStream said.
+        reason: String,
+    },
     /// A record could not be encoded.
     #[error("log record {seq} could not be encoded: {reason}")]
     Encode {
@@ -91,6 +106,11 @@ pub enum LogError {
         /// The encoder's error.
         reason: String,
     },
+}
+
+/// A record's stored bytes: MessagePack with field names.
+pub fn encode(record: &Record) -> Result<Vec<u8>, LogError> {
+    rmp_serde::to_vec_named(record).map_err(|e| LogError::Encode { seq: record.seq, reason: e.to_string() })
 }
 
 /// An append-only store of records and snapshots.

@@ -173,18 +173,25 @@ impl SledLog {
     }
 }
 
+impl SledLog {
+    /// Adds a record already encoded (MessagePack, as [`encode`](super::encode) gives), not
+    /// durable until [`EventLog::commit`].
+    pub fn stage_raw(&self, seq: u64, call_id: &str, bytes: &[u8]) -> Result<(), LogError> {
+        self.records.insert(seq.to_be_bytes(), bytes).map_err(|e| self.store_error(e))?;
+        self.unindexed().entry(call_id.to_owned()).or_default().push(seq);
+        self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 impl EventLog for SledLog {
     fn next_seq(&self) -> u64 {
         self.next_seq.load(Ordering::Relaxed)
     }
 
     fn stage(&self, record: &Record) -> Result<(), LogError> {
-        let bytes =
-            rmp_serde::to_vec_named(record).map_err(|e| LogError::Encode { seq: record.seq, reason: e.to_string() })?;
-        self.records.insert(record.seq.to_be_bytes(), bytes).map_err(|e| self.store_error(e))?;
-        self.unindexed().entry(record.call_id.clone()).or_default().push(record.seq);
-        self.next_seq.fetch_max(record.seq + 1, Ordering::Relaxed);
-        Ok(())
+        let bytes = super::encode(record)?;
+        self.stage_raw(record.seq, &record.call_id, &bytes)
     }
 
     fn stage_snapshot(&self, snapshot: &Snapshot) -> Result<(), LogError> {
