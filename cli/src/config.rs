@@ -63,6 +63,40 @@ pub struct Config {
     pub bridge: BridgeSection,
     /// The engine.
     pub engine: EngineSection,
+    /// Many engines on a NATS JetStream cluster (`callbus engine --cluster`).
+    pub cluster: ClusterSection,
+}
+
+/// `[cluster]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Join the worker group instead of running a single engine.
+    pub enabled: bool,
+    /// This worker's name, unique among the live workers [default: `<hostname>-<pid>`].
+    pub worker: Option<String>,
+    /// Partitions the calls are spread over; every worker of a cluster must agree.
+    pub partitions: u16,
+    /// JetStream replicas of the log, the input stream and the lease bucket.
+    pub replicas: usize,
+    /// A lease not renewed this long expires; another worker then takes the partition.
+    pub lease_ttl: Dur,
+    /// How long OpenSIPS events are kept in the input stream.
+    pub events_max_age: Dur,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        let d = callbus_engine::ClusterConfig::default();
+        ClusterSection {
+            enabled: false,
+            worker: None,
+            partitions: d.partitions,
+            replicas: d.replicas,
+            lease_ttl: Dur(d.lease_ttl),
+            events_max_age: Dur(d.events_max_age),
+        }
+    }
 }
 
 /// `[bridge]`.
@@ -121,6 +155,7 @@ impl Default for Config {
             nats_auth: crate::nats::NatsAuth::default(),
             bridge: BridgeSection::default(),
             engine: EngineSection::default(),
+            cluster: ClusterSection::default(),
         }
     }
 }
@@ -213,8 +248,11 @@ pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Config>
     })
 }
 
-/// `nats://user:secret@host` → `nats://user:***@host`.
+/// `nats://user:secret@host` → `nats://user:***@host` (each URL of a comma-separated list).
 pub fn mask_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(mask_url).collect::<Vec<_>>().join(",");
+    }
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
     match rest.split_once('@') {
         Some((userinfo, host)) => {
@@ -294,6 +332,7 @@ mod tests {
         assert_eq!(mask_url("nats://alice:s3cret@bus:4222"), "nats://alice:***@bus:4222");
         assert_eq!(mask_url("nats://t0ken@bus:4222"), "nats://***@bus:4222");
         assert_eq!(mask_url("nats://bus:4222"), "nats://bus:4222");
+        assert_eq!(mask_url("nats://a:x@b1:4222,nats://a:y@b2:4222"), "nats://a:***@b1:4222,nats://a:***@b2:4222");
         let mut config = Config { nats: "nats://a:b@h:1".into(), ..Config::default() };
         config.nats_auth.password = Some("hunter2".into());
         config.nats_auth.user = Some("svc".into());

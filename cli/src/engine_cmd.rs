@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use callbus_engine::callapi::CallApiDoor;
-use callbus_engine::{Engine, EngineConfig};
+use callbus_engine::{ClusterConfig, ClusterEngine, Engine, EngineConfig};
 
-use crate::config::{self, Dur, EngineSection, Overrides};
+use crate::config::{self, ClusterSection, Dur, EngineSection, Overrides};
 use crate::{bridge_cmd, duration, nats};
 
 /// Flags of the engine. Each overrides the configuration file's `[engine]` key of the same
@@ -39,6 +39,63 @@ pub struct EngineFlags {
     /// Inputs waiting for the engine at most; commands beyond it are refused [default: 65536].
     #[arg(long, env = "CALLBUS_INPUT_QUEUE")]
     pub input_queue: Option<usize>,
+}
+
+/// Flags of cluster mode. Each overrides the configuration file's `[cluster]` key of the same
+/// name.
+#[derive(clap::Args, Debug)]
+pub struct ClusterFlags {
+    /// Join the worker group on NATS JetStream (partitions, leases, a replicated log) instead of
+    /// running a single engine.
+    #[arg(long, env = "CALLBUS_CLUSTER")]
+    pub cluster: bool,
+    /// This worker's name, unique among the live workers [default: <hostname>-<pid>].
+    #[arg(long, env = "CALLBUS_WORKER")]
+    pub worker: Option<String>,
+    /// Partitions the calls are spread over; every worker must agree [default: 64].
+    #[arg(long, env = "CALLBUS_PARTITIONS")]
+    pub partitions: Option<u16>,
+    /// JetStream replicas of the log, input stream and leases (3 on a 3-node NATS) [default: 1].
+    #[arg(long, env = "CALLBUS_REPLICAS")]
+    pub replicas: Option<usize>,
+    /// A lease not renewed this long expires and another worker takes the partition [default: 2s].
+    #[arg(long, env = "CALLBUS_LEASE_TTL", value_parser = duration::parse)]
+    pub lease_ttl: Option<Duration>,
+}
+
+impl ClusterFlags {
+    /// Puts the flags given (or their variables) over the configuration.
+    pub fn overrides(&self, o: &mut Overrides) {
+        o.set("cluster", "enabled", self.cluster.then_some(true));
+        o.set("cluster", "worker", self.worker.clone());
+        o.set("cluster", "partitions", self.partitions);
+        o.set("cluster", "replicas", self.replicas);
+        o.set("cluster", "lease_ttl", self.lease_ttl.map(Dur));
+    }
+}
+
+/// The cluster settings from the configuration.
+pub fn cluster_config(c: &ClusterSection) -> anyhow::Result<ClusterConfig> {
+    let worker = c.worker.clone().unwrap_or_else(callbus_engine::cluster::default_worker_name);
+    if worker.is_empty() || !worker.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
+        anyhow::bail!("cluster.worker {worker:?}: use letters, digits, '-' and '_' only (it is a NATS KV key)");
+    }
+    if c.partitions == 0 {
+        anyhow::bail!("cluster.partitions must be at least 1");
+    }
+    if c.lease_ttl.0 < Duration::from_millis(500) {
+        anyhow::bail!(
+            "cluster.lease_ttl {:?} is too short: at least 500ms (it is renewed at a quarter of it)",
+            c.lease_ttl.0
+        );
+    }
+    Ok(ClusterConfig {
+        worker,
+        partitions: c.partitions,
+        replicas: c.replicas.max(1),
+        lease_ttl: c.lease_ttl.0,
+        events_max_age: c.events_max_age.0,
+    })
 }
 
 impl EngineFlags {
@@ -81,28 +138,61 @@ pub struct EngineArgs {
     pub nats_auth: nats::NatsAuth,
     #[command(flatten)]
     pub engine: EngineFlags,
+    #[command(flatten)]
+    pub cluster: ClusterFlags,
+}
+
+/// A single engine or a cluster worker.
+pub enum Kind {
+    /// The single-node engine.
+    Single(Engine),
+    /// A worker of the cluster.
+    Worker(ClusterEngine),
 }
 
 /// A running engine and, when asked for, its Call API door.
 pub struct Running {
     /// The engine.
-    pub engine: Engine,
+    pub engine: Kind,
     door: Option<CallApiDoor>,
 }
 
 impl Running {
-    /// Stops the door, then the engine.
+    /// Stops the door, then the engine (a worker hands its partitions over).
     pub async fn shutdown(self) {
         if let Some(door) = self.door {
             door.shutdown().await;
         }
-        self.engine.shutdown().await;
+        match self.engine {
+            Kind::Single(e) => e.shutdown().await,
+            Kind::Worker(w) => w.shutdown().await,
+        }
+    }
+
+    /// What the engine says of itself when it starts.
+    pub fn describe(&self) -> String {
+        match &self.engine {
+            Kind::Single(e) => format!("{} live calls recovered", e.recovered_live_calls()),
+            Kind::Worker(w) => format!("cluster worker {}: taking its share of the partitions", w.worker()),
+        }
     }
 }
 
 /// Starts the engine (and its Call API door) on `client`.
 pub async fn start(section: &EngineSection, client: async_nats::Client) -> anyhow::Result<Running> {
-    let engine = Engine::start(engine_config(section), client.clone()).await?;
+    start_kind(section, None, client).await
+}
+
+/// Starts the engine, or a cluster worker when `cluster` is given, and the Call API door.
+pub async fn start_kind(
+    section: &EngineSection,
+    cluster: Option<ClusterConfig>,
+    client: async_nats::Client,
+) -> anyhow::Result<Running> {
+    let engine = match cluster {
+        None => Kind::Single(Engine::start(engine_config(section), client.clone()).await?),
+        Some(c) => Kind::Worker(ClusterEngine::start(engine_config(section), c, client.clone()).await?),
+    };
     let door = match section.callapi_listen {
         Some(addr) => Some(
             CallApiDoor::start_with_token(addr, client, section.callapi_token.clone())
@@ -124,17 +214,19 @@ pub async fn run(args: EngineArgs, file: Option<&std::path::Path>) -> anyhow::Re
     o.set("", "metrics_listen", args.metrics_listen);
     o.set_auth(&args.nats_auth);
     args.engine.overrides(&mut o);
+    args.cluster.overrides(&mut o);
     let config = config::load(file, o)?;
+    let cluster = if config.cluster.enabled { Some(cluster_config(&config.cluster)?) } else { None };
     if let Some(addr) = config.metrics_listen {
         crate::metrics_http::serve(addr).await?;
     }
     let client = nats::connect(&config.nats, "callbus-engine", &config.nats_auth).await?;
-    let engine = start(&config.engine, client.clone()).await?;
+    let engine = start_kind(&config.engine, cluster, client.clone()).await?;
     println!(
-        "callbus engine: log in {} | NATS {} | {} live calls recovered | Ctrl-C to stop",
+        "callbus engine: log in {} | NATS {} | {} | Ctrl-C to stop",
         config.engine.data_dir.display(),
         config::mask_url(&config.nats),
-        engine.engine.recovered_live_calls()
+        engine.describe()
     );
     bridge_cmd::shutdown_signal().await;
     engine.shutdown().await;

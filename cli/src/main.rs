@@ -4,6 +4,7 @@
 
 mod bridge_cmd;
 mod call_cmd;
+mod cluster_cmd;
 mod config;
 mod demo_cmd;
 mod duration;
@@ -62,6 +63,8 @@ enum Command {
     Events(call_cmd::EventsArgs),
     /// Run an OpenSIPS MI command through the bridge.
     Mi(mi_cmd::MiArgs),
+    /// Many engines: the workers, who owns each partition, lease ages, lag.
+    Cluster(cluster_cmd::ClusterArgs),
     /// Show the effective configuration (file, CALLBUS_* variables and flags), secrets masked.
     Config(ConfigArgs),
 }
@@ -123,6 +126,7 @@ fn main() -> ExitCode {
             Command::Call(args) => call_cmd::run(args).await,
             Command::Ua(args) => ua_cmd::run(args).await,
             Command::Events(args) => call_cmd::events(args).await,
+            Command::Cluster(args) => cluster_cmd::run(args).await,
         }
     });
     match result {

@@ -153,6 +153,16 @@ impl NatsAuth {
     }
 }
 
+/// The servers of a URL list: `nats://a:4222,nats://b:4222` (a cluster: the client moves to
+/// another when one goes).
+pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse().with_context(|| format!("bad NATS URL {}", crate::config::mask_url(u))))
+        .collect()
+}
+
 /// Connects to NATS, retrying in the background if it is down (the bridge keeps working and
 /// buffers meanwhile).
 pub async fn connect(url: &str, name: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::Client> {
@@ -178,7 +188,7 @@ pub async fn connect(url: &str, name: &str, auth: &NatsAuth) -> anyhow::Result<a
                 }
             }
         })
-        .connect(url)
+        .connect(server_addrs(url)?)
         .await
         .with_context(|| format!("cannot connect to NATS at {}", crate::config::mask_url(url)))
 }
@@ -187,7 +197,7 @@ pub async fn connect(url: &str, name: &str, auth: &NatsAuth) -> anyhow::Result<a
 pub async fn connect_client(url: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::Client> {
     let options = auth.apply(async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(3))).await?;
     let shown = crate::config::mask_url(url);
-    options.connect(url).await.with_context(|| {
+    options.connect(server_addrs(url)?).await.with_context(|| {
         format!("cannot connect to NATS at {shown}: is it running, and are the credentials right? (--nats, --nats-*)")
     })
 }

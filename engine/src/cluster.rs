@@ -761,6 +761,19 @@ async fn rebuild(
     Ok((log, position))
 }
 
+/// One message of a partition's log.
+#[derive(Clone, Debug)]
+pub struct LogMessage {
+    /// Its stream sequence.
+    pub seq: u64,
+    /// The worker that appended it.
+    pub owner: Option<String>,
+    /// The input position it carries (absent on a takeover marker).
+    pub input_seq: Option<u64>,
+    /// Its records, concatenated (empty on a marker or a position).
+    pub payload: Bytes,
+}
+
 /// Reads partition `p`'s log messages up to stream sequence `until` (0: to the end), calling
 /// `each` on every record; returns the input position reached.
 pub async fn read_partition(
@@ -769,6 +782,27 @@ pub async fn read_partition(
     until: u64,
     mut each: impl FnMut(u64, &str, &[u8]) -> Result<(), String>,
 ) -> Result<u64, String> {
+    let mut position = 0u64;
+    read_log(js, p, until, |m| {
+        position = position.max(m.input_seq.unwrap_or(0));
+        for (rseq, call_id, bytes) in
+            split_records(&m.payload).map_err(|e| format!("callbus.log.{p} #{}: {e}", m.seq))?
+        {
+            each(rseq, &call_id, bytes)?;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(position)
+}
+
+/// Reads partition `p`'s log messages up to stream sequence `until` (0: to the end).
+pub async fn read_log(
+    js: &jetstream::Context,
+    p: u16,
+    until: u64,
+    mut each: impl FnMut(LogMessage) -> Result<(), String>,
+) -> Result<(), String> {
     let subject = log_subject(p);
     let stream = js.get_stream(LOG_STREAM).await.map_err(|e| format!("stream {LOG_STREAM}: {e}"))?;
     let until = if until > 0 {
@@ -776,7 +810,7 @@ pub async fn read_partition(
     } else {
         match stream.get_last_raw_message_by_subject(&subject).await {
             Ok(m) => m.sequence,
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(0),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(()),
             Err(e) => return Err(format!("last message of {subject}: {e}")),
         }
     };
@@ -789,7 +823,6 @@ pub async fn read_partition(
         .await
         .map_err(|e| format!("reading {subject}: {e}"))?;
     let mut messages = consumer.messages().await.map_err(|e| format!("reading {subject}: {e}"))?;
-    let mut position = 0u64;
     loop {
         let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
             .await
@@ -800,17 +833,18 @@ pub async fn read_partition(
         if seq > until {
             break;
         }
-        if let Some(v) = msg.headers.as_ref().and_then(|h| h.get(HEADER_INPUT_SEQ)) {
-            position = position.max(v.as_str().parse().unwrap_or(0));
-        }
-        for (rseq, call_id, bytes) in split_records(&msg.payload).map_err(|e| format!("{subject} #{seq}: {e}"))? {
-            each(rseq, &call_id, bytes)?;
-        }
+        let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+        each(LogMessage {
+            seq,
+            owner: header(HEADER_OWNER),
+            input_seq: header(HEADER_INPUT_SEQ).and_then(|v| v.parse().ok()),
+            payload: msg.payload.clone(),
+        })?;
         if seq >= until {
             break;
         }
     }
-    Ok(position)
+    Ok(())
 }
 
 /// Where an OpenSIPS event goes.

@@ -5,6 +5,7 @@
 //! installs it in `/usr/sbin`); `CALLBUS_NATS_SERVER` names another binary. When none is
 //! found the test fails with a message saying how to install it.
 
+pub mod cluster;
 pub mod fuzz;
 pub mod stack;
 
