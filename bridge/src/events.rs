@@ -225,17 +225,28 @@ pub(crate) async fn receive(
     }
 }
 
+/// How the publisher confirms what it published.
+pub(crate) struct Publishing {
+    /// The bridge's own subject for barriers.
+    pub barrier_subject: String,
+    /// How long a shutdown may spend publishing what is still buffered.
+    pub drain_for: Duration,
+    /// Wait for JetStream's ack of each event instead of a barrier.
+    pub acked: bool,
+}
+
 /// Publishes buffered datagrams in order until cancelled and the buffer is empty (or
 /// `drain_for` has passed after cancellation).
 pub(crate) async fn publish(
     client: async_nats::Client,
     ids: MsgIds,
-    barrier_subject: String,
+    how: Publishing,
     buffer: Arc<Buffer>,
     counters: Arc<Counters>,
     cancel: CancellationToken,
-    drain_for: Duration,
 ) {
+    let Publishing { barrier_subject, drain_for, acked } = how;
+    let js = acked.then(|| async_nats::jetstream::new(client.clone()));
     let mut barrier = match client.subscribe(barrier_subject.clone()).await {
         Ok(s) => s,
         Err(e) => {
@@ -279,17 +290,32 @@ pub(crate) async fn publish(
             continue;
         }
         let n = batch.len();
-        let mut sent = true;
-        for out in batch {
-            let headers = out.headers(&ids);
-            if let Err(e) = client.publish_with_headers(out.subject, headers, out.payload).await {
-                tracing::warn!(error = %e, "publishing an event failed; the batch will be retried");
-                sent = false;
-                break;
+        let confirmed = match &js {
+            None => {
+                let mut sent = true;
+                for out in batch {
+                    let headers = out.headers(&ids);
+                    if let Err(e) = client.publish_with_headers(out.subject, headers, out.payload).await {
+                        tracing::warn!(error = %e, "publishing an event failed; the batch will be retried");
+                        sent = false;
+                        break;
+                    }
+                }
+                barrier_seq += 1;
+                sent && confirm(&client, &barrier_subject, &mut barrier, barrier_seq).await
             }
-        }
-        barrier_seq += 1;
-        let confirmed = sent && confirm(&client, &barrier_subject, &mut barrier, barrier_seq).await;
+            Some(js) => {
+                let done = stored(js, &ids, batch).await;
+                if done > 0 && done < n {
+                    // The stored head goes; the rest is sent again, after it.
+                    buffer.lock().drain(..done);
+                    counters.published.fetch_add(done as u64, Ordering::Relaxed);
+                    published.increment(done as u64);
+                    continue;
+                }
+                done == n
+            }
+        };
         if confirmed {
             buffer.lock().drain(..n);
             counters.published.fetch_add(n as u64, Ordering::Relaxed);
@@ -304,6 +330,37 @@ pub(crate) async fn publish(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Publishes a batch to JetStream one event at a time, each stored before the next is sent
+/// (a repeat of an event already stored is acknowledged as a duplicate by its `Nats-Msg-Id`).
+/// One at a time, because pipelined publishes can be stored out of order when a stream
+/// changes leader in the middle of a batch: a later event stored, an earlier one lost and
+/// stored again after it. Returns how many of the batch's first events are stored.
+async fn stored(js: &async_nats::jetstream::Context, ids: &MsgIds, batch: Vec<Outgoing>) -> usize {
+    let mut done = 0;
+    for out in batch {
+        let headers = out.headers(ids);
+        let ack = match js.publish_with_headers(out.subject, headers, out.payload).await {
+            Ok(ack) => ack,
+            Err(e) => {
+                tracing::warn!(error = %e, "publishing an event to JetStream failed; it will be retried");
+                return done;
+            }
+        };
+        match tokio::time::timeout(BARRIER_TIMEOUT, std::future::IntoFuture::into_future(ack)).await {
+            Ok(Ok(_)) => done += 1,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "JetStream did not store an event; it will be retried");
+                return done;
+            }
+            Err(_) => {
+                tracing::warn!("JetStream did not acknowledge an event in time; it will be retried");
+                return done;
+            }
+        }
+    }
+    done
 }
 
 /// Publishes barrier `seq` to our own subscription and waits until it comes back.

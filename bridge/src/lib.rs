@@ -61,6 +61,10 @@ pub struct BridgeConfig {
     pub max_mi_in_flight: usize,
     /// How long a shutdown may spend publishing what is still buffered.
     pub drain_timeout: Duration,
+    /// Wait for JetStream to store each event (a stream captures `opensips.*.event.>`, as in
+    /// cluster mode) instead of for the NATS server to take it: nothing is lost while a
+    /// stream elects a new leader, at one ack round trip per batch.
+    pub events_acked: bool,
 }
 
 impl Default for BridgeConfig {
@@ -79,6 +83,7 @@ impl Default for BridgeConfig {
             buffer_capacity: 100_000,
             max_mi_in_flight: 4096,
             drain_timeout: Duration::from_secs(5),
+            events_acked: false,
         }
     }
 }
@@ -215,11 +220,14 @@ impl Bridge {
         let publisher = tokio::spawn(events::publish(
             client.clone(),
             events::MsgIds { node: config.node.clone(), prefix: format!("{}.{run_id}.", config.node) },
-            format!("_CALLBUS.bridge.{}.{run_id}.barrier", config.node),
+            events::Publishing {
+                barrier_subject: format!("_CALLBUS.bridge.{}.{run_id}.barrier", config.node),
+                drain_for: config.drain_timeout,
+                acked: config.events_acked,
+            },
             Arc::clone(&buffer),
             Arc::clone(&counters),
             cancel.clone(),
-            config.drain_timeout,
         ));
 
         let mi_subject = subjects::all_mi(&config.node).map_err(|e| BridgeError::Config(e.to_string()))?;

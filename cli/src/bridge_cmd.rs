@@ -50,6 +50,10 @@ pub struct BridgeArgs {
     /// Serve Prometheus metrics on http://<this>/metrics (e.g. 127.0.0.1:9464); off unless set.
     #[arg(long, env = "CALLBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Wait for JetStream to store each event (cluster mode: a stream captures them) rather
+    /// than for the NATS server to take it.
+    #[arg(long, env = "CALLBUS_EVENTS_ACKED")]
+    pub events_acked: bool,
     #[command(flatten)]
     pub nats_auth: nats::NatsAuth,
 }
@@ -79,6 +83,7 @@ impl BridgeArgs {
         o.set("bridge", "subscribe_expire", self.subscribe_expire.map(Dur));
         o.set("bridge", "buffer", self.buffer);
         o.set("bridge", "status_interval", self.status_interval.map(Dur));
+        o.set("bridge", "events_acked", self.events_acked.then_some(true));
     }
 }
 
@@ -112,6 +117,7 @@ fn bridge_config(c: &BridgeSection) -> anyhow::Result<BridgeConfig> {
         subscribe_expire: c.subscribe_expire.0,
         status_interval: c.status_interval.0,
         buffer_capacity: c.buffer,
+        events_acked: c.events_acked,
         ..BridgeConfig::default()
     })
 }

@@ -123,6 +123,8 @@ pub struct BridgeSection {
     pub buffer: usize,
     /// How often the bridge status is published.
     pub status_interval: Dur,
+    /// Wait for JetStream to store each event (cluster mode) rather than for NATS to take it.
+    pub events_acked: bool,
 }
 
 /// `[engine]`.
@@ -173,6 +175,7 @@ impl Default for BridgeSection {
             subscribe_expire: Dur(Duration::from_secs(60)),
             buffer: 100_000,
             status_interval: Dur(Duration::from_secs(5)),
+            events_acked: false,
         }
     }
 }

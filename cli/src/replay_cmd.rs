@@ -18,6 +18,16 @@ pub struct ReplayArgs {
     /// The engine's data dir (a running engine's dir is read through a copy).
     #[arg(long, env = "CALLBUS_DATA_DIR", default_value = "./callbus-data", global = true)]
     pub data_dir: PathBuf,
+    /// Read a cluster's replicated log (JetStream) on this NATS instead of a data dir: one
+    /// partition, named by --partition or by the --call given.
+    #[arg(long, global = true)]
+    pub from_nats: Option<String>,
+    /// The partition to read with --from-nats [default: the one --call belongs to].
+    #[arg(long, global = true)]
+    pub partition: Option<u16>,
+    /// Partitions of the cluster (to find a call's partition).
+    #[arg(long, global = true, default_value_t = callbus_engine::cluster::DEFAULT_PARTITIONS)]
+    pub partitions: u16,
     #[command(subcommand)]
     pub command: ReplayCommand,
 }
@@ -147,8 +157,36 @@ pub fn print_timeline(reader: &LogReader, call: &str, json: bool, color: bool) -
 
 /// `callbus replay …`.
 pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let reader = LogReader::open(&args.data_dir)
-        .with_context(|| format!("cannot read the log in {}", args.data_dir.display()))?;
+    // A partition of the replicated log is copied into a temporary sled log and read there.
+    let mut _fetched = None;
+    let dir = match &args.from_nats {
+        None => args.data_dir.clone(),
+        Some(url) => {
+            let call = match &args.command {
+                ReplayCommand::Timeline { call, .. } => Some(call.clone()),
+                ReplayCommand::Check { call, .. }
+                | ReplayCommand::Export { call, .. }
+                | ReplayCommand::Republish { call, .. } => call.clone(),
+                ReplayCommand::Stats { .. } => None,
+            };
+            let partition = match (args.partition, call) {
+                (Some(p), _) => p,
+                (None, Some(call)) => callbus_engine::cluster::partition_of_call_id(&call, args.partitions),
+                (None, None) => anyhow::bail!("with --from-nats, name the partition (--partition) or a call (--call)"),
+            };
+            let client = nats::connect_client(url, &crate::nats::NatsAuth::default()).await?;
+            let tmp = tempfile::tempdir().context("a temporary dir for the partition's log")?;
+            let records = callbus_engine::cluster::copy_partition(&client, partition, tmp.path())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read partition {partition}'s log from NATS: {e}"))?;
+            eprintln!("note: partition {partition} of the replicated log: {records} records");
+            let dir = tmp.path().to_owned();
+            _fetched = Some(tmp);
+            dir
+        }
+    };
+    let reader =
+        LogReader::open(&dir).with_context(|| format!("cannot read the log in {}", args.data_dir.display()))?;
     if reader.is_copy() {
         eprintln!("note: {} is in use by a running engine: reading a copy of it", args.data_dir.display());
     }

@@ -280,6 +280,15 @@ impl PartCtx {
     }
 }
 
+/// A JetStream context that gives up on a request or an ack after 2 s (async-nats waits 5 s
+/// and 30 s): callers retry, and while a stream changes leader a quick retry is what works.
+pub fn context(client: &async_nats::Client) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .ack_timeout(Duration::from_secs(2))
+        .build(client.clone())
+}
+
 /// Creates the streams and the bucket if they are missing (waits up to 30 s for JetStream,
 /// which a starting cluster needs to elect its leaders).
 pub async fn ensure_streams(js: &jetstream::Context, config: &ClusterConfig) -> Result<jetstream::kv::Store, String> {
@@ -364,6 +373,8 @@ struct Shared {
     rewind: mpsc::UnboundedSender<u64>,
     /// Live workers other than this one, by when their heartbeat was last seen.
     workers: Mutex<HashMap<String, Instant>>,
+    /// When the heartbeat watch last showed this worker's own heartbeat (it is working).
+    self_seen: Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -372,6 +383,9 @@ impl Shared {
     }
     fn workers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
         self.workers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn self_seen(&self) -> Option<Instant> {
+        *self.self_seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -407,7 +421,7 @@ impl ClusterEngine {
         cluster: ClusterConfig,
         client: async_nats::Client,
     ) -> Result<ClusterEngine, EngineError> {
-        let js = jetstream::new(client.clone());
+        let js = context(&client);
         let kv = ensure_streams(&js, &cluster).await.map_err(EngineError::Nats)?;
         std::fs::create_dir_all(config.data_dir.join("partitions")).map_err(|e| {
             EngineError::Log(LogError::Store { path: config.data_dir.display().to_string(), reason: e.to_string() })
@@ -423,6 +437,7 @@ impl ClusterEngine {
             dispatch: Default::default(),
             rewind,
             workers: Default::default(),
+            self_seen: Default::default(),
         });
         let cancel = CancellationToken::new();
         let commands = client
@@ -486,6 +501,10 @@ async fn manage(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(100).min(renew_every));
     let mut last_renew = Instant::now();
     let mut last_heartbeat: Option<Instant> = None;
+    // Since when this worker's heartbeats have been written without a miss: only a worker
+    // that has seen the bucket work for a whole TTL judges who is alive and takes partitions
+    // (after a JetStream outage every heartbeat looks stale at first).
+    let mut healthy_since: Option<Instant> = None;
     let started = Instant::now();
     let lease_value = Bytes::from(serde_json::to_vec(&serde_json::json!({ "worker": me })).unwrap_or_default());
     loop {
@@ -495,9 +514,19 @@ async fn manage(shared: Arc<Shared>, cancel: CancellationToken) {
         }
         if last_heartbeat.is_none_or(|t| t.elapsed() >= renew_every) {
             let body = serde_json::json!({"worker": me, "partitions": held.len(), "up_ms": started.elapsed().as_millis() as u64});
-            match shared.kv.put(format!("w.{me}"), Bytes::from(body.to_string())).await {
-                Ok(_) => last_heartbeat = Some(Instant::now()),
-                Err(e) => tracing::warn!(error = %e, "cluster heartbeat not written"),
+            match tokio::time::timeout(ttl / 2, shared.kv.put(format!("w.{me}"), Bytes::from(body.to_string()))).await {
+                Ok(Ok(_)) => {
+                    last_heartbeat = Some(Instant::now());
+                    healthy_since.get_or_insert_with(Instant::now);
+                }
+                Ok(Err(e)) => {
+                    healthy_since = None;
+                    tracing::warn!(error = %e, "cluster heartbeat not written: not taking partitions until it is");
+                }
+                Err(_) => {
+                    healthy_since = None;
+                    tracing::warn!("cluster heartbeat not written in time: not taking partitions until it is");
+                }
             }
         }
         if last_renew.elapsed() >= renew_every {
@@ -505,9 +534,13 @@ async fn manage(shared: Arc<Shared>, cancel: CancellationToken) {
             let renewals = held.iter().map(|(p, h)| {
                 let kv = shared.kv.clone();
                 let (p, rev, value) = (*p, h.revision, lease_value.clone());
-                async move { (p, kv.update(lease_key(p), value, rev).await) }
+                async move { (p, tokio::time::timeout(ttl / 2, kv.update(lease_key(p), value, rev)).await) }
             });
             for (p, result) in futures::future::join_all(renewals).await {
+                let Ok(result) = result else {
+                    tracing::warn!(partition = p, "lease not renewed in time; retrying");
+                    continue;
+                };
                 match result {
                     Ok(rev) => {
                         if let Some(h) = held.get_mut(&p) {
@@ -515,9 +548,20 @@ async fn manage(shared: Arc<Shared>, cancel: CancellationToken) {
                         }
                     }
                     Err(e) if e.kind() == jetstream::kv::UpdateErrorKind::WrongLastRevision => {
-                        tracing::warn!(partition = p, "lease lost to another worker: stepping down");
-                        if let Some(h) = held.remove(&p) {
-                            drop_partition(&shared, p, h);
+                        // A renewal whose answer was lost (a NATS server went away) moved the
+                        // revision on: still ours if the lease names this worker.
+                        match still_ours(&shared.kv, p, &me, lease_value.clone()).await {
+                            Some(rev) => {
+                                if let Some(h) = held.get_mut(&p) {
+                                    h.revision = rev;
+                                }
+                            }
+                            None => {
+                                tracing::warn!(partition = p, "lease lost to another worker: stepping down");
+                                if let Some(h) = held.remove(&p) {
+                                    drop_partition(&shared, p, h);
+                                }
+                            }
                         }
                     }
                     Err(e) => tracing::warn!(partition = p, error = %e, "lease not renewed; retrying"),
@@ -532,6 +576,11 @@ async fn manage(shared: Arc<Shared>, cancel: CancellationToken) {
                 drop_partition(&shared, p, h);
                 let _ = shared.kv.delete_expect_revision(lease_key(p), Some(revision)).await;
             }
+        }
+        let judged =
+            healthy_since.is_some_and(|t| t.elapsed() >= ttl) && shared.self_seen().is_some_and(|t| t.elapsed() < ttl);
+        if !judged {
+            continue;
         }
         let mut live: Vec<String> = {
             let workers = shared.workers();
@@ -574,6 +623,17 @@ async fn manage(shared: Arc<Shared>, cancel: CancellationToken) {
     let _ = shared.kv.delete(format!("w.{me}")).await;
     let _ = shared.client.flush().await;
     tracing::info!(worker = %me, "left the cluster: partitions handed over");
+}
+
+/// The lease's revision if it still names `me`; a lease that expired meanwhile (JetStream was
+/// away longer than the TTL) is taken again if no one else took it.
+async fn still_ours(kv: &jetstream::kv::Store, p: u16, me: &str, value: Bytes) -> Option<u64> {
+    let entry = match kv.entry(lease_key(p)).await.ok()? {
+        Some(e) if e.operation == jetstream::kv::Operation::Put => e,
+        _ => return kv.create(lease_key(p), value).await.ok(),
+    };
+    let holder: LeaseValue = serde_json::from_slice(&entry.value).ok()?;
+    (entry.operation == jetstream::kv::Operation::Put && holder.worker == me).then_some(entry.revision)
 }
 
 /// Stops feeding a partition and drops it at once (its owner may not write any more).
@@ -740,6 +800,21 @@ pub fn split_records(payload: &[u8]) -> Result<Vec<RecordSlice<'_>>, String> {
     Ok(out)
 }
 
+/// Copies partition `p`'s replicated log into a sled log in `dir` (which must not hold one),
+/// for `callbus replay`; returns how many records.
+pub async fn copy_partition(client: &async_nats::Client, p: u16, dir: &std::path::Path) -> Result<u64, String> {
+    let js = context(client);
+    let log = SledLog::open(dir).map_err(|e| e.to_string())?;
+    let mut n = 0u64;
+    read_partition(&js, p, 0, |seq, call_id, bytes| {
+        n += 1;
+        log.stage_raw(seq, call_id, bytes).map_err(|e| e.to_string())
+    })
+    .await?;
+    log.commit().await.map_err(|e| e.to_string())?;
+    Ok(n)
+}
+
 /// Reads a partition's log up to `until` into a fresh local sled copy; returns it and the
 /// input position the log reached.
 async fn rebuild(
@@ -814,37 +889,54 @@ pub async fn read_log(
             Err(e) => return Err(format!("last message of {subject}: {e}")),
         }
     };
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: subject.clone(),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("reading {subject}: {e}"))?;
-    let mut messages = consumer.messages().await.map_err(|e| format!("reading {subject}: {e}"))?;
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .map_err(|_| format!("reading {subject}: no message within 10 s before sequence {until}"))?;
-        let Some(msg) = next else { return Err(format!("reading {subject}: ended before sequence {until}")) };
-        let msg = msg.map_err(|e| format!("reading {subject}: {e}"))?;
-        let seq = msg.info().map(|i| i.stream_sequence).map_err(|e| format!("reading {subject}: {e}"))?;
-        if seq > until {
-            break;
+    // Direct gets, not a consumer: any replica answers them, while on nats-server 2.9 an
+    // ephemeral consumer may be placed on a server that is down. A replica may lag behind
+    // the leader, so "not found" before `until` means "not yet": ask again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut next_seq = 1u64;
+    let mut last_error = String::new();
+    while Instant::now() < deadline {
+        let got = tokio::time::timeout(
+            Duration::from_secs(3),
+            stream.direct_get_next_for_subject(subject.as_str(), Some(next_seq)),
+        )
+        .await;
+        let msg = match got {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+                if next_seq > until {
+                    return Ok(());
+                }
+                last_error = format!("sequence {until} not found (a lagging replica?)");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Ok(Err(e)) => {
+                last_error = e.to_string();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(_) => {
+                last_error = "no answer within 3 s".into();
+                continue;
+            }
+        };
+        if msg.sequence > until {
+            return Ok(());
         }
-        let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+        next_seq = msg.sequence + 1;
+        let header = |name: &str| msg.headers.get(name).map(|v| v.as_str().to_owned());
         each(LogMessage {
-            seq,
+            seq: msg.sequence,
             owner: header(HEADER_OWNER),
             input_seq: header(HEADER_INPUT_SEQ).and_then(|v| v.parse().ok()),
             payload: msg.payload.clone(),
         })?;
-        if seq >= until {
-            break;
+        if msg.sequence >= until {
+            return Ok(());
         }
     }
-    Ok(())
+    Err(format!("reading {subject}: {last_error}"))
 }
 
 /// Where an OpenSIPS event goes.
@@ -924,7 +1016,22 @@ async fn read_events(shared: Arc<Shared>, mut rewind: mpsc::UnboundedReceiver<u6
                     Some(_) => continue,
                     None => return,
                 },
-                _ = tokio::time::sleep(Duration::from_secs(1)) => { post_positions(&shared, next.saturating_sub(1)).await; continue; }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    post_positions(&shared, next.saturating_sub(1)).await;
+                    // Quiet: is the stream quiet too, or did the consumer stall (it may sit on
+                    // a server that went away)?
+                    let mut stream = stream.clone();
+                    let behind = matches!(
+                        tokio::time::timeout(Duration::from_secs(2), stream.info()).await,
+                        Ok(Ok(info)) if info.state.last_sequence >= next
+                    );
+                    if behind {
+                        tracing::warn!(next, "the input stream reader stalled: reading again from where it stopped");
+                        from = Some(next);
+                        continue 'outer;
+                    }
+                    continue;
+                }
                 _ = cancel.cancelled() => return,
             };
             let msg = match msg {
@@ -1003,9 +1110,11 @@ async fn post_positions(shared: &Shared, seq: u64) {
     }
 }
 
-/// Follows the other workers' heartbeats.
+/// Follows the workers' heartbeats. The watch is made anew when it stops showing this
+/// worker's own heartbeat (a consumer can stall silently while JetStream moves a leader).
 async fn watch_workers(shared: Arc<Shared>, cancel: CancellationToken) {
     let me = format!("w.{}", shared.cluster.worker);
+    let ttl = shared.cluster.lease_ttl;
     loop {
         let mut watch = match shared.kv.watch("w.>").await {
             Ok(w) => w,
@@ -1017,13 +1126,18 @@ async fn watch_workers(shared: Arc<Shared>, cancel: CancellationToken) {
                 }
             }
         };
+        let mut own = Instant::now();
         loop {
             let entry = tokio::select! {
-                e = watch.next() => e,
+                e = tokio::time::timeout(ttl, watch.next()) => e,
                 _ = cancel.cancelled() => return,
             };
             match entry {
-                Some(Ok(entry)) if entry.key != me => {
+                Ok(Some(Ok(entry))) if entry.key == me => {
+                    own = Instant::now();
+                    *shared.self_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(own);
+                }
+                Ok(Some(Ok(entry))) => {
                     let name = entry.key.trim_start_matches("w.").to_owned();
                     match entry.operation {
                         jetstream::kv::Operation::Put => {
@@ -1034,8 +1148,12 @@ async fn watch_workers(shared: Arc<Shared>, cancel: CancellationToken) {
                         }
                     }
                 }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => break,
+                Ok(Some(Err(_))) | Ok(None) => break,
+                Err(_) => {}
+            }
+            if own.elapsed() >= ttl {
+                tracing::debug!("the heartbeat watch went quiet: watching again");
+                break;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

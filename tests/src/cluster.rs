@@ -17,8 +17,14 @@ use opensips_sim::{Sim, SimConfig, Traced};
 use crate::stack::NODE;
 use crate::NatsCluster;
 
-/// The simulated OpenSIPS and its bridge, on `nats`.
+/// The simulated OpenSIPS and its bridge (events acknowledged by JetStream), on `nats`.
 pub async fn opensips(nats: &NatsCluster) -> (Sim, Bridge) {
+    opensips_with(nats, true).await
+}
+
+/// The simulated OpenSIPS and its bridge, on `nats`; `acked`: the bridge waits for JetStream
+/// to store each event.
+pub async fn opensips_with(nats: &NatsCluster, acked: bool) -> (Sim, Bridge) {
     let client = nats.connect().await;
     let sim = Sim::start(SimConfig { step: Duration::from_millis(3), ..SimConfig::default() }).await.expect("sim");
     let bridge_config = BridgeConfig {
@@ -26,6 +32,7 @@ pub async fn opensips(nats: &NatsCluster) -> (Sim, Bridge) {
         mi: sim.mi_addr(),
         events_listen: "127.0.0.1:0".parse().expect("addr"),
         health_interval: Duration::from_millis(200),
+        events_acked: acked,
         ..BridgeConfig::default()
     };
     let bridge = Bridge::start(bridge_config, client).await.expect("bridge");
@@ -88,14 +95,65 @@ pub async fn all_records(client: &async_nats::Client, partitions: u16) -> Vec<Re
     let js = async_nats::jetstream::new(client.clone());
     let mut out = Vec::new();
     for p in 0..partitions {
-        cluster::read_partition(&js, p, 0, |_, _, bytes| {
-            out.push(rmp_serde::from_slice::<Record>(bytes).map_err(|e| e.to_string())?);
-            Ok(())
-        })
-        .await
-        .unwrap_or_else(|e| panic!("reading partition {p}'s log: {e}"));
+        // JetStream may be electing a leader (a server was killed): try again for a while.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut records = Vec::new();
+            let read = cluster::read_partition(&js, p, 0, |_, _, bytes| {
+                records.push(rmp_serde::from_slice::<Record>(bytes).map_err(|e| e.to_string())?);
+                Ok(())
+            })
+            .await;
+            match read {
+                Ok(_) => {
+                    out.extend(records);
+                    break;
+                }
+                Err(e) if Instant::now() < deadline && !e.contains("record at byte") => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("reading partition {p}'s log: {e}"),
+            }
+        }
     }
     out
+}
+
+/// Waits until the log says every call of `sips` has ended (notifications are at most once:
+/// a subscriber whose NATS server went away misses some; the log does not). Returns the
+/// records. Panics after `within`.
+pub async fn wait_ended_in_log(
+    client: &async_nats::Client,
+    partitions: u16,
+    sips: &[String],
+    within: Duration,
+) -> Vec<Record> {
+    let deadline = Instant::now() + within;
+    loop {
+        let records = all_records(client, partitions).await;
+        let ended: std::collections::HashSet<&str> =
+            records.iter().filter(|r| r.after.is_ended()).filter_map(|r| r.after.sip_call_id()).collect();
+        let left: Vec<&String> = sips.iter().filter(|s| !ended.contains(s.as_str())).collect();
+        if std::env::var_os("CALLBUS_TEST_TRACE").is_some() {
+            eprintln!("TRACE {:?} records {} calls not ended {}", Instant::now(), records.len(), left.len());
+        }
+        if left.is_empty() {
+            return records;
+        }
+        if Instant::now() >= deadline {
+            let mut by_partition: BTreeMap<u16, usize> = BTreeMap::new();
+            for sip in &left {
+                *by_partition.entry(cluster::partition_of(sip, partitions)).or_default() += 1;
+            }
+            let status = cluster::status(client, partitions).await;
+            panic!(
+                "{} of {} calls not ended in the log within {within:?}; by partition {by_partition:?}; status {status:#?}",
+                left.len(),
+                sips.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Checks fencing in every partition's log: the writer changes only at a takeover marker
