@@ -231,7 +231,7 @@ pub(crate) struct Publishing {
     pub barrier_subject: String,
     /// How long a shutdown may spend publishing what is still buffered.
     pub drain_for: Duration,
-    /// Wait for JetStream's ack of each event instead of a barrier.
+    /// Also append each batch to `callbus.input.<node>` for the engines of a cluster.
     pub acked: bool,
 }
 
@@ -246,7 +246,15 @@ pub(crate) async fn publish(
     cancel: CancellationToken,
 ) {
     let Publishing { barrier_subject, drain_for, acked } = how;
-    let js = acked.then(|| async_nats::jetstream::new(client.clone()));
+    let mut input = match (acked, callbus_schemas::input::subject(&ids.node)) {
+        (true, Ok(subject)) => Some(Input {
+            js: async_nats::jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client.clone()),
+            subject,
+            run: ids.prefix.clone(),
+            last: None,
+        }),
+        _ => None,
+    };
     let mut barrier = match client.subscribe(barrier_subject.clone()).await {
         Ok(s) => s,
         Err(e) => {
@@ -273,7 +281,18 @@ pub(crate) async fn publish(
         let batch: Vec<Outgoing> = {
             let queue = buffer.lock();
             buffered.set(queue.len() as f64);
-            queue.iter().take(MAX_BATCH).cloned().collect()
+            // At most MAX_BATCH datagrams, and (for the cluster's input batch) about 512 KiB.
+            let mut bytes = 0usize;
+            queue
+                .iter()
+                .take(MAX_BATCH)
+                .take_while(|o| {
+                    let first = bytes == 0;
+                    bytes += o.payload.len() + 12;
+                    first || bytes <= callbus_schemas::input::MAX_BATCH_BYTES
+                })
+                .cloned()
+                .collect()
         };
         if batch.is_empty() {
             if drain_deadline.is_some() {
@@ -290,32 +309,31 @@ pub(crate) async fn publish(
             continue;
         }
         let n = batch.len();
-        let confirmed = match &js {
-            None => {
-                let mut sent = true;
-                for out in batch {
-                    let headers = out.headers(&ids);
-                    if let Err(e) = client.publish_with_headers(out.subject, headers, out.payload).await {
-                        tracing::warn!(error = %e, "publishing an event failed; the batch will be retried");
-                        sent = false;
-                        break;
-                    }
-                }
-                barrier_seq += 1;
-                sent && confirm(&client, &barrier_subject, &mut barrier, barrier_seq).await
+        // Apps: each event on its subject, confirmed by a barrier.
+        let mut sent = true;
+        for out in &batch {
+            let headers = out.headers(&ids);
+            if let Err(e) = client.publish_with_headers(out.subject.clone(), headers, out.payload.clone()).await {
+                tracing::warn!(error = %e, "publishing an event failed; the batch will be retried");
+                sent = false;
+                break;
             }
-            Some(js) => {
-                let done = stored(js, &ids, batch).await;
-                if done > 0 && done < n {
-                    // The stored head goes; the rest is sent again, after it.
-                    buffer.lock().drain(..done);
-                    counters.published.fetch_add(done as u64, Ordering::Relaxed);
-                    published.increment(done as u64);
+        }
+        barrier_seq += 1;
+        let mut confirmed = sent && confirm(&client, &barrier_subject, &mut barrier, barrier_seq).await;
+        // Engines of a cluster: the batch appended to the node's input, after the previous one.
+        if let (true, Some(input)) = (confirmed, input.as_mut()) {
+            let stored = input.append(&batch).await;
+            if stored < n {
+                if stored > 0 {
+                    buffer.lock().drain(..stored);
+                    counters.published.fetch_add(stored as u64, Ordering::Relaxed);
+                    published.increment(stored as u64);
                     continue;
                 }
-                done == n
+                confirmed = false;
             }
-        };
+        }
         if confirmed {
             buffer.lock().drain(..n);
             counters.published.fetch_add(n as u64, Ordering::Relaxed);
@@ -332,35 +350,84 @@ pub(crate) async fn publish(
     }
 }
 
-/// Publishes a batch to JetStream one event at a time, each stored before the next is sent
-/// (a repeat of an event already stored is acknowledged as a duplicate by its `Nats-Msg-Id`).
-/// One at a time, because pipelined publishes can be stored out of order when a stream
-/// changes leader in the middle of a batch: a later event stored, an earlier one lost and
-/// stored again after it. Returns how many of the batch's first events are stored.
-async fn stored(js: &async_nats::jetstream::Context, ids: &MsgIds, batch: Vec<Outgoing>) -> usize {
-    let mut done = 0;
-    for out in batch {
-        let headers = out.headers(ids);
-        let ack = match js.publish_with_headers(out.subject, headers, out.payload).await {
-            Ok(ack) => ack,
-            Err(e) => {
-                tracing::warn!(error = %e, "publishing an event to JetStream failed; it will be retried");
-                return done;
-            }
+/// A node's input for the engines of a cluster: batches appended to `callbus.input.<node>`,
+/// each chained to the previous one with `Nats-Expected-Last-Subject-Sequence`.
+struct Input {
+    js: async_nats::jetstream::Context,
+    subject: String,
+    run: String,
+    /// The subject's last sequence, when known.
+    last: Option<u64>,
+}
+
+impl Input {
+    /// Appends the batch; returns how many of its first datagrams are now stored (all of them,
+    /// or as many as the stream says it holds after a lost answer).
+    async fn append(&mut self, batch: &[Outgoing]) -> usize {
+        let Some(last_seq) = batch.last().map(|o| o.seq) else { return 0 };
+        let valid = batch.iter().filter(|o| o.invalid_reason.is_none());
+        if valid.clone().next().is_none() {
+            return batch.len(); // nothing the engines read
+        }
+        let last = match self.last {
+            Some(l) => l,
+            None => match self.resync(batch).await {
+                Some(0) => match self.last {
+                    Some(l) => l,
+                    None => return 0,
+                },
+                Some(stored) => return stored,
+                None => return 0,
+            },
         };
-        match tokio::time::timeout(BARRIER_TIMEOUT, std::future::IntoFuture::into_future(ack)).await {
-            Ok(Ok(_)) => done += 1,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "JetStream did not store an event; it will be retried");
-                return done;
+        let payload = Bytes::from(callbus_schemas::input::encode(valid.map(|o| (o.seq, &o.payload[..]))));
+        let message = async_nats::jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .expected_last_subject_sequence(last)
+            .header(callbus_schemas::input::HEADER_INPUT_RUN, self.run.as_str())
+            .header(callbus_schemas::input::HEADER_INPUT_LAST, last_seq.to_string().as_str());
+        let acked = match self.js.send_publish(self.subject.clone(), message).await {
+            Ok(ack) => tokio::time::timeout(BARRIER_TIMEOUT, std::future::IntoFuture::into_future(ack))
+                .await
+                .map_err(|_| "no ack in time".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        };
+        match acked {
+            Ok(ack) => {
+                self.last = Some(ack.sequence);
+                batch.len()
             }
-            Err(_) => {
-                tracing::warn!("JetStream did not acknowledge an event in time; it will be retried");
-                return done;
+            Err(e) => {
+                tracing::warn!(subject = %self.subject, error = %e, "the input batch was not acknowledged: asking the stream what it holds");
+                self.resync(batch).await.unwrap_or(0)
             }
         }
     }
-    done
+
+    /// Reads the subject's last message: its sequence, and how many of `batch` it says are
+    /// stored (when this run wrote it). None when the stream does not answer.
+    async fn resync(&mut self, batch: &[Outgoing]) -> Option<usize> {
+        let stream = self.js.get_stream(callbus_schemas::input::STREAM).await.ok()?;
+        match stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(m) => {
+                self.last = Some(m.sequence);
+                let header = |name: &str| m.headers.get(name).map(|v| v.as_str().to_owned());
+                let ours = header(callbus_schemas::input::HEADER_INPUT_RUN).as_deref() == Some(self.run.as_str());
+                let stored_last: u64 =
+                    header(callbus_schemas::input::HEADER_INPUT_LAST).and_then(|v| v.parse().ok()).unwrap_or(0);
+                Some(if ours { batch.iter().take_while(|o| o.seq <= stored_last).count() } else { 0 })
+            }
+            Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                self.last = Some(0);
+                Some(0)
+            }
+            Err(e) => {
+                tracing::warn!(subject = %self.subject, error = %e, "the input stream does not answer yet");
+                None
+            }
+        }
+    }
 }
 
 /// Publishes barrier `seq` to our own subscription and waits until it comes back.

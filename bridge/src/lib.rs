@@ -61,9 +61,9 @@ pub struct BridgeConfig {
     pub max_mi_in_flight: usize,
     /// How long a shutdown may spend publishing what is still buffered.
     pub drain_timeout: Duration,
-    /// Wait for JetStream to store each event (a stream captures `opensips.*.event.>`, as in
-    /// cluster mode) instead of for the NATS server to take it: nothing is lost while a
-    /// stream elects a new leader, at one ack round trip per batch.
+    /// Also append each batch of events, in order, to `callbus.input.<node>` in JetStream and
+    /// keep it until JetStream stored it: the input of the engines of a cluster (`engine
+    /// --cluster`), which nothing is lost from while a stream changes leader.
     pub events_acked: bool,
 }
 

@@ -50,8 +50,8 @@ pub struct BridgeArgs {
     /// Serve Prometheus metrics on http://<this>/metrics (e.g. 127.0.0.1:9464); off unless set.
     #[arg(long, env = "CALLBUS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Wait for JetStream to store each event (cluster mode: a stream captures them) rather
-    /// than for the NATS server to take it.
+    /// Also append each batch of events to callbus.input.<node> in JetStream, kept until it is
+    /// stored: the input of the engines of a cluster (engine --cluster). Needed by a cluster.
     #[arg(long, env = "CALLBUS_EVENTS_ACKED")]
     pub events_acked: bool,
     #[command(flatten)]

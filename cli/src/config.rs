@@ -123,7 +123,7 @@ pub struct BridgeSection {
     pub buffer: usize,
     /// How often the bridge status is published.
     pub status_interval: Dur,
-    /// Wait for JetStream to store each event (cluster mode) rather than for NATS to take it.
+    /// Also append each batch of events to `callbus.input.<node>` (JetStream): a cluster's input.
     pub events_acked: bool,
 }
 

@@ -27,10 +27,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
-use callbus_schemas::bus::HEADER_SEQ;
 use callbus_schemas::command::{CommandError, CommandErrorCode, CommandReply};
 use callbus_schemas::event::{Event, UaEventType};
-use callbus_schemas::subjects::{Subject as BusSubject, Verb};
+use callbus_schemas::subjects::Verb;
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -45,8 +44,9 @@ use crate::{EngineConfig, EngineError};
 pub const DEFAULT_PARTITIONS: u16 = 64;
 /// The stream of every partition's records (`callbus.log.<p>`).
 pub const LOG_STREAM: &str = "CALLBUS_LOG";
-/// The stream that captures OpenSIPS events (`opensips.*.event.>`).
-pub const EVENTS_STREAM: &str = "CALLBUS_EVENTS";
+/// The stream of the bridges' input batches (`callbus.input.<node>`, see
+/// [`callbus_schemas::input`]).
+pub const EVENTS_STREAM: &str = callbus_schemas::input::STREAM;
 /// The KV bucket of leases (`p.<p>`) and worker heartbeats (`w.<worker>`).
 pub const LEASES_BUCKET: &str = "callbus_leases";
 /// Header of a log message: the input-stream sequence its partition has consumed up to.
@@ -303,7 +303,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &ClusterConfig) -> 
         },
         stream::Config {
             name: EVENTS_STREAM.into(),
-            subjects: vec!["opensips.*.event.>".into()],
+            subjects: vec![callbus_schemas::input::STREAM_SUBJECTS.into()],
             storage: stream::StorageType::File,
             num_replicas: config.replicas,
             max_age: config.events_max_age,
@@ -962,18 +962,26 @@ fn route(payload: &[u8], keys: &Keys, partitions: u16) -> Route {
     }
 }
 
+/// An event's position in the input: its batch message's stream sequence times 2^16 plus
+/// its index in the batch.
+pub fn position(stream_seq: u64, index: usize) -> u64 {
+    (stream_seq << 16) | (index as u64 & 0xffff)
+}
+
 /// Reads the input stream from the lowest position an owned partition needs and hands each
 /// event to its partition's owner (once per partition).
 async fn read_events(shared: Arc<Shared>, mut rewind: mpsc::UnboundedReceiver<u64>, cancel: CancellationToken) {
+    // The stream sequence of the next batch to read.
     let mut from: Option<u64> = None;
     'outer: loop {
         let start = match from {
             Some(s) => s,
             None => tokio::select! {
-                r = rewind.recv() => match r { Some(s) => s, None => return },
+                r = rewind.recv() => match r { Some(pos) => pos >> 16, None => return },
                 _ = cancel.cancelled() => return,
             },
-        };
+        }
+        .max(1);
         let stream = match shared.js.get_stream(EVENTS_STREAM).await {
             Ok(s) => s,
             Err(e) => {
@@ -984,17 +992,12 @@ async fn read_events(shared: Arc<Shared>, mut rewind: mpsc::UnboundedReceiver<u6
             }
         };
         let config = consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start.max(1) },
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
             ..Default::default()
         };
         let messages = match stream.create_consumer(config).await {
-            Ok(c) => c.messages().await,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the input stream yet");
-                from = Some(start);
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                continue;
-            }
+            Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
         };
         let mut messages = match messages {
             Ok(m) => m,
@@ -1006,18 +1009,18 @@ async fn read_events(shared: Arc<Shared>, mut rewind: mpsc::UnboundedReceiver<u6
             }
         };
         tracing::debug!(from = start, "reading the input stream");
-        let mut next = start.max(1);
+        let mut next = start;
         let mut last_position = Instant::now();
         loop {
             let msg = tokio::select! {
                 m = messages.next() => m,
                 r = rewind.recv() => match r {
-                    Some(s) if s < next => { from = Some(s); continue 'outer; }
+                    Some(pos) if pos >> 16 < next => { from = Some(pos >> 16); continue 'outer; }
                     Some(_) => continue,
                     None => return,
                 },
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                    post_positions(&shared, next.saturating_sub(1)).await;
+                    post_positions(&shared, position(next, 0).saturating_sub(1)).await;
                     // Quiet: is the stream quiet too, or did the consumer stall (it may sit on
                     // a server that went away)?
                     let mut stream = stream.clone();
@@ -1049,40 +1052,54 @@ async fn read_events(shared: Arc<Shared>, mut rewind: mpsc::UnboundedReceiver<u6
             };
             let Ok(seq) = msg.info().map(|i| i.stream_sequence) else { continue };
             next = seq + 1;
-            let node = match BusSubject::parse(msg.subject.as_str()) {
-                Ok(BusSubject::Event { node, .. }) => node,
-                _ => continue,
-            };
-            let bridge_seq = msg.headers.as_ref().and_then(|h| h.get(HEADER_SEQ)).and_then(|v| v.as_str().parse().ok());
-            let targets: Vec<mpsc::Sender<Work>> = {
-                let routed = route(&msg.payload, &shared.keys, shared.cluster.partitions);
-                let mut dispatch = shared.dispatch();
-                let mut out = Vec::new();
-                let mut take = |entry: &mut (mpsc::Sender<Work>, u64)| {
-                    if entry.1 < seq {
-                        entry.1 = seq;
-                        out.push(entry.0.clone());
-                    }
-                };
-                match routed {
-                    Route::One(p) => {
-                        if let Some(e) = dispatch.owned.get_mut(&p) {
-                            take(e);
-                        }
-                    }
-                    Route::All => dispatch.owned.values_mut().for_each(take),
-                    Route::None => {}
+            let Some(node) = callbus_schemas::input::node_of(msg.subject.as_str()) else { continue };
+            let batch = match callbus_schemas::input::decode(&msg.payload) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(seq, subject = %msg.subject, error = %e, "an input batch is unreadable: skipped");
+                    continue;
                 }
-                out
             };
-            for tx in targets {
-                let work =
-                    Work::Event { node: node.clone(), bridge_seq, payload: msg.payload.clone(), stream_seq: Some(seq) };
-                let _ = tx.send(work).await;
+            for (index, (bridge_seq, datagram)) in batch.into_iter().enumerate() {
+                let at = position(seq, index);
+                let targets: Vec<mpsc::Sender<Work>> = {
+                    let routed = route(datagram, &shared.keys, shared.cluster.partitions);
+                    let mut dispatch = shared.dispatch();
+                    let mut out = Vec::new();
+                    let mut take = |entry: &mut (mpsc::Sender<Work>, u64)| {
+                        if entry.1 < at {
+                            entry.1 = at;
+                            out.push(entry.0.clone());
+                        }
+                    };
+                    match routed {
+                        Route::One(p) => {
+                            if let Some(e) = dispatch.owned.get_mut(&p) {
+                                take(e);
+                            }
+                        }
+                        Route::All => dispatch.owned.values_mut().for_each(take),
+                        Route::None => {}
+                    }
+                    out
+                };
+                if targets.is_empty() {
+                    continue;
+                }
+                let payload = msg.payload.slice_ref(datagram);
+                for tx in targets {
+                    let work = Work::Event {
+                        node: node.to_owned(),
+                        bridge_seq: Some(bridge_seq),
+                        payload: payload.clone(),
+                        stream_seq: Some(at),
+                    };
+                    let _ = tx.send(work).await;
+                }
             }
             if last_position.elapsed() >= Duration::from_secs(1) {
                 last_position = Instant::now();
-                post_positions(&shared, seq).await;
+                post_positions(&shared, position(seq + 1, 0) - 1).await;
             }
         }
     }
@@ -1384,7 +1401,7 @@ pub async fn status(client: &async_nats::Client, partitions: u16) -> Result<Clus
             owner,
             lease_age_ms,
             log_seq,
-            lag: input_last_seq.saturating_sub(position),
+            lag: input_last_seq.saturating_sub(position >> 16),
         });
     }
     Ok(ClusterStatus { workers, partitions: out, input_last_seq })

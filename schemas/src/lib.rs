@@ -22,6 +22,7 @@ pub mod callapi;
 pub mod clock;
 pub mod command;
 pub mod event;
+pub mod input;
 pub mod json_schema;
 pub mod mi;
 pub mod subjects;
