@@ -369,8 +369,9 @@ struct Shared {
     kv: jetstream::kv::Store,
     keys: Arc<Keys>,
     dispatch: Mutex<Dispatch>,
-    /// Asks the event reader to read again from this input sequence.
-    rewind: mpsc::UnboundedSender<u64>,
+    /// Partitions taken, for the event reader to feed (it registers them itself, in its own
+    /// order, so it never announces a position past events a new partition has not seen).
+    register: mpsc::UnboundedSender<Register>,
     /// Live workers other than this one, by when their heartbeat was last seen.
     workers: Mutex<HashMap<String, Instant>>,
     /// When the heartbeat watch last showed this worker's own heartbeat (it is working).
@@ -426,7 +427,7 @@ impl ClusterEngine {
         std::fs::create_dir_all(config.data_dir.join("partitions")).map_err(|e| {
             EngineError::Log(LogError::Store { path: config.data_dir.display().to_string(), reason: e.to_string() })
         })?;
-        let (rewind, rewind_rx) = mpsc::unbounded_channel();
+        let (register, register_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             config,
             cluster: cluster.clone(),
@@ -435,7 +436,7 @@ impl ClusterEngine {
             kv,
             keys: Default::default(),
             dispatch: Default::default(),
-            rewind,
+            register,
             workers: Default::default(),
             self_seen: Default::default(),
         });
@@ -445,7 +446,7 @@ impl ClusterEngine {
             .await
             .map_err(|e| EngineError::Nats(format!("cannot subscribe to callbus.cmd.>: {e}")))?;
         let tasks = vec![
-            tokio::spawn(read_events(Arc::clone(&shared), rewind_rx, cancel.clone())),
+            tokio::spawn(read_events(Arc::clone(&shared), register_rx, cancel.clone())),
             tokio::spawn(route_commands(Arc::clone(&shared), commands, cancel.clone())),
             tokio::spawn(watch_workers(Arc::clone(&shared), cancel.clone())),
         ];
@@ -753,8 +754,7 @@ async fn acquire(shared: &Arc<Shared>, p: u16, value: Bytes) -> Result<Option<He
         shared.client.clone(),
         cancel.clone(),
     ));
-    shared.dispatch().owned.insert(p, (tx, position));
-    let _ = shared.rewind.send(position + 1);
+    let _ = shared.register.send(Register { partition: p, tx, done: position });
     let owner = tokio::spawn(owner.run(rx, cancel.clone()));
     metrics::gauge!("callbus_cluster_partitions_owned").increment(1.0);
     tracing::info!(
@@ -962,6 +962,14 @@ fn route(payload: &[u8], keys: &Keys, partitions: u16) -> Route {
     }
 }
 
+/// A partition for the event reader to feed: its owner's queue and the input position its
+/// log reached.
+struct Register {
+    partition: u16,
+    tx: mpsc::Sender<Work>,
+    done: u64,
+}
+
 /// An event's position in the input: its batch message's stream sequence times 2^16 plus
 /// its index in the batch.
 pub fn position(stream_seq: u64, index: usize) -> u64 {
@@ -970,14 +978,22 @@ pub fn position(stream_seq: u64, index: usize) -> u64 {
 
 /// Reads the input stream from the lowest position an owned partition needs and hands each
 /// event to its partition's owner (once per partition).
-async fn read_events(shared: Arc<Shared>, mut rewind: mpsc::UnboundedReceiver<u64>, cancel: CancellationToken) {
+async fn read_events(shared: Arc<Shared>, mut register: mpsc::UnboundedReceiver<Register>, cancel: CancellationToken) {
+    // Registers a partition; the batch to read from again when it needs earlier events.
+    let add = |r: Register| -> u64 {
+        let from = (r.done + 1) >> 16;
+        if !r.tx.is_closed() {
+            shared.dispatch().owned.insert(r.partition, (r.tx, r.done));
+        }
+        from
+    };
     // The stream sequence of the next batch to read.
     let mut from: Option<u64> = None;
     'outer: loop {
         let start = match from {
             Some(s) => s,
             None => tokio::select! {
-                r = rewind.recv() => match r { Some(pos) => pos >> 16, None => return },
+                r = register.recv() => match r { Some(r) => add(r), None => return },
                 _ = cancel.cancelled() => return,
             },
         }
@@ -1014,9 +1030,15 @@ async fn read_events(shared: Arc<Shared>, mut rewind: mpsc::UnboundedReceiver<u6
         loop {
             let msg = tokio::select! {
                 m = messages.next() => m,
-                r = rewind.recv() => match r {
-                    Some(pos) if pos >> 16 < next => { from = Some(pos >> 16); continue 'outer; }
-                    Some(_) => continue,
+                r = register.recv() => match r {
+                    Some(r) => {
+                        let needs = add(r);
+                        if needs < next {
+                            from = Some(needs);
+                            continue 'outer;
+                        }
+                        continue;
+                    }
                     None => return,
                 },
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {
