@@ -55,8 +55,12 @@ pub const HEADER_INPUT_SEQ: &str = "Callbus-Input-Seq";
 pub const HEADER_OWNER: &str = "Callbus-Owner";
 /// Header of a log message: how many records it holds (0: a takeover marker or a position).
 pub const HEADER_RECORDS: &str = "Callbus-Records";
-/// The largest log message (NATS's default `max_payload` is 1 MiB).
-const MAX_MESSAGE: usize = 512 * 1024;
+/// The largest log message (NATS's default `max_payload` is 1 MiB); a batch bigger than this
+/// (it cannot be: see [`FULL_BATCH`]) would be split.
+const MAX_MESSAGE: usize = 900 * 1024;
+/// The owner stops taking input once its staged records reach this much, and commits: one
+/// more input's records (bodies are at most 48 KiB) keep the batch under [`MAX_MESSAGE`].
+const FULL_BATCH: usize = 512 * 1024;
 /// How long a command waits for its partition to get an owner (during a handover).
 const COMMAND_ROUTE_WAIT: Duration = Duration::from_secs(8);
 
@@ -202,6 +206,12 @@ impl PartCtx {
         if keys.get(key) == Some(&self.partition) {
             keys.remove(key);
         }
+    }
+
+    /// Whether the staged records fill a log message (the owner then commits before it takes
+    /// more input, so a batch is one message and its input position is exact).
+    pub(crate) fn full(&self) -> bool {
+        self.batch.len() >= FULL_BATCH
     }
 
     /// Whether the input position moved with no records to carry it for a second.
@@ -1216,6 +1226,11 @@ async fn route_commands(shared: Arc<Shared>, mut sub: async_nats::Subscriber, ca
 async fn route_command(shared: &Shared, msg: async_nats::Message) {
     let Some(reply) = msg.reply.clone() else { return };
     let verb = msg.subject.as_str().strip_prefix("callbus.cmd.").unwrap_or_default().to_owned();
+    if Verb::from_name(&verb).is_none() {
+        let error = refusal(CommandErrorCode::Unsupported, format!("{} is not a command subject", msg.subject));
+        let _ = shared.client.publish(reply, error).await;
+        return;
+    }
     let partitions = shared.cluster.partitions;
     let body: Option<serde_json::Map<String, Value>> = serde_json::from_slice(&msg.payload).ok();
     let field = |name: &str| body.as_ref().and_then(|b| b.get(name)).and_then(Value::as_str).map(str::to_owned);
@@ -1223,9 +1238,11 @@ async fn route_command(shared: &Shared, msg: async_nats::Message) {
         gather_list(shared, &verb, &msg.payload).await
     } else if verb == Verb::CallStart.as_str() || verb == Verb::UaStart.as_str() {
         // A new call: placed by its cmd_id, so a repeat goes where the first went.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let p = match field("cmd_id") {
             Some(id) => partition_of(&id, partitions),
-            None => partition_of(&format!("{:?}{}", Instant::now(), msg.payload.len()), partitions),
+            // No cmd_id, no repeat to land with: the partitions in turn.
+            None => (NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % u64::from(partitions.max(1))) as u16,
         };
         ask(shared, p, &verb, &msg.payload).await
     } else if let Some(id) = field("call_id") {

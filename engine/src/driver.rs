@@ -1164,10 +1164,20 @@ impl Owner {
             // Kept until the batch is durable: if the log fails, these are handled again once
             // it works (commands are answered "unavailable" instead: the app retries them).
             let replayable: Vec<Work> = batch.iter().filter(|w| !matches!(w, Work::Command { .. })).cloned().collect();
-            for work in batch {
+            let mut works = batch.into_iter();
+            for work in works.by_ref() {
                 if let Err(e) = self.handle(work, &mut out) {
                     failed = Some(e);
                     break;
+                }
+                // Cluster mode: a batch is one message of the replicated log; the rest waits.
+                if self.part.as_ref().is_some_and(|p| p.full()) {
+                    break;
+                }
+            }
+            if failed.is_none() {
+                for work in works.rev() {
+                    self.pending.push_front(work);
                 }
             }
             // Under a load that never leaves the queue empty, a checkpoint rides along a batch.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use callbus_engine::cluster::{self, ClusterConfig, ClusterEngine};
 use callbus_engine::EngineConfig;
+use callbus_schemas::command::{CommandErrorCode, CommandReply};
 use callbus_tests::cluster::{
     all_records, assert_fenced, assert_log_is_what_was_sent, cmd, listed, opensips, settled, wait_ended_in_log,
 };
@@ -58,6 +59,36 @@ async fn a_crashed_worker_s_calls_continue_on_the_others_and_the_log_holds_each_
         workers.push(Some(worker(&nats, &format!("w{i}"), dir.path()).await));
     }
     let owners = settled(&client, PARTITIONS, &["w0", "w1", "w2"], Duration::from_secs(30)).await;
+    // Bad commands get the precise error wherever they arrive (the router forwards them to a
+    // partition's owner, whose parser answers).
+    let refusal = |reply: CommandReply| match reply {
+        CommandReply::Refused { error, .. } => (error.code, error.field, error.message),
+        other => panic!("not refused: {other:?}"),
+    };
+    let raw = |subject: &'static str, body: Vec<u8>| {
+        let client = client.clone();
+        async move {
+            let answer = client.request(subject, body.into()).await.expect("an answer");
+            serde_json::from_slice::<CommandReply>(&answer.payload).expect("a command reply")
+        }
+    };
+    let (code, _, message) = refusal(raw("callbus.cmd.call.hold", b"{not json".to_vec()).await);
+    assert_eq!(code, CommandErrorCode::BadRequest);
+    assert!(message.contains("not JSON"), "{message}");
+    let (code, field, _) = refusal(cmd(&client, "call.hold", json!({"call_id": 7})).await);
+    assert_eq!((code, field.as_deref()), (CommandErrorCode::WrongType, Some("call_id")));
+    let (code, field, _) = refusal(cmd(&client, "call.hold", json!({})).await);
+    assert_eq!((code, field.as_deref()), (CommandErrorCode::MissingField, Some("call_id")));
+    let (code, _, _) = refusal(cmd(&client, "call.hold", json!({"call_id": "c0123456789ab000001p3"})).await);
+    assert_eq!(code, CommandErrorCode::UnknownCall);
+    let (code, _, _) = refusal(cmd(&client, "call.hold", json!({"sip_call_id": "nobody@nowhere"})).await);
+    assert_eq!(code, CommandErrorCode::UnknownCall);
+    let (code, _, message) = refusal(raw("callbus.cmd.call.hold", vec![b' '; 70 * 1024]).await);
+    assert_eq!(code, CommandErrorCode::BadRequest);
+    assert!(message.contains("limit"), "{message}");
+    let (code, _, message) = refusal(raw("callbus.cmd.call.dance", b"{}".to_vec()).await);
+    assert_eq!(code, CommandErrorCode::Unsupported);
+    assert!(message.contains("callbus.cmd.call.dance"), "{message}");
     sim.start_trace();
     const CALLS: usize = 300;
     let sips: Vec<String> = (0..CALLS)

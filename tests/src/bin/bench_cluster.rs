@@ -1,11 +1,11 @@
 //! Cluster throughput: how fast 1 and 3 workers turn a node's input into logged, notified
 //! calls, on a 3-node NATS JetStream cluster (replicas 3). Prints `RESULT|figure|value|unit`.
 //!
-//! The input is written first: N proxied calls (4 `E_DLG_STATE_CHANGED` each, the shape of the
-//! captured `proxied_call` fixture) in batches on `callbus.input.n1`, as a bridge with
-//! `--events-acked` writes them. Then the workers start, take the partitions and work through
-//! it: route, state machine, records appended to `callbus.log.<p>` (replicas 3), notifications.
-//! Timed from the first call's `ended` notification to the last one's.
+//! The workers start and take the partitions; then N proxied calls (4 `E_DLG_STATE_CHANGED`
+//! each, the shape of the captured `proxied_call` fixture) are written in batches on
+//! `callbus.input.n1`, as a bridge with `--events-acked` writes them, and the workers work
+//! through them: route, state machine, records appended to `callbus.log.<p>` (replicas 3),
+//! notifications. Timed from the first batch written to the last call's `ended`.
 //!
 //! - `events_per_s_<k>_workers`: input events turned into logged records per second;
 //! - `ratio_3_to_1`. On this 2-core machine the workers and the three nats-servers share two
@@ -71,9 +71,6 @@ async fn run(workers: usize, calls: usize) -> f64 {
     let nats = NatsCluster::start(3);
     nats.wait_jetstream().await;
     let client = nats.connect().await;
-    write_input(&client, calls).await;
-    let mut ended = client.subscribe("callbus.call.*.ended").await.expect("sub");
-    client.flush().await.expect("flush");
     let dirs: Vec<tempfile::TempDir> = (0..workers).map(|_| tempfile::tempdir().expect("tmp")).collect();
     let mut engines = Vec::new();
     let names: Vec<String> = (0..workers).map(|i| format!("w{i}")).collect();
@@ -88,20 +85,24 @@ async fn run(workers: usize, calls: usize) -> f64 {
             ClusterConfig { worker: name.clone(), partitions: PARTITIONS, replicas: 3, ..ClusterConfig::default() };
         engines.push(ClusterEngine::start(config, cluster, nats.connect().await).await.expect("worker"));
     }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    settled(&client, PARTITIONS, &names, Duration::from_secs(60)).await;
+    let mut ended = client.subscribe("callbus.call.*.ended").await.expect("sub");
+    client.flush().await.expect("flush");
+    let started = Instant::now();
+    let writing = tokio::spawn({
+        let client = client.clone();
+        async move { write_input(&client, calls).await }
+    });
     let mut n = 0;
-    let mut first = None;
     while n < calls {
         match tokio::time::timeout(Duration::from_secs(60), ended.next()).await {
-            Ok(Some(_)) => {
-                first.get_or_insert_with(Instant::now);
-                n += 1;
-            }
+            Ok(Some(_)) => n += 1,
             _ => panic!("{n} of {calls} calls ended with {workers} workers"),
         }
     }
-    let took = first.map(|f| f.elapsed()).unwrap_or_default();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    settled(&client, PARTITIONS, &names, Duration::from_secs(10)).await;
+    let took = started.elapsed();
+    writing.await.expect("writing the input");
     eprintln!("{workers} workers: {calls} calls ({} events) in {took:?}", calls * 4);
     for e in engines {
         e.shutdown().await;
