@@ -165,7 +165,7 @@ pub async fn bridge(args: BridgeArgs, file: Option<&std::path::Path>) -> anyhow:
     );
     shutdown_signal().await;
     bridge.shutdown().await;
-    let _ = client.flush().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -198,7 +198,7 @@ pub async fn up(args: UpArgs, file: Option<&std::path::Path>) -> anyhow::Result<
     shutdown_signal().await;
     engine.shutdown().await;
     bridge.shutdown().await;
-    let _ = client.flush().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     drop(local);
     Ok(ExitCode::SUCCESS)
 }

@@ -151,7 +151,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     engine.shutdown().await;
     bridge.shutdown().await;
     sim.stop().await;
-    let _ = client.flush().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
     let call_id = outcome?;
     println!("\nThe call's timeline, read back from the log (callbus replay timeline --call {call_id}):\n");
     let reader = callbus_replay::LogReader::open(data.path())?;

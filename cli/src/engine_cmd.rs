@@ -230,6 +230,6 @@ pub async fn run(args: EngineArgs, file: Option<&std::path::Path>) -> anyhow::Re
     );
     bridge_cmd::shutdown_signal().await;
     engine.shutdown().await;
-    let _ = client.flush().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     Ok(ExitCode::SUCCESS)
 }

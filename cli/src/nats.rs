@@ -1,6 +1,7 @@
 //! Connecting to NATS, and starting a local nats-server for `callbus up` when none answers.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -56,7 +57,10 @@ pub fn ensure_local(url: &str) -> anyhow::Result<Option<LocalNats>> {
         );
     };
     tracing::info!(binary = %binary.display(), %addr, "no NATS server answers: starting nats-server as a child process");
+    // Its own process group: Ctrl-C in a terminal (or a signal to `up`'s group) reaches `up`,
+    // which drains through it and then stops it, not both at once.
     let child = Command::new(&binary)
+        .process_group(0)
         .args(["-a", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

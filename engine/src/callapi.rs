@@ -334,7 +334,7 @@ async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<Str
             },
             None => None,
         };
-        let _ = client.flush().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
         let reply = command(&client, verb, body).await;
         send(callapi::started(&request.id, &cmd_id)).await;
         match reply {

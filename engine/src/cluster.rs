@@ -632,7 +632,7 @@ async fn manage(shared: Arc<Shared>, cancel: CancellationToken) {
     let releases = all.into_iter().map(|(p, h)| release(&shared, p, h));
     futures::future::join_all(releases).await;
     let _ = shared.kv.delete(format!("w.{me}")).await;
-    let _ = shared.client.flush().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), shared.client.flush()).await;
     tracing::info!(worker = %me, "left the cluster: partitions handed over");
 }
 

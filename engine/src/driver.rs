@@ -30,6 +30,10 @@ use crate::log::{EventLog, LogError, Record, SledLog, Snapshot, RECORD_FORMAT};
 use crate::machines::{call_of_request, BridgedState, CallState, Ctx, DialogState, Effect, Input, UaState};
 use crate::EngineConfig;
 
+/// How long a stop waits for NATS to take what was published (NATS may be gone: a stop must
+/// still end).
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
 /// The most inputs handled before one commit.
 pub const MAX_BATCH: usize = 1024;
 /// `cmd_id`s remembered for answering repeats.
@@ -1220,7 +1224,7 @@ impl Owner {
                     }
                     let mut pending: Vec<Work> = self.pending.drain(..).collect();
                     pending.splice(0..0, replayable);
-                    let _ = self.client.flush().await;
+                    let _ = tokio::time::timeout(SHUTDOWN_FLUSH, self.client.flush()).await;
                     return Some(Stopped { error: e, pending, rx });
                 }
             }
@@ -1234,7 +1238,7 @@ impl Owner {
             }
             Err(e) => tracing::warn!(error = %e, "final checkpoint not written"),
         }
-        let _ = self.client.flush().await;
+        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, self.client.flush()).await;
         None
     }
 }
