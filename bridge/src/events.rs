@@ -132,10 +132,13 @@ pub(crate) async fn receive(
     socket: UdpSocket,
     stamp: Stamp,
     buffer: Arc<Buffer>,
+    mut tap: Option<tokio::sync::mpsc::Sender<(u64, Bytes)>>,
     counters: Arc<Counters>,
     cancel: CancellationToken,
 ) {
     let mut buf = vec![0u8; 65_536];
+    let tap_dropped = metrics::counter!("callbus_bridge_tap_dropped_total", "node" => stamp.node.clone());
+    let mut tap_logged_at: Option<std::time::Instant> = None;
     let mut seq: u64 = 0;
     // Per event name: its subject and its counter (looked up once, then a single atomic add).
     let mut subjects_by_event: std::collections::HashMap<String, (Subject, metrics::Counter)> = Default::default();
@@ -198,6 +201,23 @@ pub(crate) async fn receive(
             }
         };
         let out = Outgoing { subject, seq, received_us, invalid_reason, payload: Bytes::copy_from_slice(bytes) };
+        if let (Some(to), None) = (tap.as_ref(), out.invalid_reason.as_ref()) {
+            match to.try_send((seq, out.payload.clone())) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => tap = None,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                    tap_dropped.increment(1);
+                    let now = std::time::Instant::now();
+                    if tap_logged_at.is_none_or(|t| now.duration_since(t) > Duration::from_secs(1)) {
+                        tap_logged_at = Some(now);
+                        tracing::error!(
+                            seq,
+                            "the engine in this process is too far behind: an event datagram was not handed to it (it is still published on NATS; the engine's reconciliation with OpenSIPS repairs the calls)"
+                        );
+                    }
+                }
+            }
+        }
         let accepted = {
             let mut queue = buffer.lock();
             if queue.len() >= buffer.capacity {

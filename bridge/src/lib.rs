@@ -22,10 +22,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::Subject;
 use bytes::Bytes;
-use callbus_schemas::bus::{BridgeCounters, BridgeErrorKind, BridgeStatus};
+use callbus_schemas::bus::{BridgeCounters, BridgeErrorKind, BridgeStatus, MiBusReply};
 use callbus_schemas::event::DEFAULT_EVENTS;
 use callbus_schemas::subjects;
 use futures::StreamExt;
+use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -166,6 +167,17 @@ fn unix_ms() -> u64 {
 impl Bridge {
     /// Binds the sockets, subscribes to NATS and starts every task.
     pub async fn start(config: BridgeConfig, client: async_nats::Client) -> Result<Bridge, BridgeError> {
+        Bridge::start_with_tap(config, client, None).await
+    }
+
+    /// [`Bridge::start`], also handing every valid event datagram, as it arrives, to `tap`
+    /// (an engine in this process): its sequence number and its bytes. A full tap drops the
+    /// datagram for the tap only (counted, logged); NATS still gets it.
+    pub async fn start_with_tap(
+        config: BridgeConfig,
+        client: async_nats::Client,
+        tap: Option<tokio::sync::mpsc::Sender<(u64, Bytes)>>,
+    ) -> Result<Bridge, BridgeError> {
         subjects::validate_token("node", &config.node).map_err(|e| BridgeError::Config(e.to_string()))?;
         for event in &config.events {
             subjects::validate_token("event name", event).map_err(|e| BridgeError::Config(e.to_string()))?;
@@ -214,6 +226,7 @@ impl Bridge {
             socket,
             stamp,
             Arc::clone(&buffer),
+            tap,
             Arc::clone(&counters),
             intake_cancel.clone(),
         )));
@@ -286,6 +299,12 @@ impl Bridge {
     /// The MI client (for in-process callers).
     pub fn mi(&self) -> &MiClient {
         &self.mi
+    }
+
+    /// MI for an engine in this process: the same allow-list, parameter checks and answers as
+    /// `opensips.<node>.mi.<command>` on NATS, without the NATS hops.
+    pub fn local_mi(&self) -> LocalMi {
+        LocalMi { mi: self.mi.clone(), allow: self.config.mi_allow.clone() }
     }
 
     fn status_source(&self) -> StatusSource {
@@ -375,6 +394,31 @@ async fn publish_status(source: StatusSource, client: async_nats::Client, subjec
         let body = serde_json::to_vec(&source.status()).unwrap_or_default();
         if let Err(e) = client.publish(subject.clone(), Bytes::from(body)).await {
             tracing::debug!(error = %e, "status not published");
+        }
+    }
+}
+
+/// A bridge's MI as an in-process engine uses it (see [`Bridge::local_mi`]).
+#[derive(Clone)]
+pub struct LocalMi {
+    mi: MiClient,
+    allow: AllowList,
+}
+
+impl LocalMi {
+    /// Runs `command` with `params` (a JSON object or array; null for none) and answers as the
+    /// bridge answers on NATS.
+    pub async fn call(&self, command: &str, params: Value) -> MiBusReply {
+        if !self.allow.allows(command) {
+            let detail = format!(
+                "{command} is not on this bridge's MI allow-list ({}); an operator can add it with --mi-allow=+{command}",
+                self.allow
+            );
+            return MiBusReply::bridge_error(BridgeErrorKind::NotAllowed, detail);
+        }
+        match mi::params_from_value(params) {
+            Ok(params) => self.mi.call(command, params).await,
+            Err(reason) => MiBusReply::bridge_error(BridgeErrorKind::BadBody, format!("{command}: {reason}")),
         }
     }
 }

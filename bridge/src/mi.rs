@@ -406,13 +406,25 @@ pub(crate) fn params_from_body(body: &[u8]) -> Result<Option<MiParams>, String> 
         return Ok(None);
     }
     match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(Some(MiParams::Named(map))),
-        Ok(Value::Array(list)) => Ok(Some(MiParams::Positional(list))),
+        Ok(value @ (Value::Object(_) | Value::Array(_))) => params_from_value(value),
         Ok(other) => Err(format!(
             "the body must be a JSON object of named params (or an array, or empty), not {}",
             callbus_schemas::mi::json_type(&other)
         )),
         Err(e) => Err(format!("the body is not JSON: {e}")),
+    }
+}
+
+/// MI params from a JSON value: an object (named), an array (positional), or null (none).
+pub(crate) fn params_from_value(value: Value) -> Result<Option<MiParams>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Object(map) => Ok(Some(MiParams::Named(map))),
+        Value::Array(list) => Ok(Some(MiParams::Positional(list))),
+        other => Err(format!(
+            "the params must be a JSON object of named params (or an array, or null), not {}",
+            callbus_schemas::mi::json_type(&other)
+        )),
     }
 }
 

@@ -186,8 +186,17 @@ pub async fn up(args: UpArgs, file: Option<&std::path::Path>) -> anyhow::Result<
     }
     let node = &config.bridge.node;
     let client = nats::connect(&config.nats, &format!("callbus-up-{node}"), &config.nats_auth).await?;
-    let bridge = Bridge::start(bridge_config, client.clone()).await?;
-    let engine = crate::engine_cmd::start(&config.engine, client.clone()).await?;
+    // The engine takes this node's events and MI straight from the bridge (no NATS hop); apps
+    // still see every event on NATS.
+    let (tap, events) = tokio::sync::mpsc::channel(config.bridge.buffer.max(1024));
+    let bridge = Bridge::start_with_tap(bridge_config, client.clone(), Some(tap)).await?;
+    let mi = bridge.local_mi();
+    let mi = callbus_engine::LocalMi::new(node.clone(), move |command, params| {
+        let mi = mi.clone();
+        async move { mi.call(&command, params).await }
+    });
+    let in_process = callbus_engine::LocalNode::new(events, mi);
+    let engine = crate::engine_cmd::start_kind(&config.engine, None, client.clone(), Some(in_process)).await?;
     println!(
         "callbus up: node {node} | OpenSIPS MI {} | events on {} | NATS {} | log in {} | Ctrl-C to stop",
         config.bridge.mi,

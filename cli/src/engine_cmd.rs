@@ -178,19 +178,16 @@ impl Running {
     }
 }
 
-/// Starts the engine (and its Call API door) on `client`.
-pub async fn start(section: &EngineSection, client: async_nats::Client) -> anyhow::Result<Running> {
-    start_kind(section, None, client).await
-}
-
-/// Starts the engine, or a cluster worker when `cluster` is given, and the Call API door.
+/// Starts the engine, or a cluster worker when `cluster` is given, and the Call API door;
+/// `local` is the bridge running in this process (`callbus up`), if any.
 pub async fn start_kind(
     section: &EngineSection,
     cluster: Option<ClusterConfig>,
     client: async_nats::Client,
+    local: Option<callbus_engine::LocalNode>,
 ) -> anyhow::Result<Running> {
     let engine = match cluster {
-        None => Kind::Single(Engine::start(engine_config(section), client.clone()).await?),
+        None => Kind::Single(Engine::start_with_local(engine_config(section), client.clone(), local).await?),
         Some(c) => Kind::Worker(ClusterEngine::start(engine_config(section), c, client.clone()).await?),
     };
     let door = match section.callapi_listen {
@@ -221,7 +218,7 @@ pub async fn run(args: EngineArgs, file: Option<&std::path::Path>) -> anyhow::Re
         crate::metrics_http::serve(addr).await?;
     }
     let client = nats::connect(&config.nats, "callbus-engine", &config.nats_auth).await?;
-    let engine = start_kind(&config.engine, cluster, client.clone()).await?;
+    let engine = start_kind(&config.engine, cluster, client.clone(), None).await?;
     println!(
         "callbus engine: log in {} | NATS {} | {} | Ctrl-C to stop",
         config.engine.data_dir.display(),

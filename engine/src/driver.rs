@@ -732,11 +732,11 @@ impl Owner {
             }
         }
         for (request, node, command, params) in out.mi {
-            let client = self.client.clone();
+            let route = MiRoute::new(self.client.clone(), &self.config);
             let tx = self.tx.clone();
             let timeout = self.config.mi_timeout;
             tokio::spawn(async move {
-                let reply = mi_request(&client, &node, &command, params, timeout).await;
+                let reply = mi_request(&route, &node, &command, params, timeout).await;
                 let _ = tx.send(Work::MiReply { request, reply }).await;
             });
         }
@@ -816,8 +816,9 @@ impl Owner {
         }
         let candidates = self.live_call_ids();
         tracing::debug!(nodes = nodes.len(), calls = candidates.len(), "periodic reconciliation with OpenSIPS");
-        let (client, timeout, tx) = (self.client.clone(), self.config.mi_timeout, self.tx.clone());
-        tokio::spawn(reconcile_nodes(client, nodes, candidates, timeout, tx, true));
+        let (route, timeout, tx) =
+            (MiRoute::new(self.client.clone(), &self.config), self.config.mi_timeout, self.tx.clone());
+        tokio::spawn(reconcile_nodes(route, nodes, candidates, timeout, tx, true));
     }
 
     /// Sets the live-calls gauge: calls by kind and state (states no call is in read 0).
@@ -872,14 +873,38 @@ impl Owner {
     }
 }
 
+/// Where MI requests go: NATS (`opensips.<node>.mi.<command>`), or straight to the bridge when
+/// it runs in this process.
+#[derive(Clone)]
+pub(crate) struct MiRoute {
+    client: async_nats::Client,
+    local: Option<crate::LocalMi>,
+}
+
+impl MiRoute {
+    pub(crate) fn new(client: async_nats::Client, config: &EngineConfig) -> MiRoute {
+        MiRoute { client, local: config.local_mi.clone() }
+    }
+}
+
 /// Runs an MI command through the node's bridge.
 pub(crate) async fn mi_request(
-    client: &async_nats::Client,
+    route: &MiRoute,
     node: &str,
     command: &str,
     params: Value,
     timeout: Duration,
 ) -> MiBusReply {
+    if let Some(local) = route.local.as_ref().filter(|l| l.node == node) {
+        return match tokio::time::timeout(timeout, (local.call)(command.to_owned(), params)).await {
+            Ok(reply) => reply,
+            Err(_) => MiBusReply::bridge_error(
+                BridgeErrorKind::Timeout,
+                format!("no answer from the bridge of node {node} to {command} within {timeout:?}"),
+            ),
+        };
+    }
+    let client = &route.client;
     let subject = match subjects::mi(node, command) {
         Ok(s) => s,
         Err(e) => return MiBusReply::bridge_error(BridgeErrorKind::Unavailable, e.to_string()),
@@ -901,7 +926,7 @@ pub(crate) async fn mi_request(
 
 /// Reads every dialog OpenSIPS has on `node`, page by page.
 pub(crate) async fn list_dialogs(
-    client: &async_nats::Client,
+    client: &MiRoute,
     node: &str,
     timeout: Duration,
 ) -> Result<Vec<(String, i64)>, String> {
@@ -927,11 +952,7 @@ pub(crate) async fn list_dialogs(
 
 /// The keys of every UA session OpenSIPS has on `node` (`ua_session_list` items carry no key:
 /// a client session's key is its Call-ID, a server session's its To-tag; both are returned).
-pub(crate) async fn list_ua_keys(
-    client: &async_nats::Client,
-    node: &str,
-    timeout: Duration,
-) -> Result<Vec<String>, String> {
+pub(crate) async fn list_ua_keys(client: &MiRoute, node: &str, timeout: Duration) -> Result<Vec<String>, String> {
     match mi_request(client, node, "ua_session_list", json!({}), timeout).await {
         MiBusReply::Result { result: Value::Array(items) } => Ok(items
             .iter()
@@ -946,7 +967,7 @@ pub(crate) async fn list_ua_keys(
 /// Lists each node's dialogs and UA sessions (retrying a few times) and hands them to the
 /// owner, which may close only `candidates`: calls it knew before the lists were taken.
 pub(crate) async fn reconcile_nodes(
-    client: async_nats::Client,
+    client: MiRoute,
     nodes: Vec<String>,
     candidates: Vec<String>,
     timeout: Duration,
@@ -1315,8 +1336,39 @@ pub(crate) async fn supervise(
     }
 }
 
-/// Forwards OpenSIPS events from NATS to the owner.
-pub(crate) async fn forward_events(mut sub: async_nats::Subscriber, tx: mpsc::Sender<Work>, cancel: CancellationToken) {
+/// Forwards a same-process bridge's event datagrams to the owner.
+pub(crate) async fn forward_local_events(
+    events: crate::LocalEvents,
+    node: String,
+    tx: mpsc::Sender<Work>,
+    cancel: CancellationToken,
+) {
+    // An engine stopped a moment ago may still hold the tap: wait for it.
+    let mut events = tokio::select! {
+        e = events.lock_owned() => e,
+        _ = cancel.cancelled() => return,
+    };
+    loop {
+        let next = tokio::select! {
+            e = events.recv() => e,
+            _ = cancel.cancelled() => break,
+        };
+        let Some((seq, payload)) = next else { break };
+        let work = Work::Event { node: node.clone(), bridge_seq: Some(seq), payload, stream_seq: None };
+        if tx.send(work).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Forwards OpenSIPS events from NATS to the owner, except those of `local`, the node whose
+/// bridge hands its datagrams over in this process.
+pub(crate) async fn forward_events(
+    mut sub: async_nats::Subscriber,
+    local: Option<String>,
+    tx: mpsc::Sender<Work>,
+    cancel: CancellationToken,
+) {
     loop {
         let msg = tokio::select! {
             m = sub.next() => m,
@@ -1324,7 +1376,7 @@ pub(crate) async fn forward_events(mut sub: async_nats::Subscriber, tx: mpsc::Se
         };
         let Some(msg) = msg else { break };
         let node = match BusSubject::parse(msg.subject.as_str()) {
-            Ok(BusSubject::Event { node, .. }) => node,
+            Ok(BusSubject::Event { node, .. }) if local.as_deref() != Some(node.as_str()) => node,
             _ => continue,
         };
         let bridge_seq = msg.headers.as_ref().and_then(|h| h.get(HEADER_SEQ)).and_then(|v| v.as_str().parse().ok());

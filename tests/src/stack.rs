@@ -90,6 +90,8 @@ pub struct Stack {
     pub notes: async_nats::Subscriber,
     /// The engine's data dir.
     pub data: tempfile::TempDir,
+    /// `callbus up`'s wiring: the bridge hands its events and MI to the engine in-process.
+    pub local: Option<callbus_engine::LocalNode>,
 }
 
 impl Stack {
@@ -98,8 +100,19 @@ impl Stack {
         Stack::start_with(SimConfig::default()).await
     }
 
-    /// Starts everything with the simulator set up so (its `step` is always 3 ms).
+    /// Starts everything with the simulator set up so (its `step` is always 3 ms); the bridge
+    /// and the engine talk over NATS, as separate processes do.
     pub async fn start_with(sim_config: SimConfig) -> Stack {
+        Stack::start_as(sim_config, false).await
+    }
+
+    /// Starts everything as `callbus up` runs it: the engine takes the bridge's events and MI
+    /// in-process (apps still see the events on NATS).
+    pub async fn start_up(sim_config: SimConfig) -> Stack {
+        Stack::start_as(sim_config, true).await
+    }
+
+    async fn start_as(sim_config: SimConfig, up: bool) -> Stack {
         // Logs of the parts when a test is run with RUST_LOG set.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -116,9 +129,18 @@ impl Stack {
             health_interval: Duration::from_millis(200),
             ..BridgeConfig::default()
         };
-        let bridge = Bridge::start(bridge_config, client.clone()).await.expect("bridge");
+        let (tap, events) = tokio::sync::mpsc::channel(100_000);
+        let bridge = Bridge::start_with_tap(bridge_config, client.clone(), up.then_some(tap)).await.expect("bridge");
+        let local = up.then(|| {
+            let mi = bridge.local_mi();
+            let mi = callbus_engine::LocalMi::new(NODE, move |command, params| {
+                let mi = mi.clone();
+                async move { mi.call(&command, params).await }
+            });
+            callbus_engine::LocalNode::new(events, mi)
+        });
         let data = tempfile::tempdir().expect("tmp");
-        let mut stack = Stack { nats, sim, bridge: Some(bridge), engine: None, client, notes, data };
+        let mut stack = Stack { nats, sim, bridge: Some(bridge), engine: None, client, notes, data, local };
         stack.start_engine().await;
         let deadline = Instant::now() + Duration::from_secs(5);
         while stack.sim.live_subscriptions().len() < 4 {
@@ -150,7 +172,7 @@ impl Stack {
         // when its task is dropped, as a killed process's lock goes with the process.
         let deadline = Instant::now() + Duration::from_secs(5);
         let engine = loop {
-            match Engine::start(config.clone(), self.client.clone()).await {
+            match Engine::start_with_local(config.clone(), self.client.clone(), self.local.clone()).await {
                 Ok(engine) => break engine,
                 Err(e) if e.to_string().contains("lock") && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;

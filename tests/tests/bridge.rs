@@ -439,3 +439,54 @@ async fn bad_configuration_is_refused_with_the_reason() {
         assert!(err.contains(needle), "{err}");
     }
 }
+
+#[tokio::test]
+async fn the_tap_hands_each_valid_datagram_to_an_in_process_engine_and_local_mi_answers_as_nats_does() {
+    let nats = NatsServer::start();
+    let client = connect(&nats.url()).await;
+    let sim = sim().await;
+    let (tap, mut tapped) = tokio::sync::mpsc::channel(2);
+    let bridge = Bridge::start_with_tap(config(&sim), client.clone(), Some(tap)).await.expect("bridge");
+    let mut on_bus = client.subscribe(format!("opensips.{NODE}.event.>")).await.expect("sub");
+    client.flush().await.expect("flush");
+    wait_subscribed(&sim, &bridge, Duration::from_secs(3)).await;
+    // Datagrams straight at the events socket: two valid, one invalid, then more than the tap
+    // holds while nobody reads it.
+    let sender = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let event = |n: u32| format!(r#"{{"jsonrpc":"2.0","method":"E_TEST","params":{{"n":{n}}}}}"#);
+    sender.send_to(event(1).as_bytes(), bridge.events_addr()).await.expect("send");
+    sender.send_to(b"not json", bridge.events_addr()).await.expect("send");
+    sender.send_to(event(2).as_bytes(), bridge.events_addr()).await.expect("send");
+    for n in 3..=5 {
+        sender.send_to(event(n).as_bytes(), bridge.events_addr()).await.expect("send");
+    }
+    let mut bus = Vec::new();
+    while bus.len() < 5 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), on_bus.next()).await.expect("on NATS").expect("open");
+        bus.push(String::from_utf8_lossy(&msg.payload).into_owned());
+    }
+    assert_eq!(bus, (1..=5).map(event).collect::<Vec<_>>(), "NATS gets every valid datagram, tap full or not");
+    let mut got = Vec::new();
+    while let Ok((seq, payload)) = tapped.try_recv() {
+        got.push((seq, String::from_utf8_lossy(&payload).into_owned()));
+    }
+    // The tap holds two: the invalid datagram (seq 2) is not handed over, and 3..5 found it full.
+    assert_eq!(got, [(1, event(1)), (3, event(2))]);
+    sender.send_to(event(6).as_bytes(), bridge.events_addr()).await.expect("send");
+    let (seq, payload) = tokio::time::timeout(Duration::from_secs(5), tapped.recv()).await.expect("tap").expect("open");
+    assert_eq!((seq, String::from_utf8_lossy(&payload).into_owned()), (7, event(6)), "the tap goes on once read");
+
+    let local = bridge.local_mi();
+    match local.call("uptime", Value::Null).await {
+        MiBusReply::Result { result } => assert!(result.is_object(), "{result}"),
+        other => panic!("uptime: {other:?}"),
+    }
+    let over_nats = mi(&client, "dlg_list", br#"{"index":0,"counter":5}"#).await;
+    assert_eq!(local.call("dlg_list", json!({"index": 0, "counter": 5})).await, over_nats, "same answer as NATS");
+    let refused = local.call("shm_check", Value::Null).await;
+    assert_eq!(bridge_code(&refused), Some(BridgeErrorKind::NotAllowed), "{refused:?}");
+    let bad = local.call("uptime", json!("x")).await;
+    assert_eq!(bridge_code(&bad), Some(BridgeErrorKind::BadBody), "{bad:?}");
+    assert!(format!("{bad:?}").contains("uptime: the params must be a JSON object"), "{bad:?}");
+    bridge.shutdown().await;
+}

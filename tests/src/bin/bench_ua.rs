@@ -7,6 +7,9 @@
 //!   p50 / p99 over sequential calls;
 //! - many at once: N `call.start` sent together, all connected, none failed; the time it took.
 //!
+//! Figures named `c2d_…` are for `callbus up` (the engine takes its node's events and MI from
+//! the bridge in-process); `c2d_split_…` for a bridge and an engine apart, over NATS.
+//!
 //! `cargo run --release -p callbus-tests --bin bench-ua` (500 sequential, 1 000 at once);
 //! `-- --quick` for CI (50 and 200).
 
@@ -61,16 +64,10 @@ fn answered_at(trace: &[(Instant, Traced)], key: &str) -> Option<Instant> {
     })
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let (sequential, at_once) = if quick { (50, 200) } else { (500, 1000) };
-    let mut s = Stack::start_with(SimConfig::default()).await;
-    s.sim.start_trace();
-
-    eprintln!("click-to-dial set-up overhead: {sequential} calls, one at a time");
+/// `n` click-to-dials one at a time: (call.start → first MI, callee answered → caller completion), µs.
+async fn one_at_a_time(s: &mut Stack, n: usize) -> (Vec<f64>, Vec<f64>) {
     let (mut first_mi, mut completion) = (Vec::new(), Vec::new());
-    for i in 0..sequential {
+    for i in 0..n {
         let (caller, callee) = (format!("sip:alice{i}@127.0.0.1"), format!("sip:bob{i}@127.0.0.1"));
         let sent = Instant::now();
         let (call_id, _) = accepted(&s.cmd("call.start", json!({"caller": caller, "callee": callee})).await);
@@ -96,6 +93,29 @@ async fn main() {
         accepted(&s.cmd("call.end", json!({"call_id": call_id})).await);
         s.notes_until(|n| n.call_id == call_id && n.event == "ended").await;
     }
+    (first_mi, completion)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (sequential, at_once) = if quick { (50, 200) } else { (500, 1000) };
+
+    // Bridge and engine as separate processes run them: events and MI cross NATS.
+    eprintln!("click-to-dial set-up overhead, bridge and engine apart: {sequential} calls, one at a time");
+    let mut s = Stack::start_with(SimConfig::default()).await;
+    s.sim.start_trace();
+    let (first_mi, completion) = one_at_a_time(&mut s, sequential).await;
+    report("c2d_split_command_to_first_mi", first_mi);
+    report("c2d_split_callee_answer_to_caller_completion", completion);
+    s.shutdown().await;
+    drop(s);
+
+    // As `callbus up` runs them: the engine takes events and MI from the bridge in-process.
+    eprintln!("click-to-dial set-up overhead, callbus up: {sequential} calls, one at a time");
+    let mut s = Stack::start_up(SimConfig::default()).await;
+    s.sim.start_trace();
+    let (first_mi, completion) = one_at_a_time(&mut s, sequential).await;
     report("c2d_command_to_first_mi", first_mi);
     report("c2d_callee_answer_to_caller_completion", completion);
 
