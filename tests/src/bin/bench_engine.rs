@@ -6,7 +6,9 @@
 //! - command round trip: `call.hold`/`call.unhold` request → logged → MI through the bridge →
 //!   simulator reply → logged → `hold_requested` notified (p50, p99), and whole hold/unhold
 //!   commands per second with 64 in flight (through the re-INVITE events to `command_succeeded`);
-//! - memory per live call (RSS growth) and restart time with that many live calls.
+//!   with the bridge and the engine apart (over NATS), then wired as `callbus up` wires them
+//!   (events and MI handed over in-process);
+//! - memory per live call (RSS growth) and restart time with that many live calls (`up` wiring).
 //!
 //! `cargo run --release -p callbus-tests --bin bench-engine` (full: 200 k events × 3, 5 k
 //! sequential commands, 20 k with 64 in flight, 100 k live calls); `-- --quick` for CI.
@@ -147,6 +149,79 @@ async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf) {
     }
 }
 
+type Waiters = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<String>>>>;
+
+/// One command: request → `accepted`, then notifications until `command_…`; returns the time
+/// to `…_requested` (the MI reply logged and notified).
+async fn request(client: &async_nats::Client, waiters: &Waiters, verb: &str, sip: &str, cmd_id: String) -> Duration {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    waiters.lock().expect("lock").insert(cmd_id.clone(), tx);
+    let body = json!({"sip_call_id": sip, "cmd_id": cmd_id}).to_string();
+    let start = Instant::now();
+    client.request(format!("callbus.cmd.{verb}"), Bytes::from(body)).await.expect("reply");
+    let accepted = start.elapsed();
+    ACCEPTED_US.fetch_add(accepted.as_micros() as u64, Ordering::Relaxed);
+    ACCEPTED_N.fetch_add(1, Ordering::Relaxed);
+    let mut requested = None;
+    while let Some(event) = rx.recv().await {
+        if event.ends_with("_requested") {
+            requested = Some(start.elapsed());
+        }
+        if event.starts_with("command_") {
+            break;
+        }
+    }
+    waiters.lock().expect("lock").remove(&cmd_id);
+    requested.unwrap_or(Duration::MAX)
+}
+
+/// Hold/unhold on 64 confirmed calls: one at a time (round trip p50, p99), then 64 in flight.
+async fn commands(client: &async_nats::Client, waiters: &Waiters, sim: &Sim, sizes: &Sizes, wiring: &str) {
+    ACCEPTED_US.store(0, Ordering::Relaxed);
+    ACCEPTED_N.store(0, Ordering::Relaxed);
+    let mut calls = Vec::new();
+    for _ in 0..64 {
+        calls.push(sim.proxied_call(CallScript::default()));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut samples = Vec::new();
+    for k in 0..sizes.sequential {
+        let verb = if k % 2 == 0 { "call.hold" } else { "call.unhold" };
+        samples.push(request(client, waiters, verb, &calls[0], format!("{wiring}-s{k}")).await);
+    }
+    samples.sort();
+    let p = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_secs_f64() * 1e3;
+    println!("RESULT|command round trip to hold_requested, {wiring}, p50|{:.3}|ms", p(0.5));
+    println!("RESULT|command round trip to hold_requested, {wiring}, p99|{:.3}|ms", p(0.99));
+    println!(
+        "RESULT|of which request → accepted reply (logged, flushed), {wiring}, mean|{:.3}|ms",
+        ACCEPTED_US.load(Ordering::Relaxed) as f64 / ACCEPTED_N.load(Ordering::Relaxed).max(1) as f64 / 1e3
+    );
+    let per_task = sizes.parallel / 64;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..64)
+        .map(|t| {
+            let (sip, client, waiters) = (calls[t].clone(), client.clone(), Arc::clone(waiters));
+            // Call 0 ended the sequential run held or not: start from its state.
+            let offset = if t == 0 { sizes.sequential % 2 } else { 0 };
+            let wiring = wiring.to_owned();
+            tokio::spawn(async move {
+                for k in 0..per_task {
+                    let verb = if (k + offset) % 2 == 0 { "call.hold" } else { "call.unhold" };
+                    request(&client, &waiters, verb, &sip, format!("{wiring}-p{t}-{k}")).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    println!(
+        "RESULT|hold/unhold commands completed with 64 in flight, {wiring}|{:.0}|commands/s",
+        (per_task * 64) as f64 / start.elapsed().as_secs_f64()
+    );
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick {
@@ -172,12 +247,11 @@ fn main() {
             buffer_capacity: 1_000_000,
             ..BridgeConfig::default()
         };
-        let bridge = Bridge::start(bridge_config, async_nats::connect(nats.url()).await.expect("connect"))
-            .await
-            .expect("bridge");
+        let bridge_client = async_nats::connect(nats.url()).await.expect("connect");
+        let bridge = Bridge::start(bridge_config.clone(), bridge_client.clone()).await.expect("bridge");
         let to = bridge.events_addr();
         let count = Arc::new(AtomicU64::new(0));
-        let waiters: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<String>>>> = Arc::default();
+        let waiters: Waiters = Arc::default();
         tokio::spawn(sink(
             async_nats::connect(nats.url()).await.expect("connect"),
             Arc::clone(&count),
@@ -231,74 +305,33 @@ fn main() {
         println!("RESULT|durable ingest, bare skeleton of the same path|{k:.0}|events/s");
         println!("RESULT|engine / skeleton|{:.2}|ratio", e / k);
 
-        // Commands: 64 confirmed calls from the simulator.
-        let mut calls = Vec::new();
-        for _ in 0..64 {
-            calls.push(sim.proxied_call(CallScript::default()));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let (request_client, request_waiters) = (client.clone(), Arc::clone(&waiters));
-        let request = move |verb: &'static str, sip: String, cmd_id: String| {
-            let client = request_client.clone();
-            let waiters = Arc::clone(&request_waiters);
-            async move {
-                let (tx, mut rx) = mpsc::unbounded_channel();
-                waiters.lock().expect("lock").insert(cmd_id.clone(), tx);
-                let body = json!({"sip_call_id": sip, "cmd_id": cmd_id}).to_string();
-                let start = Instant::now();
-                client.request(format!("callbus.cmd.{verb}"), Bytes::from(body)).await.expect("reply");
-                let accepted = start.elapsed();
-                ACCEPTED_US.fetch_add(accepted.as_micros() as u64, Ordering::Relaxed);
-                ACCEPTED_N.fetch_add(1, Ordering::Relaxed);
-                let mut requested = None;
-                while let Some(event) = rx.recv().await {
-                    if event.ends_with("_requested") {
-                        requested = Some(start.elapsed());
-                    }
-                    if event.starts_with("command_") {
-                        break;
-                    }
-                }
-                waiters.lock().expect("lock").remove(&cmd_id);
-                requested.unwrap_or(Duration::MAX)
-            }
-        };
-        let mut samples = Vec::new();
-        for k in 0..sizes.sequential {
-            let verb = if k % 2 == 0 { "call.hold" } else { "call.unhold" };
-            samples.push(request(verb, calls[0].clone(), format!("s{k}")).await);
-        }
-        samples.sort();
-        let p = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_secs_f64() * 1e3;
-        println!("RESULT|command round trip to hold_requested, p50|{:.3}|ms", p(0.5));
-        println!("RESULT|command round trip to hold_requested, p99|{:.3}|ms", p(0.99));
-        println!(
-            "RESULT|of which request → accepted reply (logged, flushed), mean|{:.3}|ms",
-            ACCEPTED_US.load(Ordering::Relaxed) as f64 / ACCEPTED_N.load(Ordering::Relaxed).max(1) as f64 / 1e3
+        // Commands, bridge and engine apart (over NATS).
+        commands(&client, &waiters, &sim, &sizes, "bridge and engine apart").await;
+
+        // `callbus up`'s wiring: a new bridge hands its events and MI to a new engine in-process.
+        engine.shutdown().await;
+        bridge.shutdown().await;
+        let (tap, events) = mpsc::channel(100_000);
+        let bridge = Bridge::start_with_tap(bridge_config.clone(), bridge_client, Some(tap)).await.expect("bridge");
+        let mi = bridge.local_mi();
+        let local = callbus_engine::LocalNode::new(
+            events,
+            callbus_engine::LocalMi::new(NODE, move |command, params| {
+                let mi = mi.clone();
+                async move { mi.call(&command, params).await }
+            }),
         );
-        let per_task = sizes.parallel / 64;
-        let start = Instant::now();
-        let tasks: Vec<_> = (0..64)
-            .map(|t| {
-                let sip = calls[t].clone();
-                let request = request.clone();
-                tokio::spawn(async move {
-                    // Call 0 ended the sequential run held or not: start from its state.
-                    let offset = if t == 0 { sizes.sequential % 2 } else { 0 };
-                    for k in 0..per_task {
-                        let verb = if (k + offset) % 2 == 0 { "call.hold" } else { "call.unhold" };
-                        request(verb, sip.clone(), format!("p{t}-{k}")).await;
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.expect("task");
+        let socket = format!("udp:{}", bridge.events_addr());
+        while sim.live_subscriptions().iter().filter(|(_, s, _)| *s == socket).count() < 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        println!(
-            "RESULT|hold/unhold commands completed with 64 in flight|{:.0}|commands/s",
-            (per_task * 64) as f64 / start.elapsed().as_secs_f64()
-        );
+        let to = bridge.events_addr();
+        let data = tempfile::tempdir().expect("tmp");
+        let config = EngineConfig { data_dir: data.path().to_owned(), ..config };
+        let engine =
+            Engine::start_with_local(config.clone(), client.clone(), Some(local.clone())).await.expect("engine");
+        client.flush().await.expect("flush");
+        commands(&client, &waiters, &sim, &sizes, "callbus up").await;
 
         // Memory per live call and restart time.
         let rss_before = rss_bytes();
@@ -313,7 +346,7 @@ fn main() {
         );
         engine.shutdown().await;
         let start = Instant::now();
-        let engine = Engine::start(config, client.clone()).await.expect("restart");
+        let engine = Engine::start_with_local(config, client.clone(), Some(local)).await.expect("restart");
         let ready = start.elapsed();
         println!(
             "RESULT|restart with {} live calls ready|{:.3}|s ({} recovered)",
