@@ -883,7 +883,7 @@ pub(crate) struct MiRoute {
 
 impl MiRoute {
     pub(crate) fn new(client: async_nats::Client, config: &EngineConfig) -> MiRoute {
-        MiRoute { client, local: config.local_mi.clone() }
+        MiRoute { client, local: config.local.as_ref().map(|l| l.mi.clone()) }
     }
 }
 
@@ -1133,12 +1133,28 @@ impl Owner {
         let every = self.config.reconcile_every.filter(|_| self.config.reconcile);
         let mut reconcile = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
         reconcile.tick().await; // the start-up reconciliation is the first
+                                // The bridge in this process hands its node's events straight to this loop (to one
+                                // owner at a time: a restarted owner waits for the previous one to let go).
+        let mut local: Option<LocalTap> = match self.config.local.as_ref() {
+            Some(l) => tokio::select! {
+                events = Arc::clone(&l.events).lock_owned() => Some((l.mi.node.clone(), events)),
+                _ = cancel.cancelled() => None,
+            },
+            None => None,
+        };
         loop {
             let first = if let Some(w) = self.pending.pop_front() {
                 Some(w)
             } else {
                 tokio::select! {
                 w = rx.recv() => w,
+                w = next_local(&mut local), if local.is_some() && !cancel.is_cancelled() => match w {
+                    Some(w) => Some(w),
+                    None => {
+                        local = None; // the bridge stopped
+                        continue;
+                    }
+                },
                 _ = reconcile.tick(), if every.is_some() => {
                     self.reconcile_live_calls();
                     continue;
@@ -1180,7 +1196,10 @@ impl Owner {
                 }
                 match rx.try_recv() {
                     Ok(w) => batch.push(w),
-                    Err(_) => break,
+                    Err(_) => match try_next_local(&mut local) {
+                        Some(w) => batch.push(w),
+                        None => break,
+                    },
                 }
             }
             let mut out = Outputs::default();
@@ -1336,29 +1355,23 @@ pub(crate) async fn supervise(
     }
 }
 
-/// Forwards a same-process bridge's event datagrams to the owner.
-pub(crate) async fn forward_local_events(
-    events: crate::LocalEvents,
-    node: String,
-    tx: mpsc::Sender<Work>,
-    cancel: CancellationToken,
-) {
-    // An engine stopped a moment ago may still hold the tap: wait for it.
-    let mut events = tokio::select! {
-        e = events.lock_owned() => e,
-        _ = cancel.cancelled() => return,
-    };
-    loop {
-        let next = tokio::select! {
-            e = events.recv() => e,
-            _ = cancel.cancelled() => break,
-        };
-        let Some((seq, payload)) = next else { break };
-        let work = Work::Event { node: node.clone(), bridge_seq: Some(seq), payload, stream_seq: None };
-        if tx.send(work).await.is_err() {
-            break;
-        }
-    }
+/// The node of the bridge in this process, and its tap.
+type LocalTap = (String, tokio::sync::OwnedMutexGuard<mpsc::Receiver<(u64, Bytes)>>);
+
+fn local_work(node: &str, (seq, payload): (u64, Bytes)) -> Work {
+    Work::Event { node: node.to_owned(), bridge_seq: Some(seq), payload, stream_seq: None }
+}
+
+/// The next datagram from the tap as work; None when the bridge is gone.
+async fn next_local(local: &mut Option<LocalTap>) -> Option<Work> {
+    let (node, events) = local.as_mut()?;
+    events.recv().await.map(|d| local_work(node, d))
+}
+
+/// A datagram already waiting in the tap, as work.
+fn try_next_local(local: &mut Option<LocalTap>) -> Option<Work> {
+    let (node, events) = local.as_mut()?;
+    events.try_recv().ok().map(|d| local_work(node, d))
 }
 
 /// Forwards OpenSIPS events from NATS to the owner, except those of `local`, the node whose

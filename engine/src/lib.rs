@@ -76,9 +76,9 @@ pub struct EngineConfig {
     /// Inputs waiting for the engine at most; beyond it commands are refused as `unavailable`
     /// ("overloaded") and OpenSIPS events wait in NATS's buffers.
     pub input_queue: usize,
-    /// The node whose bridge runs in this process (`callbus up`): its MI requests go straight
-    /// to that bridge instead of through NATS.
-    pub local_mi: Option<LocalMi>,
+    /// The bridge running in this process (`callbus up`), if any: the engine takes its node's
+    /// events and sends it MI requests directly instead of through NATS.
+    pub local: Option<LocalNode>,
 }
 
 /// A bridge's MI client in the same process as the engine: the node it serves, and a function
@@ -127,6 +127,12 @@ pub struct LocalNode {
 /// The receiving end of a bridge's tap (see [`LocalNode`]).
 pub type LocalEvents = Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<(u64, bytes::Bytes)>>>;
 
+impl std::fmt::Debug for LocalNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalNode").field("node", &self.mi.node).finish_non_exhaustive()
+    }
+}
+
 impl LocalNode {
     /// The engine's side of a bridge's tap, and the bridge's MI.
     pub fn new(events: tokio::sync::mpsc::Receiver<(u64, bytes::Bytes)>, mi: LocalMi) -> LocalNode {
@@ -148,7 +154,7 @@ impl Default for EngineConfig {
             max_live_calls: 500_000,
             clock: WallClock::default(),
             input_queue: 65_536,
-            local_mi: None,
+            local: None,
         }
     }
 }
@@ -185,14 +191,8 @@ impl Engine {
         client: async_nats::Client,
         local: Option<LocalNode>,
     ) -> Result<Engine, EngineError> {
-        let (local_events, local_node) = match local {
-            Some(LocalNode { events, mi }) => {
-                let node = mi.node.clone();
-                config.local_mi = Some(mi);
-                (Some(events), Some(node))
-            }
-            None => (None, None),
-        };
+        let local_node = local.as_ref().map(|l| l.mi.node.clone());
+        config.local = local;
         let started = std::time::Instant::now();
         let log = Arc::new(SledLog::open_with_cache(&config.data_dir, config.cache_bytes)?);
         let opened = started.elapsed();
@@ -220,13 +220,10 @@ impl Engine {
             .queue_subscribe("callbus.cmd.>", "callbus-engine".into())
             .await
             .map_err(|e| EngineError::Nats(format!("cannot subscribe to callbus.cmd.>: {e}")))?;
-        let mut forwarders = vec![
-            tokio::spawn(driver::forward_events(events, local_node.clone(), tx.clone(), cancel.clone())),
+        let forwarders = vec![
+            tokio::spawn(driver::forward_events(events, local_node, tx.clone(), cancel.clone())),
             tokio::spawn(driver::forward_commands(commands, tx.clone(), client.clone(), cancel.clone())),
         ];
-        if let (Some(events), Some(node)) = (local_events, local_node) {
-            forwarders.push(tokio::spawn(driver::forward_local_events(events, node, tx.clone(), cancel.clone())));
-        }
         if config.reconcile {
             let mut nodes = config.nodes.clone();
             nodes.extend(owner.live_nodes());
