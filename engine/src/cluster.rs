@@ -174,6 +174,8 @@ impl Keys {
 /// A partition owner's side of the cluster: its replicated log.
 pub(crate) struct PartCtx {
     pub partition: u16,
+    /// How many partitions the cluster has.
+    pub partitions: u16,
     worker: String,
     js: jetstream::Context,
     subject: String,
@@ -729,7 +731,9 @@ async fn acquire(shared: &Arc<Shared>, p: u16, value: Bytes) -> Result<Option<He
     let log = Arc::new(log);
     let mut config = shared.config.clone();
     config.data_dir = dir;
-    config.reconcile = false;
+    // Only the periodic reconciliation (`reconcile_every`): what happened while the partition
+    // changed owner is in the input stream; what UDP lost before the bridge is not, and the
+    // periodic list finds it.
     let (mut owner, rx) = driver::owner(config, Arc::clone(&log), shared.client.clone());
     owner.part = Some(PartCtx {
         partition: p,
@@ -745,6 +749,7 @@ async fn acquire(shared: &Arc<Shared>, p: u16, value: Bytes) -> Result<Option<He
         batch: Vec::new(),
         ends: Vec::new(),
         keys: Arc::clone(&shared.keys),
+        partitions: shared.cluster.partitions,
     });
     let (live, records) = driver::recover(&mut owner).map_err(|e| e.to_string())?;
     for key in owner.known_keys() {

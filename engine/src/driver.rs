@@ -648,7 +648,10 @@ impl Owner {
         }
         let mut adopted = 0;
         for (sip, state) in present {
-            if !self.by_sip.contains_key(&sip) {
+            // In a cluster, a dialog nobody knows is adopted by the partition its events go to.
+            let elsewhere =
+                self.part.as_ref().is_some_and(|p| crate::cluster::partition_of(&sip, p.partitions) != p.partition);
+            if !elsewhere && !self.by_sip.contains_key(&sip) {
                 adopted += 1;
                 let call_id = self.new_call_id();
                 let fresh = CallState::Dialog(DialogState::new(node, &sip));
@@ -806,9 +809,11 @@ impl Owner {
         }
     }
 
-    /// Asks OpenSIPS, node by node, which of the live calls it still has (in the background).
+    /// Asks OpenSIPS, node by node (the configured ones and those of live calls), which of the
+    /// live calls it still has and which dialogs it has that no call knows (in the background).
     fn reconcile_live_calls(&self) {
         let mut nodes: Vec<String> = self.live_nodes();
+        nodes.extend(self.config.nodes.iter().cloned());
         nodes.sort();
         nodes.dedup();
         if nodes.is_empty() {

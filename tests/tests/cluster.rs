@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use callbus_engine::cluster::{self, ClusterConfig, ClusterEngine};
+use callbus_engine::log::Record;
 use callbus_engine::EngineConfig;
 use callbus_schemas::command::{CommandErrorCode, CommandReply};
 use callbus_tests::cluster::{
@@ -175,6 +176,83 @@ async fn killing_one_nats_server_of_three_mid_traffic_loses_nothing() {
         "FIGURE|nats-server killed|1 of 3 killed mid-traffic; {} calls all ended {} ms after the kill; log exact",
         sips.len(),
         killed.elapsed().as_millis()
+    );
+    for w in workers {
+        w.shutdown().await;
+    }
+    bridge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_udp_lost_before_the_bridge_is_repaired_by_the_partitions_periodic_reconciliation() {
+    let _serial = SERIAL.lock().await;
+    let nats = NatsCluster::start(3);
+    nats.wait_jetstream().await;
+    let client = nats.connect().await;
+    let (sim, bridge) = opensips(&nats).await;
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let mut workers = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let config = EngineConfig {
+            data_dir: dir.path().to_owned(),
+            timeouts: timeouts(),
+            nodes: vec![NODE.into()],
+            mi_timeout: Duration::from_secs(3),
+            reconcile_every: Some(Duration::from_millis(700)),
+            ..EngineConfig::default()
+        };
+        let cluster = ClusterConfig {
+            worker: format!("w{i}"),
+            partitions: PARTITIONS,
+            replicas: 1,
+            lease_ttl: Duration::from_millis(1500),
+            ..ClusterConfig::default()
+        };
+        workers.push(ClusterEngine::start(config, cluster, nats.connect().await).await.expect("worker"));
+    }
+    settled(&client, PARTITIONS, &["w0", "w1"], Duration::from_secs(30)).await;
+    let ended = sim.proxied_call(CallScript::default());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while listed(&client, "confirmed").await < 1 {
+        assert!(Instant::now() < deadline, "the call is not confirmed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // UDP loses every event datagram for a while: one call ends, another starts and is
+    // answered, and no engine hears of either.
+    sim.set_events_lost(true);
+    let end = client.request(
+        format!("opensips.{NODE}.mi.dlg_end_dlg"),
+        bytes::Bytes::from(json!({"dialog_id": ended}).to_string()),
+    );
+    end.await.expect("the bridge answers");
+    let unheard = sim.proxied_call(CallScript::default());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.set_events_lost(false);
+    // The periodic lists find both: the ended call is closed, the unheard one adopted, once.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let CommandReply::Data { result, .. } = cmd(&client, "call.list", json!({})).await else { panic!("call.list") };
+        let calls = result["calls"].as_array().cloned().unwrap_or_default();
+        let sips: Vec<&str> = calls.iter().filter_map(|c| c["sip_call_id"].as_str()).collect();
+        let adopted = sips.iter().filter(|s| **s == unheard).count();
+        assert!(adopted <= 1, "adopted by one partition only: {sips:?}");
+        if adopted == 1 && !sips.contains(&ended.as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not reconciled: {calls:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let records = all_records(&client, PARTITIONS).await;
+    let reconciled: Vec<&Record> =
+        records.iter().filter(|r| matches!(r.input, callbus_engine::machines::Input::Reconcile { .. })).collect();
+    assert!(
+        reconciled.iter().any(|r| r.after.sip_call_id() == Some(ended.as_str()) && r.after.is_ended()),
+        "the ended call is closed in the replicated log"
+    );
+    assert_eq!(
+        reconciled.iter().filter(|r| r.after.sip_call_id() == Some(unheard.as_str()) && r.before.is_none()).count(),
+        1,
+        "the unheard call is adopted once, in the replicated log"
     );
     for w in workers {
         w.shutdown().await;
