@@ -1138,8 +1138,9 @@ impl Owner {
         let every = self.config.reconcile_every.filter(|_| self.config.reconcile);
         let mut reconcile = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
         reconcile.tick().await; // the start-up reconciliation is the first
-                                // The bridge in this process hands its node's events straight to this loop (to one
-                                // owner at a time: a restarted owner waits for the previous one to let go).
+
+        // The bridge in this process hands its node's events straight to this loop (to one
+        // owner at a time: a restarted owner waits for the previous one to let go).
         let mut local: Option<LocalTap> = match self.config.local.as_ref() {
             Some(l) => tokio::select! {
                 events = Arc::clone(&l.events).lock_owned() => Some((l.mi.node.clone(), events)),
