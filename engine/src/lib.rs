@@ -184,15 +184,18 @@ impl Engine {
         Engine::start_with_local(config, client, None).await
     }
 
-    /// [`Engine::start`], with the bridge of `local`'s node in this process: its events and MI
-    /// requests skip NATS (two NATS hops less on every call set-up step).
+    /// [`Engine::start`], with the bridge of `local`'s node in this process (or the one in
+    /// `config.local`): its events and MI requests skip NATS (two NATS hops less on every call
+    /// set-up step).
     pub async fn start_with_local(
         mut config: EngineConfig,
         client: async_nats::Client,
         local: Option<LocalNode>,
     ) -> Result<Engine, EngineError> {
-        let local_node = local.as_ref().map(|l| l.mi.node.clone());
-        config.local = local;
+        if local.is_some() {
+            config.local = local;
+        }
+        let local_node = config.local.as_ref().map(|l| l.mi.node.clone());
         let started = std::time::Instant::now();
         let log = Arc::new(SledLog::open_with_cache(&config.data_dir, config.cache_bytes)?);
         let opened = started.elapsed();
