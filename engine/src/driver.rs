@@ -715,6 +715,22 @@ impl Owner {
 
     /// Carries out a committed batch.
     async fn carry_out(&mut self, out: Outputs) {
+        // OpenSIPS first: its requests are on the path of every call set-up step. Yielding once
+        // lets them leave (their tasks run on this thread next) before the replies and
+        // notifications are published.
+        let to_opensips = !out.mi.is_empty();
+        for (request, node, command, params) in out.mi {
+            let route = MiRoute::new(self.client.clone(), &self.config);
+            let tx = self.tx.clone();
+            let timeout = self.config.mi_timeout;
+            tokio::spawn(async move {
+                let reply = mi_request(&route, &node, &command, params, timeout).await;
+                let _ = tx.send(Work::MiReply { request, reply }).await;
+            });
+        }
+        if to_opensips {
+            tokio::task::yield_now().await;
+        }
         for (cmd_id, reply) in out.remembered {
             self.remember(cmd_id, reply);
         }
@@ -733,15 +749,6 @@ impl Owner {
             if let Err(e) = self.client.publish(subject, body).await {
                 tracing::warn!(error = %e, "notification not published");
             }
-        }
-        for (request, node, command, params) in out.mi {
-            let route = MiRoute::new(self.client.clone(), &self.config);
-            let tx = self.tx.clone();
-            let timeout = self.config.mi_timeout;
-            tokio::spawn(async move {
-                let reply = mi_request(&route, &node, &command, params, timeout).await;
-                let _ = tx.send(Work::MiReply { request, reply }).await;
-            });
         }
         for (call_id, name, after_ms, generation) in out.timers {
             let tx = self.tx.clone();
