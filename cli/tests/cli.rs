@@ -320,24 +320,49 @@ fn sample(samples: &std::collections::HashMap<String, f64>, name: &str, labels: 
         .sum()
 }
 
+/// `callbus up --node m1` with its events and metrics on ports free a moment ago, answering MI;
+/// started again on other ports when another process took one of them meanwhile (the race of
+/// picking a free port for a child). Returns it and its metrics address.
+fn up_on_free_ports(nats: &str, mi: &str, data: &std::path::Path) -> (Running, String) {
+    for attempt in 1..=3 {
+        let events = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let stderr_path = data.join(format!("up-{attempt}.stderr"));
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut up = Running(
+            callbus()
+                .args(["up", "--nats", nats, "--mi", mi, "--events-listen", &events])
+                .args(["--data-dir", &data.join("log").display().to_string(), "--metrics-listen", &metrics])
+                .args(["--node", "m1"])
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("up starts"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = up.0.try_wait().expect("wait") {
+                let said = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                assert!(attempt < 3 && said.contains("in use"), "up exited ({status}): {said}");
+                break;
+            }
+            let out = run(&["mi", "--nats", nats, "--timeout", "2s", "--node", "m1", "uptime"]);
+            if out.status.success() {
+                return (up, metrics);
+            }
+            assert!(Instant::now() < deadline, "up never answered MI: {}", String::from_utf8_lossy(&out.stderr));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    unreachable!("three attempts")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_metrics_and_sigterm_under_traffic_loses_nothing_acknowledged() {
     let nats = NatsServer::start();
     let sim = Sim::start(SimConfig::default()).await.expect("sim");
-    let events = format!("127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", free_port());
     let data = tempfile::tempdir().expect("tmp");
-    let mut up = Running(
-        callbus()
-            .args(["up", "--nats", &nats.url(), "--mi", &sim.mi_addr().to_string(), "--events-listen", &events])
-            .args(["--data-dir", &data.path().display().to_string(), "--metrics-listen", &metrics, "--node", "m1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("up starts"),
-    );
-    let out = mi_until_ok(&nats.url(), &["--node", "m1", "uptime"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (mut up, metrics) = up_on_free_ports(&nats.url(), &sim.mi_addr().to_string(), data.path());
     let deadline = Instant::now() + Duration::from_secs(5);
     while sim.live_subscriptions().len() < 4 {
         assert!(Instant::now() < deadline, "up subscribes");
@@ -409,7 +434,7 @@ async fn up_serves_metrics_and_sigterm_under_traffic_loses_nothing_acknowledged(
     let acknowledged = acknowledged.lock().expect("lock").clone();
     assert!(acknowledged.len() >= 10);
     let logged: std::collections::HashSet<String> =
-        callbus_tests::stack::logged_cmd_ids(data.path()).into_iter().collect();
+        callbus_tests::stack::logged_cmd_ids(&data.path().join("log")).into_iter().collect();
     for cmd_id in &acknowledged {
         assert!(logged.contains(cmd_id), "{cmd_id} was acknowledged but is not in the log");
     }
