@@ -296,6 +296,11 @@ impl Bridge {
         self.events_addr
     }
 
+    /// The OpenSIPS node this bridge serves.
+    pub fn node(&self) -> &str {
+        &self.config.node
+    }
+
     /// The MI client (for in-process callers).
     pub fn mi(&self) -> &MiClient {
         &self.mi

@@ -74,6 +74,17 @@ pub fn assert_log_replays(data: &std::path::Path) -> usize {
     n
 }
 
+/// `callbus up`'s wiring of an engine to `bridge` (started with the tap whose receiving end is
+/// `events`): the bridge's events and MI, in-process.
+pub fn local_node(bridge: &Bridge, events: tokio::sync::mpsc::Receiver<(u64, Bytes)>) -> callbus_engine::LocalNode {
+    let mi = bridge.local_mi();
+    let mi = callbus_engine::LocalMi::new(bridge.node(), move |command, params| {
+        let mi = mi.clone();
+        async move { mi.call(&command, params).await }
+    });
+    callbus_engine::LocalNode::new(events, mi)
+}
+
 /// The running parts.
 pub struct Stack {
     /// The NATS server.
@@ -131,14 +142,7 @@ impl Stack {
         };
         let (tap, events) = tokio::sync::mpsc::channel(100_000);
         let bridge = Bridge::start_with_tap(bridge_config, client.clone(), up.then_some(tap)).await.expect("bridge");
-        let local = up.then(|| {
-            let mi = bridge.local_mi();
-            let mi = callbus_engine::LocalMi::new(NODE, move |command, params| {
-                let mi = mi.clone();
-                async move { mi.call(&command, params).await }
-            });
-            callbus_engine::LocalNode::new(events, mi)
-        });
+        let local = up.then(|| local_node(&bridge, events));
         let data = tempfile::tempdir().expect("tmp");
         let mut stack = Stack { nats, sim, bridge: Some(bridge), engine: None, client, notes, data, local };
         stack.start_engine().await;

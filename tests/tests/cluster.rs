@@ -24,18 +24,25 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const PARTITIONS: u16 = 16;
 
-async fn worker(nats: &NatsCluster, name: &str, dir: &std::path::Path) -> ClusterEngine {
-    let config = EngineConfig {
+fn engine_config(dir: &std::path::Path) -> EngineConfig {
+    EngineConfig {
         data_dir: dir.to_owned(),
         timeouts: timeouts(),
         nodes: vec![NODE.into()],
         mi_timeout: Duration::from_secs(3),
         ..EngineConfig::default()
-    };
+    }
+}
+
+async fn worker(nats: &NatsCluster, name: &str, dir: &std::path::Path) -> ClusterEngine {
+    worker_with(nats, name, engine_config(dir), 3).await
+}
+
+async fn worker_with(nats: &NatsCluster, name: &str, config: EngineConfig, replicas: usize) -> ClusterEngine {
     let cluster = ClusterConfig {
         worker: name.into(),
         partitions: PARTITIONS,
-        replicas: 3,
+        replicas,
         lease_ttl: Duration::from_millis(1500),
         ..ClusterConfig::default()
     };
@@ -193,22 +200,8 @@ async fn what_udp_lost_before_the_bridge_is_repaired_by_the_partitions_periodic_
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().expect("tmp")).collect();
     let mut workers = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
-        let config = EngineConfig {
-            data_dir: dir.path().to_owned(),
-            timeouts: timeouts(),
-            nodes: vec![NODE.into()],
-            mi_timeout: Duration::from_secs(3),
-            reconcile_every: Some(Duration::from_millis(700)),
-            ..EngineConfig::default()
-        };
-        let cluster = ClusterConfig {
-            worker: format!("w{i}"),
-            partitions: PARTITIONS,
-            replicas: 1,
-            lease_ttl: Duration::from_millis(1500),
-            ..ClusterConfig::default()
-        };
-        workers.push(ClusterEngine::start(config, cluster, nats.connect().await).await.expect("worker"));
+        let config = EngineConfig { reconcile_every: Some(Duration::from_millis(700)), ..engine_config(dir.path()) };
+        workers.push(worker_with(&nats, &format!("w{i}"), config, 1).await);
     }
     settled(&client, PARTITIONS, &["w0", "w1"], Duration::from_secs(30)).await;
     let ended = sim.proxied_call(CallScript::default());

@@ -313,14 +313,7 @@ fn main() {
         bridge.shutdown().await;
         let (tap, events) = mpsc::channel(100_000);
         let bridge = Bridge::start_with_tap(bridge_config.clone(), bridge_client, Some(tap)).await.expect("bridge");
-        let mi = bridge.local_mi();
-        let local = callbus_engine::LocalNode::new(
-            events,
-            callbus_engine::LocalMi::new(NODE, move |command, params| {
-                let mi = mi.clone();
-                async move { mi.call(&command, params).await }
-            }),
-        );
+        let local = callbus_tests::stack::local_node(&bridge, events);
         let socket = format!("udp:{}", bridge.events_addr());
         while sim.live_subscriptions().iter().filter(|(_, s, _)| *s == socket).count() < 4 {
             tokio::time::sleep(Duration::from_millis(20)).await;
