@@ -147,6 +147,9 @@ pub struct EngineSection {
     pub reconcile_every: Dur,
     /// Inputs waiting for the engine at most; commands beyond it are refused ("overloaded").
     pub input_queue: usize,
+    /// `fdatasync` the event log after each commit too: acknowledged inputs then survive a power
+    /// cut, not only a crash of callbus (costs ~0.1-0.2 ms per commit on this test VM's disk).
+    pub sync_data: bool,
 }
 
 impl Default for Config {
@@ -191,6 +194,7 @@ impl Default for EngineSection {
             max_live_calls: 500_000,
             reconcile_every: Dur(Duration::from_secs(300)),
             input_queue: 65_536,
+            sync_data: false,
         }
     }
 }
@@ -328,6 +332,19 @@ mod tests {
         let f = write("[bridge\nnode=");
         assert!(load(Some(f.path()), Overrides::default()).is_err(), "bad TOML");
         assert!(file(Some(Path::new("/nonexistent/callbus.toml"))).is_err());
+    }
+
+    #[test]
+    fn sync_data_comes_from_the_file_or_the_flag_and_is_off_by_default() {
+        assert!(!load(None, Overrides::default()).expect("defaults").engine.sync_data);
+        let f = write("[engine]\nsync_data = true\n");
+        assert!(load(Some(f.path()), Overrides::default()).expect("valid").engine.sync_data);
+        let mut over = Overrides::default();
+        over.set("engine", "sync_data", Some(true));
+        assert!(load(None, over).expect("flag").engine.sync_data);
+        let f = write("[engine]\nsync_data = \"yes\"\n");
+        let e = load(Some(f.path()), Overrides::default()).expect_err("wrong type").to_string();
+        assert!(e.contains("sync_data") && e.contains("bool"), "{e}");
     }
 
     #[test]

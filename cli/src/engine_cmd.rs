@@ -39,6 +39,10 @@ pub struct EngineFlags {
     /// Inputs waiting for the engine at most; commands beyond it are refused [default: 65536].
     #[arg(long, env = "CALLBUS_INPUT_QUEUE")]
     pub input_queue: Option<usize>,
+    /// fdatasync the event log after each commit too, so acknowledged inputs survive a power cut
+    /// or kernel crash (sled's own flush survives a crash of callbus only).
+    #[arg(long, env = "CALLBUS_SYNC_DATA")]
+    pub sync_data: bool,
 }
 
 /// Flags of cluster mode. Each overrides the configuration file's `[cluster]` key of the same
@@ -109,6 +113,7 @@ impl EngineFlags {
         o.set("engine", "max_live_calls", self.max_live_calls);
         o.set("engine", "reconcile_every", self.reconcile_every.map(Dur));
         o.set("engine", "input_queue", self.input_queue);
+        o.set("engine", "sync_data", self.sync_data.then_some(true));
     }
 }
 
@@ -121,6 +126,7 @@ pub fn engine_config(c: &EngineSection) -> EngineConfig {
         max_live_calls: c.max_live_calls,
         reconcile_every: Some(c.reconcile_every.0).filter(|d| !d.is_zero()),
         input_queue: c.input_queue,
+        sync_data: c.sync_data,
         ..EngineConfig::default()
     }
 }

@@ -1339,7 +1339,7 @@ pub(crate) async fn supervise(
                     Some(_) => metrics::counter!("callbus_engine_inputs_dropped_total").increment(1),
                 },
                 _ = retry.tick() => {
-                    match SledLog::open_with_cache(&config.data_dir, config.cache_bytes) {
+                    match SledLog::open_with(&config.data_dir, config.cache_bytes, config.sync_data) {
                         Ok(log) => {
                             // Writable again? A real write and flush says so.
                             let probe = log.stage_timeouts(&config.timeouts);

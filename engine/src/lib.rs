@@ -68,6 +68,9 @@ pub struct EngineConfig {
     pub reconcile_every: Option<Duration>,
     /// The log's page cache, in bytes.
     pub cache_bytes: u64,
+    /// `fdatasync` the log's file after each commit as well, so acknowledged records survive a
+    /// power cut or kernel crash, not only a crash of the process (see [`log::SledLog`]).
+    pub sync_data: bool,
     /// The most live calls; `call.start` and `ua.start` are refused beyond it (calls OpenSIPS
     /// reports are always followed: refusing them would lose them).
     pub max_live_calls: usize,
@@ -151,6 +154,7 @@ impl Default for EngineConfig {
             reconcile: true,
             reconcile_every: Some(Duration::from_secs(300)),
             cache_bytes: log::DEFAULT_CACHE_BYTES,
+            sync_data: false,
             max_live_calls: 500_000,
             clock: WallClock::default(),
             input_queue: 65_536,
@@ -197,7 +201,7 @@ impl Engine {
         }
         let local_node = config.local.as_ref().map(|l| l.mi.node.clone());
         let started = std::time::Instant::now();
-        let log = Arc::new(SledLog::open_with_cache(&config.data_dir, config.cache_bytes)?);
+        let log = Arc::new(SledLog::open_with(&config.data_dir, config.cache_bytes, config.sync_data)?);
         let opened = started.elapsed();
         log::EventLog::stage_timeouts(&*log, &config.timeouts)?;
         let (mut owner, rx) = driver::owner(config.clone(), Arc::clone(&log), client.clone());

@@ -202,7 +202,21 @@ async fn a_crashed_engine_restarts_with_every_acknowledged_input_and_reconciles(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_mid_traffic_every_acknowledged_command_is_in_the_log() {
+    killed_mid_traffic(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_traffic_with_fdatasync_every_acknowledged_command_is_in_the_log() {
+    killed_mid_traffic(true).await;
+}
+
+/// 30 holds at once, the engine aborted while their answers come back, then restarted (with
+/// `sync_data` as given both times): every acknowledged command is in the log.
+async fn killed_mid_traffic(sync_data: bool) {
     let mut s = Stack::start().await;
+    if sync_data {
+        s.start_engine_with(|c| c.sync_data = true).await;
+    }
     let mut calls = Vec::new();
     for _ in 0..30 {
         calls.push(s.sim.proxied_call(CallScript::default()));
@@ -245,7 +259,7 @@ async fn killed_mid_traffic_every_acknowledged_command_is_in_the_log() {
     assert!(!acknowledged.is_empty());
     println!("{} of 30 commands were acknowledged before the kill", acknowledged.len());
     // Restart: every acknowledged command is there, and the calls go on.
-    s.start_engine().await;
+    s.start_engine_with(|c| c.sync_data = sync_data).await;
     let reply = s.cmd("call.list", json!({})).await;
     let CommandReply::Data { result, .. } = &reply else { panic!("{reply:?}") };
     assert!(result["calls"].as_array().is_some_and(|c| c.len() >= 30), "the calls are still live");
