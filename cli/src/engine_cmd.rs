@@ -40,7 +40,8 @@ pub struct EngineFlags {
     #[arg(long, env = "CALLBUS_INPUT_QUEUE")]
     pub input_queue: Option<usize>,
     /// fdatasync the event log after each commit too, so acknowledged inputs survive a power cut
-    /// or kernel crash (sled's own flush survives a crash of callbus only).
+    /// or kernel crash (sled's own flush survives a crash of callbus only). Single engine only:
+    /// in cluster mode the log is JetStream's.
     #[arg(long, env = "CALLBUS_SYNC_DATA")]
     pub sync_data: bool,
 }
