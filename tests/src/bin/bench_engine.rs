@@ -8,6 +8,8 @@
 //!   commands per second with 64 in flight (through the re-INVITE events to `command_succeeded`);
 //!   with the bridge and the engine apart (over NATS), then wired as `callbus up` wires them
 //!   (events and MI handed over in-process);
+//! - the floor of that round trip with the same two commits and nothing else (request, commit,
+//!   MI round trip to the simulator, commit, reply);
 //! - memory per live call (RSS growth) and restart time with that many live calls (`up` wiring).
 //!
 //! `cargo run --release -p callbus-tests --bin bench-engine` (full: 200 k events × 3, 5 k
@@ -147,6 +149,50 @@ async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf) {
             client.publish(subject, body).await.expect("publish");
         }
     }
+}
+
+/// The floor of a command's round trip with the durability the engine keeps, one command at a
+/// time: a NATS request; the command appended to the engine's log and committed (flusher
+/// thread, sled flush); an MI datagram to the simulator (`version`) and its reply; the reply
+/// appended and committed; the answer published. No machine, no notification JSON, no bridge.
+/// Returns p50 and p99 in ms over `n` requests.
+async fn command_floor(client: &async_nats::Client, mi: SocketAddr, n: usize) -> (f64, f64) {
+    use callbus_engine::log::{EventLog, SledLog};
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = SledLog::open(dir.path()).expect("log");
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    socket.connect(mi).await.expect("connect");
+    let mut sub = client.subscribe("bench.floor.cmd").await.expect("sub");
+    client.flush().await.expect("flush");
+    let responder = client.clone();
+    let engine = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        let mut seq = 0u64;
+        while let Some(msg) = sub.next().await {
+            seq += 1;
+            log.stage_raw(seq, "floor", &msg.payload).expect("stage");
+            log.commit().await.expect("commit");
+            let request = format!(r#"{{"jsonrpc":"2.0","method":"version","id":"f{seq}"}}"#);
+            socket.send(request.as_bytes()).await.expect("mi send");
+            let len = socket.recv(&mut buf).await.expect("mi reply");
+            seq += 1;
+            log.stage_raw(seq, "floor", &buf[..len]).expect("stage");
+            log.commit().await.expect("commit");
+            if let Some(reply) = msg.reply {
+                responder.publish(reply, Bytes::from_static(b"{\"event\":\"requested\"}")).await.expect("reply");
+            }
+        }
+    });
+    let mut samples = Vec::with_capacity(n);
+    for k in 0..n {
+        let start = Instant::now();
+        client.request("bench.floor.cmd", Bytes::from(format!(r#"{{"cmd_id":"f{k}"}}"#))).await.expect("reply");
+        samples.push(start.elapsed());
+    }
+    engine.abort();
+    samples.sort();
+    let p = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_secs_f64() * 1e3;
+    (p(0.5), p(0.99))
 }
 
 type Waiters = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<String>>>>;
@@ -325,6 +371,9 @@ fn main() {
             Engine::start_with_local(config.clone(), client.clone(), Some(local.clone())).await.expect("engine");
         client.flush().await.expect("flush");
         commands(&client, &waiters, &sim, &sizes, "callbus up").await;
+        let (p50, p99) = command_floor(&client, sim.mi_addr(), sizes.sequential).await;
+        println!("RESULT|floor of a command round trip with two commits (request, commit, MI round trip, commit, reply), p50|{p50:.3}|ms");
+        println!("RESULT|floor of a command round trip with two commits, p99|{p99:.3}|ms");
 
         // Memory per live call and restart time.
         let rss_before = rss_bytes();

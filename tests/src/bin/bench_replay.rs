@@ -81,6 +81,7 @@ fn main() {
     let n = callbus_replay::export(&reader, &mut std::io::sink(), ExportFormat::Msgpack, None, None, false)
         .expect("export");
     println!("RESULT|replay export msgpack ({n} records)|{:.0}|records/s", n as f64 / t.elapsed().as_secs_f64());
+    floors(&reader, &options);
     println!("RESULT|log size on disk|{:.0}|bytes/record", reader.stats().size_on_disk as f64 / records as f64);
     drop(reader);
 
@@ -118,4 +119,42 @@ fn commit_floor(runtime: &tokio::runtime::Runtime, sync_data: bool) -> (f64, f64
     samples.sort();
     let ms = |i: usize| samples[i].as_secs_f64() * 1e3;
     (ms(samples.len() / 2), ms(samples.len() * 99 / 100))
+}
+
+/// What `check` cannot beat, each on one core over the same records: reading them from sled
+/// (raw bytes), reading and decoding them, and reading, decoding and stepping today's machine
+/// from each call's previous state (no comparison). Two cores give at most twice the last.
+fn floors(reader: &LogReader, options: &CheckOptions) {
+    let rate = |n: u64, t: Instant| n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut n = 0u64;
+    for item in reader.log().raw_records_from(1) {
+        n += item.expect("read").1.len().min(1) as u64;
+    }
+    println!("RESULT|floor: sled read alone, one core|{:.0}|records/s", rate(n, t));
+    let t = Instant::now();
+    let mut n = 0u64;
+    for item in reader.log().raw_records_from(1) {
+        let record: Record = rmp_serde::from_slice(&item.expect("read").1).expect("decode");
+        n += u64::from(record.seq > 0);
+    }
+    println!("RESULT|floor: sled read + decode, one core|{:.0}|records/s", rate(n, t));
+    let t = Instant::now();
+    let mut n = 0u64;
+    let mut states = std::collections::HashMap::<String, CallState>::new();
+    for item in reader.log().raw_records_from(1) {
+        let record: Record = rmp_serde::from_slice(&item.expect("read").1).expect("decode");
+        let before =
+            states.remove(&record.call_id).unwrap_or_else(|| callbus_engine::machines::initial_state(&record.after));
+        let ctx = Ctx {
+            call_id: record.call_id.clone(),
+            seq: record.seq,
+            now_ms: record.time_ms,
+            timeouts: options.timeouts,
+        };
+        let (after, _effects) = before.step(&record.input, &ctx);
+        states.insert(record.call_id, after);
+        n += 1;
+    }
+    println!("RESULT|floor: sled read + decode + machine step, one core|{:.0}|records/s", rate(n, t));
 }
