@@ -151,36 +151,56 @@ async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf) {
     }
 }
 
-/// The floor of a command's round trip with the durability the engine keeps, one command at a
-/// time: a NATS request; the command appended to the engine's log and committed (flusher
-/// thread, sled flush); an MI datagram to the simulator (`version`) and its reply; the reply
-/// appended and committed; the answer published. No machine, no notification JSON, no bridge.
-/// Returns p50 and p99 in ms over `n` requests.
-async fn command_floor(client: &async_nats::Client, mi: SocketAddr, n: usize) -> (f64, f64) {
+/// The floor of a command's round trip with the durability the engine keeps: a NATS request;
+/// the command appended to the engine's log and committed (flusher thread, sled flush, shared
+/// by the commands in flight); an MI datagram to the simulator (`version`) and its reply,
+/// matched by id; the reply appended and committed; the answer published. No machine, no
+/// notification JSON, no bridge. Returns p50 and p99 (ms) over `n` requests one at a time, and
+/// commands/s with 64 in flight over `parallel`.
+async fn command_floor(client: &async_nats::Client, mi: SocketAddr, n: usize, parallel: usize) -> (f64, f64, f64) {
     use callbus_engine::log::{EventLog, SledLog};
+    type Replies = Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Vec<u8>>>>>;
     let dir = tempfile::tempdir().expect("tmp");
-    let log = SledLog::open(dir.path()).expect("log");
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    let log = Arc::new(SledLog::open(dir.path()).expect("log"));
+    let socket = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("udp"));
     socket.connect(mi).await.expect("connect");
+    let replies: Replies = Arc::default();
+    let reader = tokio::spawn({
+        let (socket, replies) = (Arc::clone(&socket), Arc::clone(&replies));
+        async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok(len) = socket.recv(&mut buf).await {
+                let Ok(reply) = serde_json::from_slice::<serde_json::Value>(&buf[..len]) else { continue };
+                let id = reply["id"].as_str().and_then(|i| i.trim_start_matches('f').parse::<u64>().ok());
+                if let Some(waiter) = id.and_then(|id| replies.lock().expect("lock").remove(&id)) {
+                    let _ = waiter.send(buf[..len].to_vec());
+                }
+            }
+        }
+    });
     let mut sub = client.subscribe("bench.floor.cmd").await.expect("sub");
     client.flush().await.expect("flush");
     let responder = client.clone();
     let engine = tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        let mut seq = 0u64;
+        let seq = Arc::new(AtomicU64::new(0));
         while let Some(msg) = sub.next().await {
-            seq += 1;
-            log.stage_raw(seq, "floor", &msg.payload).expect("stage");
-            log.commit().await.expect("commit");
-            let request = format!(r#"{{"jsonrpc":"2.0","method":"version","id":"f{seq}"}}"#);
-            socket.send(request.as_bytes()).await.expect("mi send");
-            let len = socket.recv(&mut buf).await.expect("mi reply");
-            seq += 1;
-            log.stage_raw(seq, "floor", &buf[..len]).expect("stage");
-            log.commit().await.expect("commit");
-            if let Some(reply) = msg.reply {
-                responder.publish(reply, Bytes::from_static(b"{\"event\":\"requested\"}")).await.expect("reply");
-            }
+            let (log, socket, replies, seq, responder) =
+                (Arc::clone(&log), Arc::clone(&socket), Arc::clone(&replies), Arc::clone(&seq), responder.clone());
+            tokio::spawn(async move {
+                let first = seq.fetch_add(2, Ordering::Relaxed) + 1;
+                log.stage_raw(first, "floor", &msg.payload).expect("stage");
+                log.commit().await.expect("commit");
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                replies.lock().expect("lock").insert(first, tx);
+                let request = format!(r#"{{"jsonrpc":"2.0","method":"version","id":"f{first}"}}"#);
+                socket.send(request.as_bytes()).await.expect("mi send");
+                let answer = rx.await.expect("mi reply");
+                log.stage_raw(first + 1, "floor", &answer).expect("stage");
+                log.commit().await.expect("commit");
+                if let Some(reply) = msg.reply {
+                    responder.publish(reply, Bytes::from_static(b"{\"event\":\"requested\"}")).await.expect("reply");
+                }
+            });
         }
     });
     let mut samples = Vec::with_capacity(n);
@@ -189,10 +209,27 @@ async fn command_floor(client: &async_nats::Client, mi: SocketAddr, n: usize) ->
         client.request("bench.floor.cmd", Bytes::from(format!(r#"{{"cmd_id":"f{k}"}}"#))).await.expect("reply");
         samples.push(start.elapsed());
     }
-    engine.abort();
     samples.sort();
     let p = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_secs_f64() * 1e3;
-    (p(0.5), p(0.99))
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..64)
+        .map(|t| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for k in 0..parallel / 64 {
+                    let body = Bytes::from(format!(r#"{{"cmd_id":"p{t}-{k}"}}"#));
+                    client.request("bench.floor.cmd", body).await.expect("reply");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let rate = (parallel / 64 * 64) as f64 / start.elapsed().as_secs_f64();
+    engine.abort();
+    reader.abort();
+    (p(0.5), p(0.99), rate)
 }
 
 type Waiters = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<String>>>>;
@@ -371,9 +408,10 @@ fn main() {
             Engine::start_with_local(config.clone(), client.clone(), Some(local.clone())).await.expect("engine");
         client.flush().await.expect("flush");
         commands(&client, &waiters, &sim, &sizes, "callbus up").await;
-        let (p50, p99) = command_floor(&client, sim.mi_addr(), sizes.sequential).await;
+        let (p50, p99, rate) = command_floor(&client, sim.mi_addr(), sizes.sequential, sizes.parallel).await;
         println!("RESULT|floor of a command round trip with two commits (request, commit, MI round trip, commit, reply), p50|{p50:.3}|ms");
         println!("RESULT|floor of a command round trip with two commits, p99|{p99:.3}|ms");
+        println!("RESULT|floor with two commits, 64 in flight|{rate:.0}|commands/s");
 
         // Memory per live call and restart time.
         let rss_before = rss_bytes();
