@@ -148,7 +148,7 @@ pub struct EngineSection {
     /// Inputs waiting for the engine at most; commands beyond it are refused ("overloaded").
     pub input_queue: usize,
     /// `fdatasync` the event log after each commit too: acknowledged inputs then survive a power
-    /// cut, not only a crash of callbus (costs ~0.1-0.2 ms per commit on this test VM's disk).
+    /// cut, not only a crash of callbus (~0.08 ms more per commit on the test VM, docs/engine.md).
     pub sync_data: bool,
 }
 

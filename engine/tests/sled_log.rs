@@ -22,7 +22,7 @@ fn record(seq: u64, call: &str) -> Record {
 }
 
 #[tokio::test]
-async fn with_sync_data_commits_fdatasync_the_log_file_and_survive_a_reopen() {
+async fn with_sync_data_the_log_opens_commits_and_reads_back() {
     let dir = tempfile::tempdir().expect("tmp");
     {
         let log = SledLog::open_with(dir.path(), 4 << 20, true).expect("open with sync_data");
