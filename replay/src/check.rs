@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use callbus_engine::log::{RawRecord, Record};
+use callbus_engine::log::{EventLog, RawRecord, Record};
 use callbus_engine::machines::{initial_state, CallState, Ctx, Effect, Input, Timeouts};
 
 use crate::LogReader;
@@ -20,11 +20,13 @@ pub struct CheckOptions {
     /// The engine's timeouts (timer effects carry them): [`LogReader::timeouts`] reads the ones
     /// the log was written with.
     pub timeouts: Timeouts,
+    /// Draw a progress bar on stderr (records read of those in the log).
+    pub progress: bool,
 }
 
 impl Default for CheckOptions {
     fn default() -> Self {
-        CheckOptions { from: 1, to: u64::MAX, call: None, timeouts: Timeouts::default() }
+        CheckOptions { from: 1, to: u64::MAX, call: None, timeouts: Timeouts::default(), progress: false }
     }
 }
 
@@ -143,6 +145,8 @@ pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> Che
     // States before `from` come from the records before it.
     let first = if options.from > 1 { 1 } else { options.from };
     let mut report = CheckReport::default();
+    let last = reader.log().next_seq().saturating_sub(1).min(options.to);
+    let bar = crate::progress_bar(last.saturating_sub(first.saturating_sub(1)), options.progress);
     let shares = std::thread::scope(|scope| {
         let mut senders = Vec::new();
         let mut handles = Vec::new();
@@ -184,6 +188,9 @@ pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> Che
                 Err(_) => 0,
             };
             batches[worker].push((seq, bytes));
+            if seq % 4096 == 0 {
+                bar.set_position((seq + 1).saturating_sub(first));
+            }
             if batches[worker].len() == BATCH {
                 let full = std::mem::replace(&mut batches[worker], Vec::with_capacity(BATCH));
                 if senders[worker].send(full).is_err() {
@@ -199,6 +206,7 @@ pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> Che
         drop(senders);
         handles.into_iter().filter_map(|h| h.join().ok()).collect::<Vec<Share>>()
     });
+    bar.finish_and_clear();
     for share in shares {
         report.records += share.records;
         report.calls += share.states.len() as u64;

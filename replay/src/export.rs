@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use callbus_engine::log::{EventLog, RawRecord};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Deserialize;
 
 use crate::{LogReader, ReplayError};
@@ -98,11 +98,7 @@ pub fn export(
 ) -> Result<u64, ReplayError> {
     let call_id = call.map(|c| reader.find_call(c)).transpose()?;
     let total = reader.log().next_seq().saturating_sub(1);
-    let bar = if progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} records {per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = crate::progress_bar(total, progress);
     let filter = Filter { call_id, since_ms, format };
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let mut written = 0u64;

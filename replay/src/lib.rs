@@ -21,6 +21,17 @@ pub use check::{check, CheckOptions, CheckReport, Divergence, Step};
 pub use export::{export, ExportFormat};
 pub use republish::{republish, Speed};
 
+/// A progress bar over `total` records on stderr (hidden unless `shown`; indicatif also hides
+/// it when stderr is not a terminal).
+pub(crate) fn progress_bar(total: u64, shown: bool) -> indicatif::ProgressBar {
+    let bar = if shown { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} records {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 /// What can go wrong reading a log.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {

@@ -64,6 +64,8 @@ async fn timeline_shows_every_record_and_check_passes() {
     assert!(report.unreadable.is_empty());
     assert_eq!(report.records, reader.log().next_seq() - 1);
     assert_eq!(report.calls, 2);
+    let with_progress = CheckOptions { timeouts: reader.timeouts(), progress: true, ..CheckOptions::default() };
+    assert_eq!(callbus_replay::check(&reader, &with_progress, &real_step), report, "the progress bar changes nothing");
 
     let stats = reader.stats();
     assert_eq!((stats.records, stats.calls), (report.records, 2));
