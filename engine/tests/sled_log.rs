@@ -21,6 +21,21 @@ fn record(seq: u64, call: &str) -> Record {
     }
 }
 
+/// Opens the log a dropped `SledLog` just closed. sled lets go of its file lock once its own
+/// IO threads are done with the last write, which can be a moment after the drop.
+fn reopen(dir: &std::path::Path) -> SledLog {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match SledLog::open(dir) {
+            Ok(log) => return log,
+            Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn with_sync_data_the_log_opens_commits_and_reads_back() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -33,7 +48,7 @@ async fn with_sync_data_the_log_opens_commits_and_reads_back() {
     }
     // The file fdatasync'd is sled's log: were it renamed by a sled upgrade, opening would fail.
     assert!(dir.path().join("db").is_file());
-    let log = SledLog::open(dir.path()).expect("reopen");
+    let log = reopen(dir.path());
     let seqs: Vec<u64> = log.records_from(1).map(|r| r.expect("read").seq).collect();
     assert_eq!(seqs, vec![1, 2, 3]);
 }
@@ -62,7 +77,7 @@ async fn records_and_snapshots_survive_a_reopen() {
             "indexed and not yet indexed records both count"
         );
     }
-    let log = SledLog::open(dir.path()).expect("reopen");
+    let log = reopen(dir.path());
     assert_eq!(log.next_seq(), 11);
     let all: Vec<Record> = log.records_from(1).collect::<Result<_, _>>().expect("read");
     assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
@@ -98,7 +113,7 @@ async fn a_corrupt_record_is_reported_with_its_sequence_and_the_rest_is_read() {
         records.insert(4u64.to_be_bytes(), &four[..four.len() / 2]).expect("insert");
         db.flush().expect("flush");
     }
-    let log = SledLog::open(dir.path()).expect("reopen");
+    let log = reopen(dir.path());
     let results: Vec<Result<Record, LogError>> = log.records_from(1).collect();
     assert_eq!(results.len(), 5);
     let bad: Vec<u64> = results
@@ -132,6 +147,6 @@ async fn concurrent_commits_all_become_durable() {
         tokio::time::timeout(std::time::Duration::from_secs(30), t).await.expect("no hang (sled#1308)").expect("task");
     }
     drop(log);
-    let log = SledLog::open(dir.path()).expect("reopen");
+    let log = reopen(dir.path());
     assert_eq!(log.records_from(1).count(), 800);
 }
