@@ -197,8 +197,14 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ReplayCommand::Check { from, to, call, json } => {
-            let options =
-                CheckOptions { from, to, call, timeouts: reader.timeouts(), progress: std::io::stderr().is_terminal() };
+            let options = CheckOptions {
+                from,
+                to,
+                call,
+                timeouts: reader.timeouts(),
+                progress: std::io::stderr().is_terminal(),
+                ..CheckOptions::default()
+            };
             let started = std::time::Instant::now();
             let report =
                 callbus_replay::check(&reader, &options, &|state: &CallState, input, ctx| state.step(input, ctx));

@@ -1,11 +1,21 @@
 //! `replay check`: feed every record's input through today's machines, from the state the
 //! call's previous record left, and compare with what was recorded.
+//!
+//! A record is checked from its call's previous *recorded* state, so records need not be
+//! checked in order: the log is cut into chunks of consecutive sequences, and one worker per
+//! core reads and checks a chunk at a time on its own. Inside a chunk, a call's records follow
+//! each other; the first record of a call that began in an earlier chunk waits for that
+//! chunk's end state, which the merge (on the calling thread, chunk by chunk in order) gives
+//! it. A record whose replay encodes to the very bytes recorded is never decoded beyond its
+//! input; the recorded state and effects are decoded only to compare a record that differs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Condvar, Mutex};
 
 use callbus_engine::log::{EventLog, RawRecord, Record};
 use callbus_engine::machines::{initial_state, CallState, Ctx, Effect, Input, Timeouts};
 
+use crate::skim::{skim, Skim};
 use crate::LogReader;
 
 /// Which records to check.
@@ -22,11 +32,26 @@ pub struct CheckOptions {
     pub timeouts: Timeouts,
     /// Draw a progress bar on stderr (records read of those in the log).
     pub progress: bool,
+    /// Records a worker checks at a time (the result does not depend on it).
+    pub chunk: u64,
+    /// Worker threads (0: one per core, at most 8); one more thread reads the log.
+    pub workers: usize,
 }
+
+/// Records a worker checks at a time, by default.
+pub const DEFAULT_CHUNK: u64 = 16_384;
 
 impl Default for CheckOptions {
     fn default() -> Self {
-        CheckOptions { from: 1, to: u64::MAX, call: None, timeouts: Timeouts::default(), progress: false }
+        CheckOptions {
+            from: 1,
+            to: u64::MAX,
+            call: None,
+            timeouts: Timeouts::default(),
+            progress: false,
+            chunk: DEFAULT_CHUNK,
+            workers: 0,
+        }
     }
 }
 
@@ -61,159 +86,418 @@ pub struct CheckReport {
 /// A machine's step function: the engine's is `CallState::step`.
 pub type Step<'a> = dyn Fn(&CallState, &Input, &Ctx) -> (CallState, Vec<Effect>) + Sync + 'a;
 
-/// Records handed to a worker at a time.
-const BATCH: usize = 256;
+/// A quick hasher for the maps keyed by call id: the ids come from the log being checked,
+/// not from a peer, so a keyed (SipHash) hasher buys nothing and costs a few percent.
+#[derive(Clone, Copy, Default)]
+struct CallHasher(u64);
 
-/// A record's `call_id`, read without decoding the rest (the field comes fourth).
-struct CallOf(String);
-
-impl<'de> serde::Deserialize<'de> for CallOf {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = CallOf;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a log record")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<CallOf, A::Error> {
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    if key == "call_id" {
-                        return Ok(CallOf(map.next_value()?));
-                    }
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                }
-                Err(serde::de::Error::missing_field("call_id"))
-            }
+impl std::hash::Hasher for CallHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        for word in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..word.len()].copy_from_slice(word);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
         }
-        d.deserialize_map(Visit)
+    }
+
+    fn finish(&self) -> u64 {
+        (self.0 ^ (self.0 >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 }
 
-/// One worker's share: the calls whose id hashes to it, in log order.
-#[derive(Default)]
-struct Share {
-    records: u64,
-    unreadable: Vec<(u64, String)>,
-    divergences: Vec<Divergence>,
-    diverged: std::collections::HashSet<String>,
-    states: HashMap<String, CallState>,
+type ByCall<V> = HashMap<String, V, std::hash::BuildHasherDefault<CallHasher>>;
+type CallSet = HashSet<String, std::hash::BuildHasherDefault<CallHasher>>;
+
+/// A record, skimmed (today's format) or decoded whole (any other the decoder knows).
+enum Rec<'a> {
+    Skimmed(Skim<'a>),
+    Whole(Box<Record>),
 }
 
-impl Share {
-    fn take(&mut self, seq: u64, bytes: &[u8], options: &CheckOptions, step: &Step<'_>) {
-        let record: Record = match rmp_serde::from_slice(bytes) {
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
+    rmp_serde::from_slice(bytes).map_err(|e| format!("its {what} cannot be decoded: {e}"))
+}
+
+impl<'a> Rec<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<Rec<'a>, String> {
+        match skim(bytes) {
+            Ok(s) => Ok(Rec::Skimmed(s)),
+            Err(_) => {
+                rmp_serde::from_slice::<Record>(bytes).map(|r| Rec::Whole(Box::new(r))).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn seq(&self) -> u64 {
+        match self {
+            Rec::Skimmed(s) => s.seq,
+            Rec::Whole(r) => r.seq,
+        }
+    }
+
+    fn call_id(&self) -> &str {
+        match self {
+            Rec::Skimmed(s) => s.call_id,
+            Rec::Whole(r) => &r.call_id,
+        }
+    }
+
+    fn has_before(&self) -> bool {
+        match self {
+            Rec::Skimmed(s) => s.has_before,
+            Rec::Whole(r) => r.before.is_some(),
+        }
+    }
+
+    fn after(&self) -> Result<CallState, String> {
+        match self {
+            Rec::Skimmed(s) => decode(s.after, "state after"),
+            Rec::Whole(r) => Ok(r.after.clone()),
+        }
+    }
+
+    /// Today's outcome from `before`, and whether it differs from the record (the recorded
+    /// state and effects, decoded, when it does).
+    fn replay(
+        &self,
+        before: &CallState,
+        timeouts: Timeouts,
+        step: &Step<'_>,
+        buf: &mut Vec<u8>,
+    ) -> Result<Replayed, String> {
+        let owned;
+        let (input, time_ms) = match self {
+            Rec::Skimmed(s) => {
+                owned = decode::<Input>(s.input, "input")?;
+                (&owned, s.time_ms)
+            }
+            Rec::Whole(r) => (&r.input, r.time_ms),
+        };
+        let ctx = Ctx { call_id: self.call_id().to_owned(), seq: self.seq(), now_ms: time_ms, timeouts };
+        let (after, effects) = step(before, input, &ctx);
+        let recorded = match self {
+            Rec::Skimmed(s) => {
+                buf.clear();
+                let same_after = rmp_serde::encode::write_named(buf, &after).is_ok() && buf[..] == *s.after;
+                buf.clear();
+                if same_after && rmp_serde::encode::write_named(buf, &effects).is_ok() && buf[..] == *s.effects {
+                    return Ok(Replayed { after, diverged: None });
+                }
+                (decode::<CallState>(s.after, "state after")?, decode::<Vec<Effect>>(s.effects, "effects")?)
+            }
+            Rec::Whole(r) => (r.after.clone(), r.effects.clone()),
+        };
+        if recorded.0 == after && recorded.1 == effects {
+            return Ok(Replayed { after, diverged: None });
+        }
+        let divergence = Divergence {
+            seq: self.seq(),
+            call_id: self.call_id().to_owned(),
+            input: input.label(),
+            recorded: recorded.clone(),
+            replayed: (after, effects),
+        };
+        Ok(Replayed { after: recorded.0, diverged: Some(Box::new(divergence)) })
+    }
+}
+
+/// A checked record: the call's recorded state after it, and the divergence if it has one.
+struct Replayed {
+    after: CallState,
+    diverged: Option<Box<Divergence>>,
+}
+
+/// A call's state as far as a chunk knows it.
+enum Known {
+    /// Decoded (or replayed to the same bytes).
+    State(Box<CallState>),
+    /// The record that left it, not yet decoded (records before `from` only set states).
+    Raw(RawRecord),
+}
+
+impl Known {
+    fn resolve(&mut self) -> Result<&CallState, String> {
+        if let Known::Raw(bytes) = self {
+            *self = Known::State(Box::new(Rec::parse(bytes)?.after()?));
+        }
+        match self {
+            Known::State(s) => Ok(s),
+            Known::Raw(_) => Err("unreachable: resolved above".into()),
+        }
+    }
+
+    /// Replaces the state (in the box it has, if any).
+    fn set(&mut self, state: CallState) {
+        match self {
+            Known::State(boxed) => **boxed = state,
+            Known::Raw(_) => *self = Known::State(Box::new(state)),
+        }
+    }
+}
+
+/// What a worker found in one chunk.
+#[derive(Default)]
+struct Chunk {
+    records: u64,
+    unreadable: Vec<(u64, String)>,
+    /// The first divergence of each call within the chunk.
+    divergences: Vec<Divergence>,
+    /// The first record of each call that began before the chunk, to check at the merge.
+    pending: Vec<(u64, RawRecord)>,
+    /// Each call's state after its last record in the chunk.
+    finals: ByCall<Known>,
+}
+
+fn check_chunk(records: &[(u64, RawRecord)], options: &CheckOptions, only: Option<&str>, step: &Step<'_>) -> Chunk {
+    let mut chunk = Chunk::default();
+    let mut first_diverged = CallSet::default();
+    let mut buf = Vec::with_capacity(1024);
+    for (seq, bytes) in records {
+        let seq = *seq;
+        let rec = match Rec::parse(bytes) {
             Ok(r) => r,
             Err(e) => {
                 if seq >= options.from {
-                    self.unreadable.push((seq, e.to_string()));
+                    chunk.unreadable.push((seq, e));
                 }
-                return;
+                continue;
             }
         };
-        if record.seq >= options.from {
-            let before = self.states.remove(&record.call_id).unwrap_or_else(|| initial_state(&record.after));
-            let ctx = Ctx {
-                call_id: record.call_id.clone(),
-                seq: record.seq,
-                now_ms: record.time_ms,
-                timeouts: options.timeouts,
-            };
-            let (after, effects) = step(&before, &record.input, &ctx);
-            self.records += 1;
-            let diverges = after != record.after || effects != record.effects;
-            if diverges && self.diverged.insert(record.call_id.clone()) {
-                self.divergences.push(Divergence {
-                    seq: record.seq,
-                    call_id: record.call_id.clone(),
-                    input: record.input.label(),
-                    recorded: (record.after.clone(), record.effects.clone()),
-                    replayed: (after, effects),
-                });
-            }
+        let call_id = rec.call_id();
+        if only.is_some_and(|c| c != call_id) {
+            continue;
         }
-        self.states.insert(record.call_id, record.after);
+        if seq < options.from {
+            chunk.finals.insert(call_id.to_owned(), Known::Raw(bytes.clone()));
+            continue;
+        }
+        let outcome = match chunk.finals.get_mut(call_id) {
+            Some(known) => match known.resolve() {
+                Ok(before) => rec.replay(before, options.timeouts, step, &mut buf).map(|out| {
+                    // The call's state is the recorded one (equal to today's unless it diverged).
+                    known.set(out.after);
+                    out.diverged
+                }),
+                Err(e) => Err(e),
+            },
+            None if !rec.has_before() => rec.after().and_then(|after| {
+                let out = rec.replay(&initial_state(&after), options.timeouts, step, &mut buf)?;
+                chunk.finals.insert(call_id.to_owned(), Known::State(Box::new(out.after)));
+                Ok(out.diverged)
+            }),
+            None => {
+                // Its call began in an earlier chunk: checked at the merge, from the state the
+                // chunks before left; the records after it in this chunk go on from its own.
+                match rec.after() {
+                    Ok(after) => {
+                        chunk.finals.insert(call_id.to_owned(), Known::State(Box::new(after)));
+                        chunk.pending.push((seq, bytes.clone()));
+                    }
+                    Err(e) => chunk.unreadable.push((seq, e)),
+                }
+                continue;
+            }
+        };
+        match outcome {
+            Ok(diverged) => {
+                chunk.records += 1;
+                if let Some(d) = diverged {
+                    if diverged_first(&mut first_diverged, call_id) {
+                        chunk.divergences.push(*d);
+                    }
+                }
+            }
+            Err(e) => chunk.unreadable.push((seq, e)),
+        }
     }
+    chunk
 }
 
+/// A panic's message.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+fn diverged_first(diverged: &mut CallSet, call_id: &str) -> bool {
+    !diverged.contains(call_id) && diverged.insert(call_id.to_owned())
+}
+
+/// How far the reader may run ahead: it hands out chunk `next` only while fewer than `window`
+/// chunks wait to be merged (so memory stays bounded however long the log).
+struct Claims {
+    next: u64,
+    merged: u64,
+    /// The merge has stopped (no worker is left): the reader stops too.
+    closed: bool,
+}
+
+/// A chunk of consecutive records, numbered in log order.
+type Work = (u64, Vec<(u64, RawRecord)>);
+
 /// Checks records with `step` (the engine's machines are `CallState::step`; tests pass an
-/// altered one). After a divergence, the call goes on from its recorded state. Calls are
-/// spread over one worker per core by their id; each worker sees its calls' records in log
-/// order.
+/// altered one). After a divergence, the call goes on from its recorded state. One thread reads
+/// the log (sled reads no faster from two), one worker per core checks chunks of it; the
+/// report does not depend on their number or on the chunk size.
 pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> CheckReport {
     let only = options.call.as_ref().and_then(|c| reader.find_call(c).ok());
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
-    // States before `from` come from the records before it.
-    let first = if options.from > 1 { 1 } else { options.from };
-    let mut report = CheckReport::default();
+    let only = only.as_deref();
+    let workers = match options.workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8),
+        n => n,
+    } as u64;
     let last = reader.log().next_seq().saturating_sub(1).min(options.to);
-    let bar = crate::progress_bar(last.saturating_sub(first.saturating_sub(1)), options.progress);
-    let shares = std::thread::scope(|scope| {
-        let mut senders = Vec::new();
-        let mut handles = Vec::new();
+    let size = options.chunk.clamp(1, 1 << 20) as usize;
+    let bar = crate::progress_bar(last, options.progress);
+    let claims = Mutex::new(Claims { next: 0, merged: 0, closed: false });
+    let turn = Condvar::new();
+    let window = 2 * workers;
+    let mut report = CheckReport::default();
+    let mut states = ByCall::<Known>::default();
+    let mut diverged = CallSet::default();
+    let mut buf = Vec::new();
+    let (work_tx, work_rx) = std::sync::mpsc::channel::<Work>();
+    let work_rx = Mutex::new(work_rx);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(u64, u64, Chunk)>();
+    std::thread::scope(|scope| {
         for _ in 0..workers {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(u64, RawRecord)>>(4);
-            senders.push(tx);
-            handles.push(scope.spawn(move || {
-                let mut share = Share::default();
-                for batch in rx {
-                    for (seq, bytes) in batch {
-                        share.take(seq, &bytes, options, step);
-                    }
+            let (done_tx, work_rx) = (done_tx.clone(), &work_rx);
+            let worker = std::thread::Builder::new().name("check-worker".into()).spawn_scoped(scope, move || loop {
+                let job = match work_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok((index, records)) = job else { return };
+                let (first, end) = (records.first().map_or(0, |r| r.0), records.last().map_or(0, |r| r.0));
+                let chunk = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    check_chunk(&records, options, only, step)
+                }))
+                .unwrap_or_else(|panic| {
+                    let reason = format!(
+                        "today's machine panicked on a record in {first}..={end}: {}; check them with --from/--to",
+                        panic_text(panic.as_ref())
+                    );
+                    Chunk { unreadable: vec![(first, reason)], ..Chunk::default() }
+                });
+                if done_tx.send((index, end, chunk)).is_err() {
+                    return;
                 }
-                share
-            }));
+            });
+            if let Err(e) = worker {
+                report.unreadable.push((0, format!("cannot start a worker thread: {e}")));
+            }
         }
-        let mut batches: Vec<Vec<(u64, RawRecord)>> = (0..workers).map(|_| Vec::with_capacity(BATCH)).collect();
-        for item in reader.log().raw_records_from(first) {
-            let (seq, bytes) = match item {
-                Ok(r) => r,
-                Err(e) => {
-                    report.unreadable.push((0, e.to_string()));
-                    continue;
+        drop(done_tx);
+        let (claims, turn) = (&claims, &turn);
+        let read = std::thread::Builder::new().name("check-read".into()).spawn_scoped(scope, move || {
+            let mut unreadable = Vec::new();
+            let mut records = Vec::with_capacity(size);
+            let hand_out = |records: Vec<(u64, RawRecord)>| {
+                let Ok(mut c) = claims.lock() else { return false };
+                while c.next >= c.merged + window && !c.closed {
+                    c = match turn.wait(c) {
+                        Ok(c) => c,
+                        Err(_) => return false,
+                    };
                 }
+                if c.closed {
+                    return false;
+                }
+                c.next += 1;
+                work_tx.send((c.next - 1, records)).is_ok()
             };
-            if seq > options.to {
-                break;
-            }
-            // An unreadable head goes to worker 0, which reports the record.
-            let worker = match rmp_serde::from_slice::<CallOf>(&bytes) {
-                Ok(CallOf(call)) => {
-                    if only.as_ref().is_some_and(|c| *c != call) {
-                        continue;
-                    }
-                    let mut h = std::hash::DefaultHasher::new();
-                    std::hash::Hash::hash(&call, &mut h);
-                    (std::hash::Hasher::finish(&h) % workers as u64) as usize
+            for item in reader.log().raw_records_from(1) {
+                match item {
+                    Ok((seq, _)) if seq > last => break,
+                    Ok(record) => records.push(record),
+                    Err(e) => unreadable.push((0, e.to_string())),
                 }
-                Err(_) => 0,
-            };
-            batches[worker].push((seq, bytes));
-            if seq % 4096 == 0 {
-                bar.set_position((seq + 1).saturating_sub(first));
-            }
-            if batches[worker].len() == BATCH {
-                let full = std::mem::replace(&mut batches[worker], Vec::with_capacity(BATCH));
-                if senders[worker].send(full).is_err() {
-                    break;
+                if records.len() == size && !hand_out(std::mem::replace(&mut records, Vec::with_capacity(size))) {
+                    return unreadable;
                 }
             }
-        }
-        for (tx, batch) in senders.iter().zip(batches) {
-            if !batch.is_empty() {
-                let _ = tx.send(batch);
+            if !records.is_empty() {
+                hand_out(records);
+            }
+            unreadable
+        });
+        let mut waiting = BTreeMap::new();
+        let mut next = 0u64;
+        for (index, end, chunk) in done_rx {
+            waiting.insert(index, (end, chunk));
+            while let Some((end, chunk)) = waiting.remove(&next) {
+                merge(&mut report, &mut states, &mut diverged, chunk, options, step, &mut buf);
+                next += 1;
+                bar.set_position(end);
+                if let Ok(mut c) = claims.lock() {
+                    c.merged = next;
+                }
+                turn.notify_all();
             }
         }
-        drop(senders);
-        handles.into_iter().filter_map(|h| h.join().ok()).collect::<Vec<Share>>()
+        if let Ok(mut c) = claims.lock() {
+            c.closed = true;
+        }
+        turn.notify_all();
+        match read.map(|r| r.join()) {
+            Ok(Ok(unreadable)) => report.unreadable.extend(unreadable),
+            Ok(Err(_)) => report.unreadable.push((0, "reading the log panicked".into())),
+            Err(e) => report.unreadable.push((0, format!("cannot start the reading thread: {e}"))),
+        }
     });
     bar.finish_and_clear();
-    for share in shares {
-        report.records += share.records;
-        report.calls += share.states.len() as u64;
-        report.unreadable.extend(share.unreadable);
-        report.divergences.extend(share.divergences);
-    }
+    report.calls = states.len() as u64;
     report.unreadable.sort_by_key(|(seq, _)| *seq);
     report.divergences.sort_by_key(|d| d.seq);
     report
+}
+
+/// Adds a chunk to the report, in log order: its pending records are checked from the states
+/// the chunks before it left, then its own states replace theirs.
+fn merge(
+    report: &mut CheckReport,
+    states: &mut ByCall<Known>,
+    diverged: &mut CallSet,
+    chunk: Chunk,
+    options: &CheckOptions,
+    step: &Step<'_>,
+    buf: &mut Vec<u8>,
+) {
+    for (seq, bytes) in &chunk.pending {
+        let outcome = Rec::parse(bytes).and_then(|rec| {
+            let before = match states.get_mut(rec.call_id()) {
+                Some(known) => known.resolve()?.clone(),
+                // Its earlier records could not be read.
+                None => initial_state(&rec.after()?),
+            };
+            let replayed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rec.replay(&before, options.timeouts, step, buf)
+            }))
+            .map_err(|panic| format!("today's machine panicked on this record: {}", panic_text(panic.as_ref())))??;
+            Ok((rec.call_id().to_owned(), replayed))
+        });
+        match outcome {
+            Ok((call_id, Replayed { diverged: d, .. })) => {
+                report.records += 1;
+                if let Some(d) = d {
+                    if diverged_first(diverged, &call_id) {
+                        report.divergences.push(*d);
+                    }
+                }
+            }
+            Err(e) => report.unreadable.push((*seq, e)),
+        }
+    }
+    report.records += chunk.records;
+    report.unreadable.extend(chunk.unreadable);
+    for d in chunk.divergences {
+        if diverged_first(diverged, &d.call_id) {
+            report.divergences.push(d);
+        }
+    }
+    states.extend(chunk.finals);
 }

@@ -11,13 +11,14 @@
 mod check;
 mod export;
 mod republish;
+mod skim;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use callbus_engine::log::{EventLog, LogError, Record, SledLog};
 
-pub use check::{check, CheckOptions, CheckReport, Divergence, Step};
+pub use check::{check, CheckOptions, CheckReport, Divergence, Step, DEFAULT_CHUNK};
 pub use export::{export, ExportFormat};
 pub use republish::{republish, Speed};
 
