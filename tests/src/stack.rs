@@ -60,17 +60,26 @@ pub fn logged_cmd_ids(data: &std::path::Path) -> Vec<String> {
 }
 
 /// Checks that every record of the log in `data` re-runs to the same state and effects
-/// through today's machines; returns how many records there are.
+/// through today's machines, one record at a time (the engine's [`Replayer`]) and through
+/// `callbus replay check` (chunks of a few records, so calls span chunks); returns how many
+/// records there are.
+///
+/// [`Replayer`]: callbus_engine::machines::Replayer
 pub fn assert_log_replays(data: &std::path::Path) -> usize {
-    let log = callbus_engine::log::SledLog::open(data).expect("open log");
+    let reader = callbus_replay::LogReader::open(data).expect("open log");
     let mut n = 0;
     let mut replayer = callbus_engine::machines::Replayer::new(timeouts());
-    for record in callbus_engine::log::EventLog::records_from(&log, 1) {
+    for record in callbus_engine::log::EventLog::records_from(reader.log(), 1) {
         let record = record.expect("readable");
         let (after, effects) = replayer.recheck(&record);
         assert_eq!((&after, &effects), (&record.after, &record.effects), "record {} diverges", record.seq);
         n += 1;
     }
+    let options = callbus_replay::CheckOptions { timeouts: timeouts(), chunk: 7, ..Default::default() };
+    let report = callbus_replay::check(&reader, &options, &|state, input, ctx| state.step(input, ctx));
+    assert!(report.divergences.is_empty(), "replay check: {:#?}", report.divergences);
+    assert!(report.unreadable.is_empty(), "replay check: {:?}", report.unreadable);
+    assert_eq!(report.records, n as u64, "replay check sees every record");
     n
 }
 
