@@ -55,6 +55,10 @@ pub enum ReplayCommand {
         /// Only this call (call_id or SIP Call-ID).
         #[arg(long)]
         call: Option<String>,
+        /// Threads checking records [default: one per core]; one more reads the log. Fewer
+        /// leave CPU to OpenSIPS when checking on its machine.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+        workers: Option<u16>,
         /// The report as JSON.
         #[arg(long)]
         json: bool,
@@ -196,13 +200,14 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             print_timeline(&reader, &call, json, color)?;
             Ok(ExitCode::SUCCESS)
         }
-        ReplayCommand::Check { from, to, call, json } => {
+        ReplayCommand::Check { from, to, call, workers, json } => {
             let options = CheckOptions {
                 from,
                 to,
                 call,
                 timeouts: reader.timeouts(),
                 progress: std::io::stderr().is_terminal(),
+                workers: workers.map_or(0, usize::from),
                 ..CheckOptions::default()
             };
             let started = std::time::Instant::now();

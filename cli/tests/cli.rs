@@ -170,6 +170,14 @@ async fn replay_commands_on_a_log_the_engine_wrote() {
     let out = run(&["replay", "--data-dir", &dir, "check"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 divergences, 0 unreadable"));
+    let out = run(&["replay", "--data-dir", &dir, "check", "--workers", "1", "--json"]);
+    let one: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+    assert!(out.status.success() && one["records"].as_u64() > Some(4) && one["divergences"] == serde_json::json!([]));
+    for bad in ["0", "x", "-1", "65"] {
+        let out = run(&["replay", "--data-dir", &dir, "check", "--workers", bad]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && (err.contains("--workers") || err.contains("'-1'")), "{bad}: {err}");
+    }
 
     let out = run(&["replay", "--data-dir", &dir, "export", "--format", "jsonl"]);
     assert!(out.status.success());
