@@ -115,6 +115,10 @@ enum Rec<'a> {
     Whole(Box<Record>),
 }
 
+fn unreadable_outcome(e: crate::skim::NotSkimmed) -> String {
+    format!("its state after and effects cannot be read: {}", e.0)
+}
+
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
     rmp_serde::from_slice(bytes).map_err(|e| format!("its {what} cannot be decoded: {e}"))
 }
@@ -152,7 +156,7 @@ impl<'a> Rec<'a> {
 
     fn after(&self) -> Result<CallState, String> {
         match self {
-            Rec::Skimmed(s) => decode(s.after, "state after"),
+            Rec::Skimmed(s) => decode(s.after_and_effects().map_err(unreadable_outcome)?.0, "state after"),
             Rec::Whole(r) => Ok(r.after.clone()),
         }
     }
@@ -179,12 +183,14 @@ impl<'a> Rec<'a> {
         let recorded = match self {
             Rec::Skimmed(s) => {
                 buf.clear();
-                let same_after = rmp_serde::encode::write_named(buf, &after).is_ok() && buf[..] == *s.after;
-                buf.clear();
-                if same_after && rmp_serde::encode::write_named(buf, &effects).is_ok() && buf[..] == *s.effects {
+                let encoded = rmp_serde::encode::write_named(buf, &after).is_ok()
+                    && rmp_serde::encode::write_named(buf, &"effects").is_ok()
+                    && rmp_serde::encode::write_named(buf, &effects).is_ok();
+                if encoded && buf[..] == *s.outcome {
                     return Ok(Replayed { after, diverged: None });
                 }
-                (decode::<CallState>(s.after, "state after")?, decode::<Vec<Effect>>(s.effects, "effects")?)
+                let (a, e) = s.after_and_effects().map_err(unreadable_outcome)?;
+                (decode::<CallState>(a, "state after")?, decode::<Vec<Effect>>(e, "effects")?)
             }
             Rec::Whole(r) => (r.after.clone(), r.effects.clone()),
         };

@@ -1,7 +1,8 @@
-//! A log record's fields found in its MessagePack bytes without decoding them: where `input`,
-//! `after` and `effects` lie, and the scalars around them. `check` decodes only the input and
-//! compares today's outcome with the recorded bytes, so a record that replays the same is never
-//! decoded whole.
+//! A log record's fields found in its MessagePack bytes without decoding them: where `input`
+//! lies, the scalars around it, and the bytes from the state after to the end (the state after,
+//! then the effects: the order [`encode`](callbus_engine::log::encode) writes). `check` decodes
+//! only the input and compares today's outcome, encoded, with those bytes, so a record that
+//! replays the same is neither decoded whole nor walked past its input.
 
 use callbus_engine::log::RECORD_FORMAT;
 
@@ -18,10 +19,25 @@ pub(crate) struct Skim<'a> {
     pub has_before: bool,
     /// The input's bytes.
     pub input: &'a [u8],
-    /// The state after's bytes.
-    pub after: &'a [u8],
-    /// The effects' bytes.
-    pub effects: &'a [u8],
+    /// The bytes from the state after's value to the end: the state after, the key `effects`
+    /// and the effects.
+    pub outcome: &'a [u8],
+}
+
+impl<'a> Skim<'a> {
+    /// The state after's bytes and the effects' bytes.
+    pub fn after_and_effects(&self) -> Result<(&'a [u8], &'a [u8]), NotSkimmed> {
+        let mut c = Cursor { bytes: self.outcome, at: 0 };
+        let after = c.skip()?;
+        if c.key()? != b"effects" {
+            return Err(NotSkimmed("the effects do not follow the state after"));
+        }
+        let effects = c.skip()?;
+        if c.at != self.outcome.len() {
+            return Err(NotSkimmed("bytes after the record"));
+        }
+        Ok((after, effects))
+    }
 }
 
 /// Why a record could not be skimmed (the caller then decodes it whole, which names the fault).
@@ -181,8 +197,8 @@ pub(crate) fn skim(bytes: &[u8]) -> Result<Skim<'_>, NotSkimmed> {
         _ => return Err(NotSkimmed("a record is a map")),
     };
     let (mut format, mut seq, mut time_ms, mut call_id, mut has_before) = (None, None, None, None, None);
-    let (mut input, mut after, mut effects) = (None, None, None);
-    for _ in 0..fields {
+    let (mut input, mut outcome) = (None, None);
+    for left in (0..fields).rev() {
         match c.key()? {
             b"format" => format = Some(c.uint()?),
             b"seq" => seq = Some(c.uint()?),
@@ -190,15 +206,16 @@ pub(crate) fn skim(bytes: &[u8]) -> Result<Skim<'_>, NotSkimmed> {
             b"call_id" => call_id = Some(c.str()?.ok_or(NotSkimmed("call_id is nil"))?),
             b"before" => has_before = Some(c.before()?),
             b"input" => input = Some(c.skip()?),
-            b"after" => after = Some(c.skip()?),
-            b"effects" => effects = Some(c.skip()?),
+            // The state after and then the effects end the record; read lazily.
+            b"after" if left == 1 => {
+                outcome = Some(&bytes[c.at..]);
+                break;
+            }
+            b"after" | b"effects" => return Err(NotSkimmed("the state after and the effects do not end the record")),
             _ => {
                 c.skip()?;
             }
         }
-    }
-    if c.at != bytes.len() {
-        return Err(NotSkimmed("bytes after the record"));
     }
     if format != Some(u64::from(RECORD_FORMAT)) {
         return Err(NotSkimmed("another record format"));
@@ -210,8 +227,7 @@ pub(crate) fn skim(bytes: &[u8]) -> Result<Skim<'_>, NotSkimmed> {
         call_id: call_id.ok_or(MISSING)?,
         has_before: has_before.ok_or(MISSING)?,
         input: input.ok_or(MISSING)?,
-        after: after.ok_or(MISSING)?,
-        effects: effects.ok_or(MISSING)?,
+        outcome: outcome.ok_or(MISSING)?,
     })
 }
 
@@ -245,8 +261,13 @@ mod tests {
         let s = skim(&bytes).expect("skim");
         assert_eq!((s.seq, s.time_ms, s.call_id, s.has_before), (70_000, 1_795_417_936_000, "c0001", true));
         assert_eq!(s.input, rmp_serde::to_vec_named(&r.input).expect("input"));
-        assert_eq!(s.after, rmp_serde::to_vec_named(&r.after).expect("after"));
-        assert_eq!(s.effects, rmp_serde::to_vec_named(&r.effects).expect("effects"));
+        let (after, effects) = s.after_and_effects().expect("outcome");
+        assert_eq!(after, rmp_serde::to_vec_named(&r.after).expect("after"));
+        assert_eq!(effects, rmp_serde::to_vec_named(&r.effects).expect("effects"));
+        let mut tail = rmp_serde::to_vec_named(&r.after).expect("after");
+        tail.extend(rmp_serde::to_vec_named(&"effects").expect("key"));
+        tail.extend(rmp_serde::to_vec_named(&r.effects).expect("effects"));
+        assert_eq!(s.outcome, tail, "the record ends with the state after and the effects");
         let first = Record { before: None, ..r };
         assert!(!skim(&encode(&first).expect("encode")).expect("skim").has_before);
     }
@@ -255,11 +276,12 @@ mod tests {
     fn refuses_truncated_malformed_and_foreign_bytes() {
         let bytes = encode(&record()).expect("encode");
         for cut in 0..bytes.len() {
-            assert!(skim(&bytes[..cut]).is_err(), "cut at {cut}");
+            assert!(skim(&bytes[..cut]).and_then(|s| s.after_and_effects()).is_err(), "cut at {cut}");
         }
         let mut longer = bytes.clone();
         longer.push(0xc0);
-        assert_eq!(skim(&longer).expect_err("trailing"), NotSkimmed("bytes after the record"));
+        let s = skim(&longer).expect("the head reads");
+        assert_eq!(s.after_and_effects().expect_err("trailing"), NotSkimmed("bytes after the record"));
         let other = Record { format: 1, ..record() };
         assert_eq!(skim(&encode(&other).expect("encode")).expect_err("format"), NotSkimmed("another record format"));
         assert!(skim(b"").is_err() && skim(&[0xc1]).is_err() && skim(&[0x91, 0x01]).is_err());

@@ -220,12 +220,13 @@ fn from_to_and_one_call_select_records_whatever_the_chunk() {
 #[test]
 fn corrupt_and_truncated_records_are_reported_by_sequence_and_the_rest_is_checked() {
     let dir = tempfile::tempdir().expect("tmp");
-    // A truncated record, bytes that are not MessagePack, MessagePack that is not a record, and
-    // an empty last record.
+    // Records truncated in their input and in their effects, bytes that are not MessagePack,
+    // MessagePack that is not a record, and an empty last record.
     let total = 20 * 6;
-    let damaged = [3u64, 41, 42, total];
+    let damaged = [3u64, 41, 42, 60, total];
     let damage = |seq: u64, whole: Vec<u8>| match seq {
         3 => whole[..whole.len() / 2].to_vec(),
+        60 => whole[..whole.len() - 5].to_vec(),
         41 => b"not msgpack at all".to_vec(),
         42 => rmp_serde::to_vec(&"valid MessagePack, not a record").expect("encode"),
         s if s == total => Vec::new(),
@@ -241,6 +242,8 @@ fn corrupt_and_truncated_records_are_reported_by_sequence_and_the_rest_is_checke
         let report = callbus_replay::check(&reader, &CheckOptions { chunk, ..base.clone() }, &real);
         assert_eq!(summary(&report), expected, "chunk {chunk}");
         assert!(report.unreadable.iter().all(|(_, why)| !why.is_empty()), "{:?}", report.unreadable);
+        let (_, why) = report.unreadable.iter().find(|(seq, _)| *seq == 60).expect("60 reported");
+        assert!(why.contains("effects"), "the reason says what could not be read: {why}");
     }
 }
 
