@@ -214,34 +214,6 @@ struct Replayed {
     diverged: Option<Box<Divergence>>,
 }
 
-/// A call's state as far as a chunk knows it.
-enum Known {
-    /// Decoded (or replayed to the same bytes).
-    State(Box<CallState>),
-    /// The record that left it, not yet decoded (records before `from` only set states).
-    Raw(RawRecord),
-}
-
-impl Known {
-    fn resolve(&mut self) -> Result<&CallState, String> {
-        if let Known::Raw(bytes) = self {
-            *self = Known::State(Box::new(Rec::parse(bytes)?.after()?));
-        }
-        match self {
-            Known::State(s) => Ok(s),
-            Known::Raw(_) => Err("unreachable: resolved above".into()),
-        }
-    }
-
-    /// Replaces the state (in the box it has, if any).
-    fn set(&mut self, state: CallState) {
-        match self {
-            Known::State(boxed) => **boxed = state,
-            Known::Raw(_) => *self = Known::State(Box::new(state)),
-        }
-    }
-}
-
 /// What a worker found in one chunk.
 #[derive(Default)]
 struct Chunk {
@@ -251,8 +223,17 @@ struct Chunk {
     divergences: Vec<Divergence>,
     /// The first record of each call that began before the chunk, to check at the merge.
     pending: Vec<(u64, RawRecord)>,
-    /// Each call's state after its last record in the chunk.
-    finals: ByCall<Known>,
+    /// Each call's state after its last record checked in the chunk.
+    finals: ByCall<Box<CallState>>,
+    /// The calls of the records before `from` (their states are looked up when needed).
+    before_from: HashSet<u64>,
+}
+
+/// A call id's fingerprint, to count calls without keeping their ids.
+fn fingerprint(call_id: &str) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(call_id, &mut h);
+    std::hash::Hasher::finish(&h)
 }
 
 fn check_chunk(records: &[(u64, RawRecord)], options: &CheckOptions, only: Option<&str>, step: &Step<'_>) -> Chunk {
@@ -275,21 +256,18 @@ fn check_chunk(records: &[(u64, RawRecord)], options: &CheckOptions, only: Optio
             continue;
         }
         if seq < options.from {
-            chunk.finals.insert(call_id.to_owned(), Known::Raw(bytes.clone()));
+            chunk.before_from.insert(fingerprint(call_id));
             continue;
         }
         let outcome = match chunk.finals.get_mut(call_id) {
-            Some(known) => match known.resolve() {
-                Ok(before) => rec.replay(before, options.timeouts, step, &mut buf).map(|out| {
-                    // The call's state is the recorded one (equal to today's unless it diverged).
-                    known.set(out.after);
-                    out.diverged
-                }),
-                Err(e) => Err(e),
-            },
+            Some(state) => rec.replay(state, options.timeouts, step, &mut buf).map(|out| {
+                // The call's state is the recorded one (equal to today's unless it diverged).
+                **state = out.after;
+                out.diverged
+            }),
             None if !rec.has_before() => rec.after().and_then(|after| {
                 let out = rec.replay(&initial_state(&after), options.timeouts, step, &mut buf)?;
-                chunk.finals.insert(call_id.to_owned(), Known::State(Box::new(out.after)));
+                chunk.finals.insert(call_id.to_owned(), Box::new(out.after));
                 Ok(out.diverged)
             }),
             None => {
@@ -297,7 +275,7 @@ fn check_chunk(records: &[(u64, RawRecord)], options: &CheckOptions, only: Optio
                 // chunks before left; the records after it in this chunk go on from its own.
                 match rec.after() {
                     Ok(after) => {
-                        chunk.finals.insert(call_id.to_owned(), Known::State(Box::new(after)));
+                        chunk.finals.insert(call_id.to_owned(), Box::new(after));
                         chunk.pending.push((seq, bytes.clone()));
                     }
                     Err(e) => chunk.unreadable.push((seq, e)),
@@ -363,7 +341,8 @@ pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> Che
     let turn = Condvar::new();
     let window = 2 * workers;
     let mut report = CheckReport::default();
-    let mut states = ByCall::<Known>::default();
+    let mut states = ByCall::<Box<CallState>>::default();
+    let mut calls = HashSet::<u64>::new();
     let mut diverged = CallSet::default();
     let mut buf = Vec::new();
     let (work_tx, work_rx) = std::sync::mpsc::channel::<Work>();
@@ -436,7 +415,9 @@ pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> Che
         for (index, end, chunk) in done_rx {
             waiting.insert(index, (end, chunk));
             while let Some((end, chunk)) = waiting.remove(&next) {
-                merge(&mut report, &mut states, &mut diverged, chunk, options, step, &mut buf);
+                let mut merged =
+                    Merged { report: &mut report, states: &mut states, calls: &mut calls, diverged: &mut diverged };
+                merged.add(chunk, reader, options, step, &mut buf);
                 next += 1;
                 bar.set_position(end);
                 if let Ok(mut c) = claims.lock() {
@@ -456,54 +437,82 @@ pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> Che
         }
     });
     bar.finish_and_clear();
-    report.calls = states.len() as u64;
+    report.calls = calls.len() as u64;
     report.unreadable.sort_by_key(|(seq, _)| *seq);
     report.divergences.sort_by_key(|d| d.seq);
     report
 }
 
-/// Adds a chunk to the report, in log order: its pending records are checked from the states
-/// the chunks before it left, then its own states replace theirs.
-fn merge(
-    report: &mut CheckReport,
-    states: &mut ByCall<Known>,
-    diverged: &mut CallSet,
-    chunk: Chunk,
-    options: &CheckOptions,
-    step: &Step<'_>,
-    buf: &mut Vec<u8>,
-) {
-    for (seq, bytes) in &chunk.pending {
-        let outcome = Rec::parse(bytes).and_then(|rec| {
-            let before = match states.get_mut(rec.call_id()) {
-                Some(known) => known.resolve()?.clone(),
-                // Its earlier records could not be read.
-                None => initial_state(&rec.after()?),
-            };
-            let replayed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                rec.replay(&before, options.timeouts, step, buf)
-            }))
-            .map_err(|panic| format!("today's machine panicked on this record: {}", panic_text(panic.as_ref())))??;
-            Ok((rec.call_id().to_owned(), replayed))
-        });
-        match outcome {
-            Ok((call_id, Replayed { diverged: d, .. })) => {
-                report.records += 1;
-                if let Some(d) = d {
-                    if diverged_first(diverged, &call_id) {
-                        report.divergences.push(*d);
+/// What the merge has gathered: the report, the states of the calls still live after the
+/// chunks merged so far (an ended call's state is dropped and looked up again, from the log's
+/// per-call index, if a record of it comes later: memory holds the live calls, not every call of
+/// the log), every call seen, and the calls that diverged.
+struct Merged<'a> {
+    report: &'a mut CheckReport,
+    states: &'a mut ByCall<Box<CallState>>,
+    calls: &'a mut HashSet<u64>,
+    diverged: &'a mut CallSet,
+}
+
+impl Merged<'_> {
+    /// Adds a chunk, in log order: its pending records are checked from the states the chunks
+    /// before it left, then its own states replace theirs.
+    fn add(&mut self, chunk: Chunk, reader: &LogReader, options: &CheckOptions, step: &Step<'_>, buf: &mut Vec<u8>) {
+        for (seq, bytes) in &chunk.pending {
+            let outcome = Rec::parse(bytes).and_then(|rec| {
+                let before = match self.states.get(rec.call_id()) {
+                    Some(state) => (**state).clone(),
+                    None => previous_state(reader, &rec)?,
+                };
+                let replayed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    rec.replay(&before, options.timeouts, step, buf)
+                }))
+                .map_err(|panic| {
+                    format!("today's machine panicked on this record: {}", panic_text(panic.as_ref()))
+                })??;
+                Ok((rec.call_id().to_owned(), replayed))
+            });
+            match outcome {
+                Ok((call_id, Replayed { diverged: d, .. })) => {
+                    self.report.records += 1;
+                    if let Some(d) = d {
+                        if diverged_first(self.diverged, &call_id) {
+                            self.report.divergences.push(*d);
+                        }
                     }
                 }
+                Err(e) => self.report.unreadable.push((*seq, e)),
             }
-            Err(e) => report.unreadable.push((*seq, e)),
+        }
+        self.report.records += chunk.records;
+        self.report.unreadable.extend(chunk.unreadable);
+        for d in chunk.divergences {
+            if diverged_first(self.diverged, &d.call_id) {
+                self.report.divergences.push(d);
+            }
+        }
+        self.calls.extend(chunk.before_from);
+        for (call_id, state) in chunk.finals {
+            self.calls.insert(fingerprint(&call_id));
+            if state.is_ended() {
+                self.states.remove(&call_id);
+            } else {
+                self.states.insert(call_id, state);
+            }
         }
     }
-    report.records += chunk.records;
-    report.unreadable.extend(chunk.unreadable);
-    for d in chunk.divergences {
-        if diverged_first(diverged, &d.call_id) {
-            report.divergences.push(d);
+}
+
+/// The state a call's last readable record before `rec` left, read through the log's per-call
+/// index (for a call whose state is not kept: ended, or only seen before `from`); the initial
+/// state when it has none.
+fn previous_state(reader: &LogReader, rec: &Rec<'_>) -> Result<CallState, String> {
+    let seqs = reader.log().seqs_of_call(rec.call_id()).map_err(|e| e.to_string())?;
+    for seq in seqs.into_iter().rev().filter(|s| *s < rec.seq()) {
+        let Ok(Some(bytes)) = reader.log().raw_record(seq) else { continue };
+        if let Ok(after) = Rec::parse(&bytes).and_then(|r| r.after()) {
+            return Ok(after);
         }
     }
-    states.extend(chunk.finals);
+    Ok(initial_state(&rec.after()?))
 }

@@ -202,6 +202,28 @@ impl SledLog {
 }
 
 impl SledLog {
+    /// The sequences of a call's records, in order (from the per-call index).
+    pub fn seqs_of_call(&self, call_id: &str) -> Result<Vec<u64>, LogError> {
+        let mut prefix = call_id.as_bytes().to_vec();
+        prefix.push(0);
+        let mut seqs = Vec::new();
+        for item in self.by_call.scan_prefix(&prefix) {
+            let (_, v) = item.map_err(|e| self.store_error(e))?;
+            seqs.extend(v.chunks_exact(8).filter_map(|c| c.try_into().ok()).map(u64::from_be_bytes));
+        }
+        if let Some(recent) = self.unindexed().get(call_id) {
+            seqs.extend_from_slice(recent);
+        }
+        seqs.sort_unstable();
+        seqs.dedup();
+        Ok(seqs)
+    }
+
+    /// One record's stored bytes, if there is a record `seq`.
+    pub fn raw_record(&self, seq: u64) -> Result<Option<RawRecord>, LogError> {
+        self.records.get(seq.to_be_bytes()).map_err(|e| self.store_error(e))
+    }
+
     /// Adds a record already encoded (MessagePack, as [`encode`](super::encode) gives), not
     /// durable until [`EventLog::commit`].
     pub fn stage_raw(&self, seq: u64, call_id: &str, bytes: &[u8]) -> Result<(), LogError> {
@@ -294,21 +316,10 @@ impl EventLog for SledLog {
     }
 
     fn records_of_call(&self, call_id: &str) -> Result<Vec<Record>, LogError> {
-        let mut prefix = call_id.as_bytes().to_vec();
-        prefix.push(0);
-        let mut seqs = Vec::new();
-        for item in self.by_call.scan_prefix(&prefix) {
-            let (_, v) = item.map_err(|e| self.store_error(e))?;
-            seqs.extend(v.chunks_exact(8).filter_map(|c| c.try_into().ok()).map(u64::from_be_bytes));
-        }
-        if let Some(recent) = self.unindexed().get(call_id) {
-            seqs.extend_from_slice(recent);
-        }
-        seqs.sort_unstable();
-        seqs.dedup();
+        let seqs = self.seqs_of_call(call_id)?;
         let mut out = Vec::with_capacity(seqs.len());
         for seq in seqs {
-            if let Some(v) = self.records.get(seq.to_be_bytes()).map_err(|e| self.store_error(e))? {
+            if let Some(v) = self.raw_record(seq)? {
                 out.push(decode(seq, &v)?);
             }
         }
