@@ -83,11 +83,26 @@ impl Filter {
     }
 }
 
+/// One call's records, read through the log's per-call index (no scan of the whole log).
+fn export_call(reader: &LogReader, out: &mut dyn Write, filter: &Filter, call_id: &str) -> Result<u64, ReplayError> {
+    let mut records = Vec::new();
+    for seq in reader.log().seqs_of_call(call_id)? {
+        if let Some(bytes) = reader.log().raw_record(seq)? {
+            records.push((seq, bytes));
+        }
+    }
+    let (bytes, written) = filter.batch(&records, &crate::progress_bar(0, false));
+    out.write_all(&bytes)?;
+    out.flush()?;
+    Ok(written)
+}
+
 /// Writes the records (of one call, since a time) to `out`; returns how many. Records are
 /// not decoded into types: MessagePack is passed through as stored (after a check that it is
 /// well formed), JSON is transcoded from it; batches are converted on every core and written
-/// in log order. Unreadable records are reported on stderr with their sequence and skipped.
-/// A progress bar is drawn on stderr when `progress` is set.
+/// in log order. One call's records are found through the log's per-call index. Unreadable
+/// records are reported on stderr with their sequence and skipped. A progress bar is drawn on
+/// stderr when `progress` is set.
 pub fn export(
     reader: &LogReader,
     out: &mut dyn Write,
@@ -97,9 +112,12 @@ pub fn export(
     progress: bool,
 ) -> Result<u64, ReplayError> {
     let call_id = call.map(|c| reader.find_call(c)).transpose()?;
+    let filter = Filter { call_id, since_ms, format };
+    if let Some(call_id) = filter.call_id.as_deref() {
+        return export_call(reader, out, &filter, call_id);
+    }
     let total = reader.log().next_seq().saturating_sub(1);
     let bar = crate::progress_bar(total, progress);
-    let filter = Filter { call_id, since_ms, format };
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let mut written = 0u64;
     let mut read_error = None;

@@ -174,7 +174,7 @@ impl LogReader {
 
     /// The call id for a call id or a SIP Call-ID.
     pub fn find_call(&self, id: &str) -> Result<String, ReplayError> {
-        if !self.log.records_of_call(id)?.is_empty() {
+        if !self.log.seqs_of_call(id)?.is_empty() {
             return Ok(id.to_owned());
         }
         for record in self.log.records_from(1).flatten() {

@@ -81,6 +81,24 @@ async fn timeline_shows_every_record_and_check_passes() {
     let n =
         callbus_replay::export(&reader, &mut packed, ExportFormat::Msgpack, Some(&sip), None, false).expect("export");
     assert_eq!(n, records.len() as u64);
+
+    // One call's export, read through the per-call index, is the whole export's lines of that
+    // call; with --since, those from that time on.
+    let of_call: Vec<&Value> = lines.iter().filter(|l| l["call_id"] == json!(call_id)).collect();
+    assert!(of_call.len() > 3 && of_call.len() < lines.len(), "the log has other calls' records too");
+    let export_call = |since: Option<u64>| {
+        let mut out = Vec::new();
+        let n = callbus_replay::export(&reader, &mut out, ExportFormat::Jsonl, Some(&call_id), since, false)
+            .expect("export");
+        let lines: Vec<Value> =
+            String::from_utf8(out).expect("utf-8").lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+        assert_eq!(n, lines.len() as u64);
+        lines
+    };
+    assert_eq!(export_call(None).iter().collect::<Vec<_>>(), of_call);
+    let since = of_call[3]["time_ms"].as_u64().expect("time_ms");
+    let later: Vec<&Value> = of_call.iter().copied().filter(|l| l["time_ms"].as_u64() >= Some(since)).collect();
+    assert_eq!(export_call(Some(since)).iter().collect::<Vec<_>>(), later);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
