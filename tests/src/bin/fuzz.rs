@@ -19,15 +19,19 @@ fn main() {
     let seed: u64 = value("--seed").and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
     });
+    // Seeds are read (and a missing fixtures folder reported) before panics go quiet.
+    let targets = targets();
+    for target in &targets {
+        assert!(!target.seeds.is_empty(), "{}: no seeds (fixtures at {}?)", target.name, fixtures().display());
+    }
     // Panics are expected to be caught and reported, not printed mid-run.
     std::panic::set_hook(Box::new(|_| {}));
     eprintln!("fuzz: seed {seed}, {seconds} s per target");
     let mut total_crashes = 0;
-    for target in targets() {
+    for target in targets {
         if only.as_deref().is_some_and(|o| o != target.name) {
             continue;
         }
-        assert!(!target.seeds.is_empty(), "{}: no seeds (fixtures at {}?)", target.name, fixtures().display());
         let mut rng = Rng(seed ^ (target.name.len() as u64 * 0x9e37_79b9_7f4a_7c15) | 1);
         let deadline = Instant::now() + Duration::from_secs_f64(seconds);
         let (mut execs, mut crashes, mut accepted, mut slowest) = (0u64, 0u64, 0u64, Duration::ZERO);
