@@ -11,27 +11,25 @@
 //! the records after the last checkpoint are indexed again from the records themselves.
 //! Big-endian keys keep sled's order equal to sequence order.
 //!
-//! Durability: sled's `flush_async` hangs with concurrent callers in 0.34 (spacejam/sled#1308),
-//! so one dedicated thread calls `flush()`. Committers queue on it; the thread takes every
-//! request waiting, flushes once, and answers them all, so a flush (~90 µs for one record,
-//! ~330 µs for a thousand here) covers a whole batch.
+//! Durability: a commit calls sled's blocking `flush()` on the committing task's own thread
+//! (sled's `flush_async` hangs with concurrent callers in 0.34, spacejam/sled#1308). The engine
+//! commits a whole batch at once and awaits nothing else meanwhile, so blocking its worker for
+//! the flush (~90 µs for one record, ~330 µs for a thousand here) costs the engine nothing, and
+//! the runtime's other worker keeps the bridge and NATS going. It spares two thread hand-offs
+//! a dedicated flusher thread took: 8 of 8 alternated `bench-ua` runs had a lower command →
+//! first MI p50 without them, by 9–74 µs (docs/engine.md).
 //!
 //! What a flush survives: sled 0.34 on Linux ends its flush with `sync_file_range` over the
 //! bytes it wrote, not `fsync`: the records reach the device, so a crash of the process (or of
 //! the engine inside it) loses nothing acknowledged, but neither the file's metadata (its size
 //! when the log grew) nor the device's volatile write cache is flushed, so a power cut or a
-//! kernel crash can lose the last records. With `sync_data` the flusher thread also
+//! kernel crash can lose the last records. With `sync_data` each commit also
 //! `fdatasync`s the file after each flush, which covers both.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-
-use tokio::sync::oneshot;
 
 use super::{EventLog, LogError, Record, Snapshot};
-
-type FlushReply = oneshot::Sender<Result<(), String>>;
 
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
 const TIMEOUTS_KEY: &[u8] = b"timeouts";
@@ -51,19 +49,8 @@ pub struct SledLog {
     /// Per call, the sequences staged since the last checkpoint (not yet in `by_call`).
     unindexed: std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>,
     next_seq: AtomicU64,
-    /// Requests to the flusher thread; dropping it stops the thread.
-    flusher: Option<mpsc::Sender<FlushReply>>,
-    flusher_thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for SledLog {
-    fn drop(&mut self) {
-        // The thread holds a handle on the database: stop it so the directory is released.
-        self.flusher.take();
-        if let Some(thread) = self.flusher_thread.take() {
-            let _ = thread.join();
-        }
-    }
+    /// sled's file, `fdatasync`ed after each flush when the log was opened with `sync_data`.
+    sync_file: Option<std::fs::File>,
 }
 
 fn call_key(call_id: &str, seq: u64) -> Vec<u8> {
@@ -107,15 +94,6 @@ impl SledLog {
         let snapshots = db.open_tree("snapshots").map_err(store)?;
         let meta = db.open_tree("meta").map_err(store)?;
         let last = records.last().map_err(store)?.and_then(|(k, _)| k.as_ref().try_into().ok()).map(u64::from_be_bytes);
-        let (tx, rx) = mpsc::channel::<FlushReply>();
-        let flush_db = db.clone();
-        let flusher_thread = std::thread::Builder::new()
-            .name("callbus-log-flusher".into())
-            .spawn(move || flusher(flush_db, rx, sync_file))
-            .map_err(|e| LogError::Store {
-                path: dir.display().to_string(),
-                reason: format!("cannot start the flusher: {e}"),
-            })?;
         let log = SledLog {
             path: dir.to_owned(),
             db,
@@ -125,8 +103,7 @@ impl SledLog {
             meta,
             unindexed: Default::default(),
             next_seq: AtomicU64::new(last.map_or(1, |s| s + 1)),
-            flusher: Some(tx),
-            flusher_thread: Some(flusher_thread),
+            sync_file,
         };
         log.index_tail()?;
         Ok(log)
@@ -164,22 +141,6 @@ impl SledLog {
     /// Bytes the data dir takes on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
-    }
-}
-
-fn flusher(db: sled::Db, requests: mpsc::Receiver<FlushReply>, sync_file: Option<std::fs::File>) {
-    while let Ok(first) = requests.recv() {
-        let mut waiting = vec![first];
-        while let Ok(more) = requests.try_recv() {
-            waiting.push(more);
-        }
-        let mut result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-        if let (Ok(()), Some(file)) = (&result, sync_file.as_ref()) {
-            result = file.sync_data().map_err(|e| format!("fdatasync of the log file failed: {e}"));
-        }
-        for reply in waiting {
-            let _ = reply.send(result.clone());
-        }
     }
 }
 
@@ -287,14 +248,11 @@ impl EventLog for SledLog {
     }
 
     async fn commit(&self) -> Result<(), LogError> {
-        let (tx, rx) = oneshot::channel();
-        let flusher = self.flusher.as_ref().ok_or_else(|| self.store_error("the log is closed"))?;
-        flusher.send(tx).map_err(|_| self.store_error("the flusher thread is gone"))?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.store_error(e)),
-            Err(_) => Err(self.store_error("the flusher thread is gone")),
+        self.db.flush().map_err(|e| self.store_error(e))?;
+        if let Some(file) = &self.sync_file {
+            file.sync_data().map_err(|e| self.store_error(format!("fdatasync of the log file failed: {e}")))?;
         }
+        Ok(())
     }
 
     fn snapshots(&self) -> Result<Vec<Snapshot>, LogError> {

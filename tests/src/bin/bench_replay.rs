@@ -94,7 +94,7 @@ fn main() {
     drop(reader);
     sled_reads(dir.path(), records);
 
-    // Group commit's floor: one record staged, then committed (flusher thread + sled flush),
+    // Group commit's floor: one record staged, then committed (sled flush on the committing task),
     // and the same with `engine.sync_data` (an fdatasync of the log file after the flush).
     for (sync_data, name) in [(false, "commit of one record"), (true, "commit of one record, sync_data")] {
         let (p50, p99) = commit_floor(&runtime, sync_data);
