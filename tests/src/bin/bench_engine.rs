@@ -143,8 +143,8 @@ async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf) {
                 json!({"seq": seq, "call_id": "s", "sip_call_id": d.callid, "event": d.new_state.name(), "data": {}});
             notes.push((format!("callbus.call.s{}.{}", d.db_id, d.new_state.name()), Bytes::from(body.to_string())));
         }
-        let flusher = db.clone();
-        tokio::task::spawn_blocking(move || flusher.flush().expect("flush")).await.expect("join");
+        // Flushed on this task, as the engine's log does.
+        db.flush().expect("flush");
         for (subject, body) in notes {
             client.publish(subject, body).await.expect("publish");
         }
