@@ -150,3 +150,141 @@ async fn concurrent_commits_all_become_durable() {
     let log = reopen(dir.path());
     assert_eq!(log.records_from(1).count(), 800);
 }
+
+/// A new data dir holding only the write-ahead files of `from`: what a crash leaves when sled
+/// had written nothing of what was committed.
+fn write_ahead_files_only(from: &std::path::Path) -> tempfile::TempDir {
+    let to = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir(to.path().join("wal")).expect("mkdir");
+    for entry in std::fs::read_dir(from.join("wal")).expect("wal dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.path().join("wal").join(entry.file_name())).expect("copy");
+    }
+    to
+}
+
+fn wal_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("wal"))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+fn snapshot(seq: u64, call: &str) -> Snapshot {
+    Snapshot { seq, call_id: call.into(), state: record(seq, call).after, timers: vec![] }
+}
+
+async fn committed_changes_come_back_from_the_write_ahead_files_alone(sync_data: bool) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = SledLog::open_with(dir.path(), 4 << 20, sync_data).expect("open");
+    for seq in 1..=10 {
+        log.stage(&record(seq, if seq % 2 == 0 { "even" } else { "odd" })).expect("stage");
+    }
+    log.stage_snapshot(&snapshot(10, "even")).expect("snap");
+    log.stage_checkpoint(6).expect("checkpoint");
+    log.commit().await.expect("commit");
+    log.remove_snapshot("even").expect("remove");
+    log.stage_snapshot(&snapshot(11, "odd")).expect("snap");
+    log.stage(&record(11, "odd")).expect("stage");
+    log.commit().await.expect("commit");
+    // Staged, never committed: never acknowledged, and not in the write-ahead file.
+    log.stage(&record(12, "odd")).expect("stage");
+
+    let crashed = write_ahead_files_only(dir.path());
+    drop(log);
+    {
+        let log = SledLog::open_with(crashed.path(), 4 << 20, sync_data).expect("open after the crash");
+        assert!(wal_files(crashed.path()).is_empty(), "applied files are deleted once sled has them");
+        assert_eq!(log.next_seq(), 12);
+        let seqs: Vec<u64> = log.records_from(1).map(|r| r.expect("read").seq).collect();
+        assert_eq!(seqs, (1..=11).collect::<Vec<_>>());
+        assert_eq!(log.checkpoint().expect("checkpoint"), 6);
+        let even: Vec<u64> = log.records_of_call("even").expect("index").iter().map(|r| r.seq).collect();
+        assert_eq!(even, vec![2, 4, 6, 8, 10], "the index chunk of the checkpoint and the tail after it");
+        let snaps: Vec<String> = log.snapshots().expect("snaps").into_iter().map(|s| s.call_id).collect();
+        assert_eq!(snaps, vec!["odd".to_owned()], "the removal is applied after the insert it follows");
+    }
+    // And sled kept them: they are there without the files.
+    let log = reopen(crashed.path());
+    assert_eq!(log.records_from(1).count(), 11);
+    assert_eq!(log.snapshots().expect("snaps").len(), 1);
+}
+
+#[tokio::test]
+async fn committed_changes_come_back_from_the_write_ahead_files_alone_after_a_crash() {
+    committed_changes_come_back_from_the_write_ahead_files_alone(false).await;
+}
+
+#[tokio::test]
+async fn with_sync_data_committed_changes_come_back_from_the_write_ahead_files_alone() {
+    committed_changes_come_back_from_the_write_ahead_files_alone(true).await;
+}
+
+#[tokio::test]
+async fn a_commit_cut_short_is_ignored_and_the_commits_before_it_are_kept() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = SledLog::open(dir.path()).expect("open");
+    for seq in 1..=3 {
+        log.stage(&record(seq, "c")).expect("stage");
+    }
+    log.commit().await.expect("commit");
+    log.stage(&record(4, "c")).expect("stage");
+    log.commit().await.expect("commit");
+
+    // The process died while writing the second commit: its frame is cut.
+    let cut = write_ahead_files_only(dir.path());
+    let files = wal_files(cut.path());
+    assert_eq!(files.len(), 1);
+    let len = std::fs::metadata(&files[0]).expect("meta").len();
+    std::fs::OpenOptions::new().write(true).open(&files[0]).expect("open").set_len(len - 7).expect("truncate");
+    {
+        let log = SledLog::open(cut.path()).expect("a torn tail is not an error");
+        let seqs: Vec<u64> = log.records_from(1).map(|r| r.expect("read").seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+        assert_eq!(log.next_seq(), 4);
+    }
+
+    // A power cut left zeros after the last commit (the file grew, its data did not land).
+    let holed = write_ahead_files_only(dir.path());
+    let file = &wal_files(holed.path())[0];
+    let mut bytes = std::fs::read(file).expect("read");
+    bytes.extend_from_slice(&[0; 4096]);
+    std::fs::write(file, bytes).expect("write");
+    let log2 = SledLog::open(holed.path()).expect("zeros are not an error");
+    assert_eq!(log2.records_from(1).count(), 4);
+    drop(log);
+}
+
+#[tokio::test]
+async fn the_write_ahead_files_are_replaced_and_deleted_as_sled_catches_up() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = SledLog::open(dir.path()).expect("open");
+    let value = vec![7u8; 64 << 10];
+    // 24 MiB committed, 64 KiB at a time: three times a file's size.
+    for seq in 1..=384u64 {
+        log.stage_raw(seq, "big", &value).expect("stage");
+        log.commit().await.expect("commit");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let on_disk = |dir: &std::path::Path| -> u64 {
+        wal_files(dir).iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum()
+    };
+    while on_disk(dir.path()) > 12 << 20 {
+        assert!(std::time::Instant::now() < deadline, "write-ahead files not deleted: {:?}", wal_files(dir.path()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // What is left of them plus sled has every record.
+    let crashed = write_ahead_files_only(dir.path());
+    drop(log);
+    assert!(wal_files(dir.path()).is_empty(), "a clean close deletes them");
+    let log = reopen(dir.path());
+    assert_eq!(log.raw_records_from(1).count(), 384);
+    assert!(log.raw_records_from(1).all(|r| r.is_ok_and(|(_, v)| v.as_ref() == value.as_slice())));
+    // The files alone hold the records after the last rotation, in a run of whole commits.
+    let tail = SledLog::open(crashed.path()).expect("open");
+    let seqs: Vec<u64> = tail.raw_records_from(1).map(|r| r.expect("read").0).collect();
+    assert!(!seqs.is_empty() && seqs.len() < 384, "{} records in the files left", seqs.len());
+    assert_eq!(seqs.last(), Some(&384));
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+}

@@ -13,6 +13,7 @@
 //! records after the checkpoint.
 
 mod sled_log;
+mod wal;
 
 use std::future::Future;
 

@@ -29,6 +29,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::wal::{SyncDb, Wal};
 use super::{EventLog, LogError, Record, Snapshot};
 
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
@@ -49,9 +50,17 @@ pub struct SledLog {
     /// Per call, the sequences staged since the last checkpoint (not yet in `by_call`).
     unindexed: std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>,
     next_seq: AtomicU64,
-    /// sled's file, `fdatasync`ed after each flush when the log was opened with `sync_data`.
-    sync_file: Option<std::fs::File>,
+    /// What makes commits durable (sled is flushed in the background).
+    wal: Wal,
+    /// `fdatasync` of sled's file with `sync_data`, else nothing.
+    sync_db: SyncDb,
 }
+
+/// The byte a tree has in the write-ahead frames (the order of [`super::wal::TREES`]).
+const RECORDS: u8 = 0;
+const BY_CALL: u8 = 1;
+const SNAPSHOTS: u8 = 2;
+const META: u8 = 3;
 
 fn call_key(call_id: &str, seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(call_id.len() + 9);
@@ -78,21 +87,33 @@ impl SledLog {
     pub fn open_with(dir: &Path, cache_bytes: u64, sync_data: bool) -> Result<SledLog, LogError> {
         let store = |e: sled::Error| LogError::Store { path: dir.display().to_string(), reason: e.to_string() };
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(store)?;
-        let sync_file = if sync_data {
+        let sync_db: SyncDb = if sync_data {
             // sled 0.34 keeps its log in `<dir>/db`; an fdatasync on any descriptor of the file
             // covers every write to it.
             let file = dir.join("db");
-            Some(std::fs::File::open(&file).map_err(|e| LogError::Store {
+            let file = std::fs::File::open(&file).map_err(|e| LogError::Store {
                 path: dir.display().to_string(),
                 reason: format!("cannot open {} to fdatasync it: {e}", file.display()),
-            })?)
+            })?;
+            std::sync::Arc::new(move || file.sync_data())
         } else {
-            None
+            std::sync::Arc::new(|| Ok(()))
         };
-        let records = db.open_tree("records").map_err(store)?;
-        let by_call = db.open_tree("by_call").map_err(store)?;
-        let snapshots = db.open_tree("snapshots").map_err(store)?;
-        let meta = db.open_tree("meta").map_err(store)?;
+        let records = db.open_tree(super::wal::TREES[RECORDS as usize]).map_err(store)?;
+        let by_call = db.open_tree(super::wal::TREES[BY_CALL as usize]).map_err(store)?;
+        let snapshots = db.open_tree(super::wal::TREES[SNAPSHOTS as usize]).map_err(store)?;
+        let meta = db.open_tree(super::wal::TREES[META as usize]).map_err(store)?;
+        let trees = [records.clone(), by_call.clone(), snapshots.clone(), meta.clone()];
+        let (wal, recovered) = Wal::recover(&dir.join("wal"), &db, &trees, sync_data, std::sync::Arc::clone(&sync_db))
+            .map_err(|reason| LogError::Store { path: dir.display().to_string(), reason })?;
+        if recovered.changes > 0 {
+            tracing::info!(
+                path = %dir.display(),
+                files = recovered.files,
+                changes = recovered.changes,
+                "changes committed before the last stop applied again from the write-ahead files"
+            );
+        }
         let last = records.last().map_err(store)?.and_then(|(k, _)| k.as_ref().try_into().ok()).map(u64::from_be_bytes);
         let log = SledLog {
             path: dir.to_owned(),
@@ -103,7 +124,8 @@ impl SledLog {
             meta,
             unindexed: Default::default(),
             next_seq: AtomicU64::new(last.map_or(1, |s| s + 1)),
-            sync_file,
+            wal,
+            sync_db,
         };
         log.index_tail()?;
         Ok(log)
@@ -140,7 +162,7 @@ impl SledLog {
 
     /// Bytes the data dir takes on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db.size_on_disk().unwrap_or(0) + self.wal.size_on_disk()
     }
 }
 
@@ -188,7 +210,10 @@ impl SledLog {
     /// Adds a record already encoded (MessagePack, as [`encode`](super::encode) gives), not
     /// durable until [`EventLog::commit`].
     pub fn stage_raw(&self, seq: u64, call_id: &str, bytes: &[u8]) -> Result<(), LogError> {
-        self.records.insert(seq.to_be_bytes(), bytes).map_err(|e| self.store_error(e))?;
+        let key = seq.to_be_bytes();
+        self.wal.stage(RECORDS, &key, Some(bytes), || {
+            self.records.insert(key, bytes).map(drop).map_err(|e| self.store_error(e))
+        })?;
         self.unindexed().entry(call_id.to_owned()).or_default().push(seq);
         self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
         Ok(())
@@ -208,13 +233,15 @@ impl EventLog for SledLog {
     fn stage_snapshot(&self, snapshot: &Snapshot) -> Result<(), LogError> {
         let bytes = rmp_serde::to_vec_named(snapshot)
             .map_err(|e| LogError::Encode { seq: snapshot.seq, reason: e.to_string() })?;
-        self.snapshots.insert(snapshot.call_id.as_bytes(), bytes).map_err(|e| self.store_error(e))?;
-        Ok(())
+        let key = snapshot.call_id.as_bytes();
+        self.wal.stage(SNAPSHOTS, key, Some(&bytes), || {
+            self.snapshots.insert(key, bytes.as_slice()).map(drop).map_err(|e| self.store_error(e))
+        })
     }
 
     fn remove_snapshot(&self, call_id: &str) -> Result<(), LogError> {
-        self.snapshots.remove(call_id.as_bytes()).map_err(|e| self.store_error(e))?;
-        Ok(())
+        let key = call_id.as_bytes();
+        self.wal.stage(SNAPSHOTS, key, None, || self.snapshots.remove(key).map(drop).map_err(|e| self.store_error(e)))
     }
 
     fn stage_checkpoint(&self, seq: u64) -> Result<(), LogError> {
@@ -222,10 +249,15 @@ impl EventLog for SledLog {
         for (call_id, seqs) in chunks {
             let Some(first) = seqs.first() else { continue };
             let value: Vec<u8> = seqs.iter().flat_map(|s| s.to_be_bytes()).collect();
-            self.by_call.insert(call_key(&call_id, *first), value).map_err(|e| self.store_error(e))?;
+            let key = call_key(&call_id, *first);
+            self.wal.stage(BY_CALL, &key, Some(&value), || {
+                self.by_call.insert(key.as_slice(), value.as_slice()).map(drop).map_err(|e| self.store_error(e))
+            })?;
         }
-        self.meta.insert(CHECKPOINT_KEY, &seq.to_be_bytes()).map_err(|e| self.store_error(e))?;
-        Ok(())
+        let value = seq.to_be_bytes();
+        self.wal.stage(META, CHECKPOINT_KEY, Some(&value), || {
+            self.meta.insert(CHECKPOINT_KEY, &value).map(drop).map_err(|e| self.store_error(e))
+        })
     }
 
     fn checkpoint(&self) -> Result<u64, LogError> {
@@ -236,8 +268,9 @@ impl EventLog for SledLog {
     fn stage_timeouts(&self, timeouts: &crate::machines::Timeouts) -> Result<(), LogError> {
         let bytes =
             rmp_serde::to_vec_named(timeouts).map_err(|e| LogError::Encode { seq: 0, reason: e.to_string() })?;
-        self.meta.insert(TIMEOUTS_KEY, bytes).map_err(|e| self.store_error(e))?;
-        Ok(())
+        self.wal.stage(META, TIMEOUTS_KEY, Some(&bytes), || {
+            self.meta.insert(TIMEOUTS_KEY, bytes.as_slice()).map(drop).map_err(|e| self.store_error(e))
+        })
     }
 
     fn timeouts(&self) -> Result<Option<crate::machines::Timeouts>, LogError> {
@@ -248,11 +281,7 @@ impl EventLog for SledLog {
     }
 
     async fn commit(&self) -> Result<(), LogError> {
-        self.db.flush().map_err(|e| self.store_error(e))?;
-        if let Some(file) = &self.sync_file {
-            file.sync_data().map_err(|e| self.store_error(format!("fdatasync of the log file failed: {e}")))?;
-        }
-        Ok(())
+        self.wal.commit().map_err(|e| self.store_error(format!("writing the write-ahead file failed: {e}")))
     }
 
     fn snapshots(&self) -> Result<Vec<Snapshot>, LogError> {
@@ -282,5 +311,17 @@ impl EventLog for SledLog {
             }
         }
         Ok(out)
+    }
+}
+
+impl Drop for SledLog {
+    /// A clean close: sled flushed, the write-ahead files hold nothing it lacks.
+    fn drop(&mut self) {
+        match self.db.flush().map_err(|e| e.to_string()).and_then(|_| (self.sync_db)().map_err(|e| e.to_string())) {
+            Ok(()) => self.wal.remove_all(),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "sled's last flush failed: the write-ahead files are applied again at the next open")
+            }
+        }
     }
 }
