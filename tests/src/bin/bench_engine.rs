@@ -118,10 +118,11 @@ async fn sink(
     }
 }
 
-/// The skeleton: receive, parse, append, flush per batch, publish.
+/// The skeleton: receive, parse, append, commit per batch (the engine's own log: sled insert,
+/// write-ahead file), publish.
 async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf) {
-    let db = sled::Config::new().path(dir).cache_capacity(128 << 20).open().expect("sled");
-    let tree = db.open_tree("records").expect("tree");
+    use callbus_engine::log::{EventLog, SledLog};
+    let log = SledLog::open_with_cache(&dir, 128 << 20).expect("log");
     let mut sub = client.subscribe(format!("opensips.{NODE}.event.>")).await.expect("sub");
     let mut seq = 0u64;
     while let Some(first) = sub.next().await {
@@ -138,13 +139,13 @@ async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf) {
             let Ok(Event::DlgStateChanged(d)) = Event::parse(&msg.payload) else { continue };
             let value = rmp_serde::to_vec_named(&(seq, &d.callid, std::str::from_utf8(&msg.payload).unwrap_or("")))
                 .expect("encode");
-            tree.insert(seq.to_be_bytes(), value).expect("insert");
+            log.stage_raw(seq, &d.callid, &value).expect("stage");
             let body =
                 json!({"seq": seq, "call_id": "s", "sip_call_id": d.callid, "event": d.new_state.name(), "data": {}});
             notes.push((format!("callbus.call.s{}.{}", d.db_id, d.new_state.name()), Bytes::from(body.to_string())));
         }
-        // Flushed on this task, as the engine's log does.
-        db.flush().expect("flush");
+        // Committed on this task, as the engine's log is.
+        log.commit().await.expect("commit");
         for (subject, body) in notes {
             client.publish(subject, body).await.expect("publish");
         }
@@ -152,7 +153,7 @@ async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf) {
 }
 
 /// The floor of a command's round trip with the durability the engine keeps: a NATS request;
-/// the command appended to the engine's log and committed (sled flush on the committing task,
+/// the command appended to the engine's log and committed (its write-ahead file synced on the committing task,
 /// shared by the commands in flight); an MI datagram to the simulator (`version`) and its reply,
 /// matched by id; the reply appended and committed; the answer published. No machine, no
 /// notification JSON, no bridge. Returns p50 and p99 (ms) over `n` requests one at a time, and
