@@ -94,8 +94,9 @@ fn main() {
     drop(reader);
     sled_reads(dir.path(), records);
 
-    // Group commit's floor: one record staged, then committed (sled flush on the committing task),
-    // and the same with `engine.sync_data` (an fdatasync of the log file after the flush).
+    // Group commit's floor: one record staged, then committed (its write-ahead frame written and
+    // synced with sync_file_range on the committing task), and the same with `engine.sync_data`
+    // (an fdatasync of the write-ahead file instead).
     for (sync_data, name) in [(false, "commit of one record"), (true, "commit of one record, sync_data")] {
         let (p50, p99) = commit_floor(&runtime, sync_data);
         println!("RESULT|{name}, p50|{p50:.3}|ms");
