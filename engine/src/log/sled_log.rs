@@ -16,7 +16,7 @@
 //! task's own thread; sled itself is flushed in the background (its flusher every 500 ms, and
 //! once per write-ahead file rotation) and on a clean close. On open, the files a crash left
 //! are applied to sled again. The engine commits a whole batch at once and awaits nothing else
-//! meanwhile, so blocking its worker for the write (~55 µs for one record here) costs the
+//! meanwhile, so blocking its worker for the write (~60 µs for one record here, `bench-replay`) costs the
 //! engine nothing, and the runtime's other worker keeps the bridge and NATS going. A sled
 //! `flush()` per commit, as before, took ~140 µs for one record at p50 (~300 µs at p99): it
 //! hands the write to sled's I/O thread pool and waits on a condition variable; the
