@@ -16,12 +16,12 @@
 //! task's own thread; sled itself is flushed in the background (its flusher every 500 ms, and
 //! once per write-ahead file rotation) and on a clean close. On open, the files a crash left
 //! are applied to sled again. The engine commits a whole batch at once and awaits nothing else
-//! meanwhile, so blocking its worker for the write (~60 µs for one record here, `bench-replay`) costs the
-//! engine nothing, and the runtime's other worker keeps the bridge and NATS going. A sled
-//! `flush()` per commit, as before, took ~140 µs for one record at p50 (~300 µs at p99): it
-//! hands the write to sled's I/O thread pool and waits on a condition variable; the
-//! write-ahead file lowered callee answered → caller completion in `bench-ua` from a p99 of
-//! 0.80–2.00 ms to 0.63–0.95 ms over four alternated pairs (docs/engine.md).
+//! meanwhile, so blocking its worker for the write costs the engine nothing, and the runtime's
+//! other worker keeps the bridge and NATS going. `bench-replay` times a commit of one record:
+//! p50 ~0.06 ms, p99 ~0.2 ms, where a sled `flush()` per commit took 0.145 / 0.336 ms (it
+//! hands the write to sled's I/O thread pool and waits on a condition variable). That brought
+//! `bench-ua`'s callee answered → caller completion p99 under 1 ms in every run
+//! (docs/engine.md).
 //!
 //! What a commit survives: the write-ahead range is synced with `sync_file_range`, as sled
 //! 0.34's own flush does on Linux: the records reach the device, so a crash of the process (or

@@ -153,8 +153,9 @@ async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf) {
 }
 
 /// The floor of a command's round trip with the durability the engine keeps: a NATS request;
-/// the command appended to the engine's log and committed (its write-ahead file synced on the committing task,
-/// shared by the commands in flight); an MI datagram to the simulator (`version`) and its reply,
+/// the command appended to the engine's log and committed (its write-ahead file synced on the
+/// committing task; one commit covers every command staged before it); an MI datagram to the
+/// simulator (`version`) and its reply,
 /// matched by id; the reply appended and committed; the answer published. No machine, no
 /// notification JSON, no bridge. Returns p50 and p99 (ms) over `n` requests one at a time, and
 /// commands/s with 64 in flight over `parallel`.
