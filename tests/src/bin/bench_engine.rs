@@ -155,9 +155,8 @@ async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf) {
 /// The floor of a command's round trip with the durability the engine keeps: a NATS request;
 /// the command appended to the engine's log and committed (its write-ahead file synced on the
 /// committing task; one commit covers every command staged before it); an MI datagram to the
-/// simulator (`version`) and its reply,
-/// matched by id; the reply appended and committed; the answer published. No machine, no
-/// notification JSON, no bridge. Returns p50 and p99 (ms) over `n` requests one at a time, and
+/// simulator (`version`) and its reply, matched by id; the reply appended and committed; the
+/// answer published. No machine, no notification JSON, no bridge. Returns p50 and p99 (ms) over `n` requests one at a time, and
 /// commands/s with 64 in flight over `parallel`.
 async fn command_floor(client: &async_nats::Client, mi: SocketAddr, n: usize, parallel: usize) -> (f64, f64, f64) {
     use callbus_engine::log::{EventLog, SledLog};
