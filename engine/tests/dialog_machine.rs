@@ -1,5 +1,5 @@
-//! The `Dialog` machine, given a state and an input, read like PROTOCOL.md's tables. Inputs are
-//! the real OpenSIPS datagrams from `../shared/fixtures/opensips/events/`.
+//! The `Dialog` machine, given a state and an input, read like docs/opensips.md's tables. Inputs are
+//! the real OpenSIPS datagrams from `fixtures/opensips-3.4/events/`.
 
 use std::path::PathBuf;
 
@@ -13,7 +13,7 @@ use serde_json::json;
 fn fixture(name: &str) -> Input {
     let dir = std::env::var_os("CALLBUS_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/opensips"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/opensips-3.4"));
     let datagram = std::fs::read_to_string(dir.join("events").join(format!("{name}.json"))).expect("fixture");
     Input::Event { node: "n1".into(), bridge_seq: None, datagram }
 }

@@ -36,7 +36,7 @@ impl Rng {
 fn fixture_events(ua: bool) -> Vec<String> {
     let dir = std::env::var_os("CALLBUS_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/opensips"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/opensips-3.4"))
         .join("events");
     std::fs::read_dir(&dir)
         .expect("fixtures")

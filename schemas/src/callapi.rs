@@ -1,6 +1,6 @@
 //! The OpenSIPS Call API's protocol (JSON-RPC 2.0 over WebSocket, path `/call-api`), which the
 //! engine's compatibility door speaks so existing Call API clients work unchanged
-//! (PROTOCOL.md §6).
+//! (docs/opensips.md §6).
 //!
 //! Requests carry string params only; request errors use the positive code 32000 with Call
 //! API's exact messages; progress comes as notifications named after the method, with an

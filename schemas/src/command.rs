@@ -76,7 +76,7 @@ pub struct Payload {
 }
 
 /// The largest body (JSON-escaped, in bytes) callbus sends in a UA message. OpenSIPS raises
-/// events as single datagrams and cannot raise one over ~62 kB (PROTOCOL.md §2): a bigger SDP
+/// events as single datagrams and cannot raise one over ~62 kB (docs/opensips.md §2): a bigger SDP
 /// would come back in an event that is never delivered, so it is refused up front.
 pub const MAX_UA_BODY_BYTES: usize = 48 * 1024;
 

@@ -1,4 +1,4 @@
-//! Every NATS subject of callbus's public contract (DESIGN.md §3), built and parsed in one place.
+//! Every NATS subject of callbus's public contract (docs/architecture.md), built and parsed in one place.
 //!
 //! | subject | kind |
 //! |---|---|

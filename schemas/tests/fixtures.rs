@@ -1,4 +1,4 @@
-//! Every real OpenSIPS 3.4.18 datagram under `../shared/fixtures/opensips/` is classified by our
+//! Every real OpenSIPS 3.4.18 datagram under `fixtures/opensips-3.4/` is classified by our
 //! types with zero failures, and every JSON one round-trips through them without losing a field.
 
 use std::collections::BTreeMap;
@@ -11,10 +11,10 @@ use serde_json::Value;
 fn fixtures_dir() -> PathBuf {
     let dir = std::env::var_os("CALLBUS_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/opensips"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/opensips-3.4"));
     assert!(
         dir.is_dir(),
-        "fixtures not found at {}: clone shared/ beside the repo or set CALLBUS_FIXTURES",
+        "fixtures not found at {}: the repository's fixtures/opensips-3.4 is missing; set CALLBUS_FIXTURES to a copy",
         dir.display()
     );
     dir

@@ -1,5 +1,5 @@
 //! Scripted SIP peers and the call flows they drive, step by step, as a real OpenSIPS 3.4.18
-//! with sipp peers did when the fixtures were captured (PROTOCOL.md §3-§5, fixtures README).
+//! with sipp peers did when the fixtures were captured (docs/opensips.md §3-§5, fixtures README).
 //!
 //! Each flow is a task that sleeps [`crate::SimConfig::step`] between SIP steps and raises
 //! the events OpenSIPS raises at each, in the captured order. A flow stops as soon as the
@@ -881,7 +881,7 @@ pub(crate) fn start_uas(inner: &Arc<Inner>, script: UasScript) -> Option<String>
     let event = ua_event(&session, UaEventType::New, None, "INVITE", body, Some(headers));
     state.insert_session(session);
     // A NEW event too large for a datagram is lost; OpenSIPS then deletes the session and the
-    // caller gets 408 (PROTOCOL.md §2).
+    // caller gets 408 (docs/opensips.md §2).
     if !no_new && !inner.raise(&mut state, Source::Sip, &event) {
         state.remove_session(&key);
         return None;

@@ -1,8 +1,8 @@
 //! Kind `Dialog`: a proxied call as OpenSIPS's `dialog` and `callops` modules show it.
 //!
-//! Main states follow `E_DLG_STATE_CHANGED` (PROTOCOL.md §3): unconfirmed → early → answered
+//! Main states follow `E_DLG_STATE_CHANGED` (docs/opensips.md §3): unconfirmed → early → answered
 //! (2xx, no ACK) → confirmed → ended; a 2xx after a failure resurrects the call (5→3). Each leg
-//! has its own hold region and the call one transfer region (PROTOCOL.md §4). OpenSIPS 3.4's
+//! has its own hold region and the call one transfer region (docs/opensips.md §4). OpenSIPS 3.4's
 //! quirks handled here:
 //! - events arrive in any order (several OpenSIPS processes): states only move forward, and a
 //!   hold `ok` before its MI reply still completes the command;

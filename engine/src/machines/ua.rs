@@ -10,7 +10,7 @@
 //! Server: offered (NEW) → answered (our 2xx) → confirmed (the caller's ACK) → ended; the app
 //! answers with `ua.answer` (any code) or the offer times out and is declined.
 //!
-//! OpenSIPS 3.4 facts this machine relies on (PROTOCOL.md §5, §7):
+//! OpenSIPS 3.4 facts this machine relies on (docs/opensips.md §5, §7):
 //! - the client session's key is only known from the MI reply, and its first events may come
 //!   earlier: the engine parks them until the key is bound;
 //! - our own `ua_session_terminate` raises no event: the end is recorded when OpenSIPS answers
