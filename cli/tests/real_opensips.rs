@@ -1,0 +1,138 @@
+//! The real-OpenSIPS tier: every flow callbus promises, against a real OpenSIPS 3.4 running
+//! `deploy/opensips/opensips.cfg`, with sipp phones, nats-server and `callbus up` as a user runs
+//! them. Each flow is asserted on callbus's notifications and on what the phones saw, and ends
+//! with `callbus replay check` of the whole log.
+//!
+//! Runs when `CALLBUS_OPENSIPS` names an OpenSIPS 3.4 install prefix (see
+//! `scripts/build-opensips.sh` and docs/opensips.md); otherwise each flow prints
+//! `real OpenSIPS tier: skipped (…)`. Run it alone with
+//! `CALLBUS_OPENSIPS=/opt/opensips-3.4 cargo test -p callbus --test real_opensips`.
+
+mod real;
+
+use std::time::Duration;
+
+use real::{mi, Tier, NODE};
+use serde_json::json;
+
+const PHONE_LIMIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_call_answered_then_caller_hangs_up() {
+    let Some(mut t) = Tier::start("proxied call answered").await else { return };
+    let bob = t.callee("bob", "answer.xml", 300);
+    let alice = t.caller("alice", &bob.uri("bob"), Some(1_000));
+    let alice = alice.expect_ok(PHONE_LIMIT);
+    let bob = bob.expect_ok(PHONE_LIMIT);
+    let sip = alice.header("Call-ID").expect("alice's Call-ID");
+    let ended = t.sip_event(&sip, "ended").await;
+    assert_eq!(ended.data["reason"], json!("hung_up"));
+    assert_eq!(t.events_of(&ended.call_id), ["early", "answered", "confirmed", "ended"]);
+    assert_eq!(alice.received_count("SIP/2.0 200"), 2, "200 to the INVITE and to the BYE: {:?}", alice.received);
+    assert_eq!(bob.received_count("BYE "), 1);
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_call_rejected_busy() {
+    let Some(mut t) = Tier::start("proxied call rejected").await else { return };
+    let bob = t.callee("bob", "reject.xml", 200);
+    let alice = t.caller("alice", &bob.uri("bob"), None).expect_ok(PHONE_LIMIT);
+    bob.expect_ok(PHONE_LIMIT);
+    assert_eq!(alice.received_count("SIP/2.0 486"), 1, "{:?}", alice.received);
+    let sip = alice.header("Call-ID").expect("Call-ID");
+    let ended = t.sip_event(&sip, "ended").await;
+    assert_eq!(ended.data["reason"], json!("not_answered"));
+    assert_eq!(t.events_of(&ended.call_id), ["early", "ended"]);
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_call_cancelled_while_ringing() {
+    let Some(mut t) = Tier::start("proxied call cancelled").await else { return };
+    let bob = t.callee("bob", "ring.xml", 0);
+    let ruri = bob.uri("bob");
+    let alice = t.phone("alice", "cancel.xml", &["-key", "ruri", &ruri, "-d", "500", real::SIP]).expect_ok(PHONE_LIMIT);
+    let bob = bob.expect_ok(PHONE_LIMIT);
+    assert_eq!(bob.received_count("CANCEL "), 1);
+    assert_eq!(alice.received_count("SIP/2.0 487"), 1, "{:?}", alice.received);
+    let sip = alice.header("Call-ID").expect("Call-ID");
+    let ended = t.sip_event(&sip, "ended").await;
+    assert_eq!(ended.data["reason"], json!("not_answered"));
+    assert_eq!(t.events_of(&ended.call_id), ["early", "ended"]);
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_call_to_nobody_times_out() {
+    let Some(mut t) = Tier::start("proxied call unanswered").await else { return };
+    // Nobody listens on this port: OpenSIPS's INVITE times out (tm fr_timeout 5 s) with a 408.
+    let nobody = format!("sip:nobody@127.0.0.1:{}", real::free_udp_port());
+    let alice = t.caller("alice", &nobody, None).expect_ok(PHONE_LIMIT);
+    assert_eq!(alice.received_count("SIP/2.0 408"), 1, "{:?}", alice.received);
+    let sip = alice.header("Call-ID").expect("Call-ID");
+    let ended = t.sip_event(&sip, "ended").await;
+    assert_eq!(ended.data["reason"], json!("no_answer"));
+    assert_eq!(t.events_of(&ended.call_id), ["ended"]);
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_call_held_resumed_and_ended_by_command() {
+    let Some(mut t) = Tier::start("proxied hold, unhold, end").await else { return };
+    let bob = t.callee("bob", "answer.xml", 100);
+    let alice = t.caller("alice", &bob.uri("bob"), None);
+    let confirmed = t.note("confirmed", |n| n.event == "confirmed").await;
+    let call = confirmed.call_id.clone();
+
+    t.accepted("call.hold", json!({"call_id": call, "cmd_id": "h1"})).await;
+    t.note("hold succeeded", |n| n.event == "command_succeeded" && n.cmd_id.as_deref() == Some("h1")).await;
+    let held: Vec<_> =
+        t.seen.iter().filter(|n| n.call_id == call && n.event == "held").map(|n| n.data["leg"].clone()).collect();
+    assert_eq!(held.len(), 2, "both legs held: {:?}", t.events_of(&call));
+
+    t.accepted("call.unhold", json!({"sip_call_id": confirmed.sip_call_id, "cmd_id": "u1"})).await;
+    t.note("unhold succeeded", |n| n.event == "command_succeeded" && n.cmd_id.as_deref() == Some("u1")).await;
+    assert_eq!(t.seen.iter().filter(|n| n.call_id == call && n.event == "resumed").count(), 2);
+
+    t.accepted("call.end", json!({"call_id": call, "cmd_id": "e1"})).await;
+    let ended = t.event(&call, "ended").await;
+    assert_eq!(ended.data["reason"], json!("ended_by_command"));
+    let alice = alice.expect_ok(PHONE_LIMIT);
+    let bob = bob.expect_ok(PHONE_LIMIT);
+    // Each phone got the hold and the unhold re-INVITE, then the BYE.
+    for (who, run) in [("alice", &alice), ("bob", &bob)] {
+        assert_eq!(run.received_count("INVITE "), if who == "bob" { 3 } else { 2 }, "{who}: {:?}", run.received);
+        assert_eq!(run.received_count("BYE "), 1, "{who}: {:?}", run.received);
+    }
+    // Hold puts the stream inactive; unhold restores it.
+    let reinvites = alice.received_texts("INVITE ");
+    assert!(reinvites[0].contains("a=inactive"), "hold re-INVITE: {}", reinvites[0]);
+    assert!(!reinvites[1].contains("a=inactive"), "unhold re-INVITE: {}", reinvites[1]);
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mi_over_nats_keeps_to_the_allow_list() {
+    let Some(t) = Tier::start("MI over NATS with the allow-list").await else { return };
+    let ask = |cmd: &str, body: &str| {
+        let (client, subject) = (t.client.clone(), format!("opensips.{NODE}.mi.{cmd}"));
+        let body = body.to_owned();
+        async move {
+            let reply = client.request(subject, body.into()).await.expect("the bridge answers");
+            serde_json::from_slice::<serde_json::Value>(&reply.payload).expect("JSON")
+        }
+    };
+    let version = ask("version", "").await;
+    assert!(version["result"]["Server"].as_str().is_some_and(|s| s.contains("OpenSIPS (3.4")), "{version}");
+    let dialogs = ask("dlg_list", "{}").await;
+    assert_eq!(dialogs["result"]["Dialogs"], json!([]), "{dialogs}");
+    // OpenSIPS's own error comes back as it is.
+    let missing = ask("call_hold", "{}").await;
+    assert_eq!(missing["error"]["code"], json!(-32602), "{missing}");
+    // Not on the allow-list: refused by the bridge, never sent (OpenSIPS still runs).
+    let refused = ask("kill", "{}").await;
+    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("allow")), "{refused}");
+    assert!(mi("version", json!({}))["result"].is_object(), "OpenSIPS still answers");
+    t.finish();
+}
