@@ -136,3 +136,135 @@ async fn mi_over_nats_keeps_to_the_allow_list() {
     assert!(mi("version", json!({}))["result"].is_object(), "OpenSIPS still answers");
     t.finish();
 }
+
+/// The URI of a REFER's Refer-To, without its angle brackets.
+fn refer_to(refer: &str) -> String {
+    let value = real::header(refer, "Refer-To").expect("a Refer-To header");
+    value.trim_start_matches('<').split('>').next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_blind_transfer_to_a_real_transferee_that_answers() {
+    let Some(mut t) = Tier::start("proxied blind transfer").await else { return };
+    let bob = t.callee("bob", "answer.xml", 100);
+    let carol = t.callee("carol", "answer.xml", 200);
+    let alice = t.caller("alice", &bob.uri("bob"), None);
+    let call = t.note("confirmed", |n| n.event == "confirmed").await.call_id;
+
+    // Alice stays and is sent to Carol; Bob is let go.
+    let carol_uri = carol.uri("carol");
+    t.accepted(
+        "call.transfer.blind",
+        json!({"call_id": call, "leg": "caller", "destination": carol_uri, "cmd_id": "t1"}),
+    )
+    .await;
+    let refer = t.phone_received(&alice, "REFER ").await;
+    let target = refer_to(&refer);
+    assert!(target.starts_with(&carol_uri) && target.contains(";osid="), "Refer-To: {target}");
+    // Alice's phone places the new call the REFER asks for (sipp: a second phone of hers).
+    let alice_again = t.caller("alice2", &target, Some(800));
+
+    let transferred = t.event(&call, "transferred").await;
+    assert_eq!(transferred.data["status"], json!("200 OK"));
+    t.note("transfer succeeded", |n| n.event == "command_succeeded" && n.cmd_id.as_deref() == Some("t1")).await;
+    assert_eq!(t.event(&call, "ended").await.data["reason"], json!("transferred"));
+    let new_sip = transferred.data["new_sip_call_id"].as_str().expect("new call").to_owned();
+    // The new call is a proxied call of its own, and ends when Alice hangs up.
+    assert_eq!(t.sip_event(&new_sip, "ended").await.data["reason"], json!("hung_up"));
+
+    let alice = alice.expect_ok(PHONE_LIMIT);
+    assert_eq!(alice.received_count("BYE "), 1, "the old call is ended: {:?}", alice.received);
+    assert_eq!(bob.expect_ok(PHONE_LIMIT).received_count("BYE "), 1);
+    alice_again.expect_ok(PHONE_LIMIT);
+    let carol = carol.expect_ok(PHONE_LIMIT);
+    assert!(carol.received_texts("INVITE ")[0].contains(&format!("Call-ID: {new_sip}")));
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_attended_transfer_joins_two_calls() {
+    let Some(mut t) = Tier::start("proxied attended transfer").await else { return };
+    // Call A: alice → bob. Call B: dave → carol. Alice is joined with Carol, replacing B.
+    let bob = t.callee("bob", "answer.xml", 100);
+    let carol = t.phone("carol", "answer.xml", &["-d", "100", "-m", "2"]);
+    let alice = t.caller("alice", &bob.uri("bob"), None);
+    let a = t.note("A confirmed", |n| n.event == "confirmed").await;
+    let dave = t.caller("dave", &carol.uri("carol"), None);
+    let b = t.note("B confirmed", |n| n.event == "confirmed" && n.call_id != a.call_id).await;
+
+    let body = json!({"call_id": a.call_id, "leg": "caller", "transfer_call_id": b.call_id, "transfer_leg": "callee", "cmd_id": "at1"});
+    t.accepted("call.transfer.attended", body).await;
+    let refer = t.phone_received(&alice, "REFER ").await;
+    let target = refer_to(&refer);
+    let b_sip = b.sip_call_id.clone().expect("B's Call-ID");
+    assert!(target.contains("?Replaces="), "Refer-To: {target}");
+    // The Replaces goes in a header of the new INVITE, as a phone does.
+    let (uri, replaces) = target.split_once("?Replaces=").expect("Replaces in the Refer-To");
+    let replaces = replaces.replace("%3B", ";").replace("%3D", "=").replace("%40", "@");
+    assert!(replaces.starts_with(&b_sip), "Replaces names call B: {replaces}");
+    let alice_again = t.phone(
+        "alice2",
+        "call_replaces.xml",
+        &[
+            "-key",
+            "ruri",
+            uri,
+            "-key",
+            "hangup",
+            "yes",
+            "-key",
+            "decline_refer",
+            "no",
+            "-d",
+            "800",
+            "-key",
+            "replaces",
+            &replaces,
+            real::SIP,
+        ],
+    );
+
+    let transferred = t.event(&a.call_id, "transferred").await;
+    assert_eq!(transferred.data["status"], json!("200 OK"));
+    t.note("attended transfer succeeded", |n| n.event == "command_succeeded" && n.cmd_id.as_deref() == Some("at1"))
+        .await;
+    assert_eq!(t.event(&a.call_id, "ended").await.data["reason"], json!("transferred"));
+    alice.expect_ok(PHONE_LIMIT);
+    bob.expect_ok(PHONE_LIMIT);
+    // Carol's phone does not hang up B by itself (sipp); the app ends B.
+    t.accepted("call.end", json!({"call_id": b.call_id})).await;
+    t.event(&b.call_id, "ended").await;
+    dave.expect_ok(PHONE_LIMIT);
+    alice_again.expect_ok(PHONE_LIMIT);
+    carol.expect_ok(PHONE_LIMIT);
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_transfer_declined_by_the_transferee_is_reported_failed() {
+    let Some(mut t) = Tier::start("proxied transfer, REFER declined").await else { return };
+    let bob = t.callee("bob", "answer.xml", 100);
+    let alice = t.caller_refer("alice", &bob.uri("bob"), None, true);
+    let call = t.note("confirmed", |n| n.event == "confirmed").await.call_id;
+    let body = json!({"call_id": call, "leg": "caller", "destination": "sip:carol@127.0.0.1:5999", "cmd_id": "t2"});
+    t.accepted("call.transfer.blind", body).await;
+    t.phone_received(&alice, "REFER ").await;
+    // OpenSIPS 3.4 raises nothing for a declined REFER: callbus gives up after its REFER timeout.
+    let failed = t.note("transfer failed", |n| n.event == "command_failed" && n.cmd_id.as_deref() == Some("t2")).await;
+    assert!(t.events_of(&call).contains(&"transfer_failed".to_owned()), "{:?}", t.events_of(&call));
+    assert!(failed.data["reason"].as_str().is_some_and(|r| !r.is_empty()), "{}", failed.data);
+    // OpenSIPS allows one transfer attempt per call: a second one is refused, with the reason.
+    let again = t
+        .cmd(
+            "call.transfer.blind",
+            json!({"call_id": call, "leg": "caller", "destination": "sip:carol@127.0.0.1:5999"}),
+        )
+        .await;
+    assert_eq!(again["error"]["code"], json!("wrong_state"), "{again}");
+    // The call itself is still up and can be ended.
+    t.accepted("call.end", json!({"call_id": call})).await;
+    t.event(&call, "ended").await;
+    assert_eq!(alice.expect_ok(PHONE_LIMIT).received_count("BYE "), 1);
+    bob.expect_ok(PHONE_LIMIT);
+    t.finish();
+}

@@ -233,11 +233,7 @@ pub struct PhoneRun {
 impl PhoneRun {
     /// The value of the first `name:` header in the log (e.g. `Call-ID`).
     pub fn header(&self, name: &str) -> Option<String> {
-        let prefix = format!("{}:", name.to_ascii_lowercase());
-        self.log
-            .lines()
-            .find(|l| l.to_ascii_lowercase().starts_with(&prefix))
-            .map(|l| l[prefix.len()..].trim().to_owned())
+        header(&self.log, name)
     }
 
     /// Received messages whose first line starts with `start` (e.g. `INVITE `, `SIP/2.0 200`).
@@ -249,6 +245,12 @@ impl PhoneRun {
     pub fn received_texts(&self, start: &str) -> Vec<&str> {
         self.received_messages.iter().filter(|m| m.starts_with(start)).map(String::as_str).collect()
     }
+}
+
+/// The value of the first `name:` header line in `text`.
+pub fn header(text: &str, name: &str) -> Option<String> {
+    let prefix = format!("{}:", name.to_ascii_lowercase());
+    text.lines().find(|l| l.to_ascii_lowercase().starts_with(&prefix)).map(|l| l[prefix.len()..].trim().to_owned())
 }
 
 /// A sipp phone running one scenario of `cli/tests/sipp/`.
@@ -574,9 +576,28 @@ impl Tier {
     /// A phone that calls `ruri` through OpenSIPS (`call.xml`); it hangs up after `talk_ms` when
     /// given, otherwise it waits for the far end's BYE.
     pub fn caller(&self, name: &str, ruri: &str, talk_ms: Option<u64>) -> Phone {
+        self.caller_refer(name, ruri, talk_ms, false)
+    }
+
+    /// A caller that answers a REFER with 603 Decline when `decline` is true (202 otherwise).
+    pub fn caller_refer(&self, name: &str, ruri: &str, talk_ms: Option<u64>, decline: bool) -> Phone {
         let hangup = if talk_ms.is_some() { "yes" } else { "no" };
         let d = talk_ms.unwrap_or(0).to_string();
-        self.phone(name, "call.xml", &["-key", "ruri", ruri, "-key", "hangup", hangup, "-d", &d, SIP])
+        let decline = if decline { "yes" } else { "no" };
+        let keys = ["-key", "ruri", ruri, "-key", "hangup", hangup, "-key", "decline_refer", decline];
+        self.phone(name, "call.xml", &[&keys[..], &["-d", &d, SIP]].concat())
+    }
+
+    /// Waits until `phone` has received a request starting with `start` (e.g. `REFER `); its text.
+    pub async fn phone_received(&self, phone: &Phone, start: &str) -> String {
+        let deadline = Instant::now() + NOTE_TIMEOUT;
+        loop {
+            if let Some(text) = phone.so_far().received_texts(start).first() {
+                return (*text).to_owned();
+            }
+            assert!(Instant::now() < deadline, "{}: the phone got no {start} within {NOTE_TIMEOUT:?}", self.flow);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stops `callbus up` cleanly and checks that its whole log replays to the same states and
