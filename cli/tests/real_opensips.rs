@@ -268,3 +268,190 @@ async fn proxied_transfer_declined_by_the_transferee_is_reported_failed() {
     bob.expect_ok(PHONE_LIMIT);
     t.finish();
 }
+
+const OFFER: &str =
+    "v=0\r\no=app 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+
+/// Waits for the outcome of `cmd_id`: true when it succeeded.
+async fn outcome(t: &mut Tier, cmd_id: &str) -> bool {
+    let n = t
+        .note(&format!("outcome of {cmd_id}"), |n| {
+            n.cmd_id.as_deref() == Some(cmd_id) && matches!(n.event.as_str(), "command_succeeded" | "command_failed")
+        })
+        .await;
+    n.event == "command_succeeded"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ua_client_answered_with_info_and_reinvite_both_ways() {
+    let Some(mut t) = Tier::start("UA client answered, INFO and re-INVITE both ways").await else { return };
+    // Bob answers, then sends his own re-INVITE and INFO; the app answers them.
+    let bob = t.phone("bob", "answer_then_update.xml", &["-d", "300"]);
+    let start = json!({"to": bob.uri("bob"), "from": "Alice,sip:alice@127.0.0.1", "body": OFFER, "cmd_id": "s1"});
+    let call = t.accepted("ua.start", start).await;
+    assert!(outcome(&mut t, "s1").await, "answered");
+    let answered = t.event(&call, "answered").await;
+    assert!(
+        answered.data["body"].as_str().is_some_and(|b| b.contains("m=audio")),
+        "Bob's SDP answer: {}",
+        answered.data
+    );
+
+    let request = t.note("Bob's re-INVITE", |n| n.call_id == call && n.event == "request").await;
+    assert_eq!(request.data["method"], json!("INVITE"));
+    assert!(request.data["body"].as_str().is_some_and(|b| b.contains("a=sendonly")));
+    t.accepted("ua.answer", json!({"call_id": call, "code": 200, "body": OFFER, "cmd_id": "a1"})).await;
+    assert!(outcome(&mut t, "a1").await);
+    let info =
+        t.note("Bob's INFO", |n| n.call_id == call && n.event == "request" && n.data["method"] == json!("INFO")).await;
+    assert_eq!(info.data["content_type"], json!("application/dtmf-relay"), "{}", info.data);
+    t.accepted("ua.answer", json!({"call_id": call, "code": 200, "method": "INFO", "cmd_id": "a2"})).await;
+    assert!(outcome(&mut t, "a2").await);
+
+    // The app's own re-INVITE and INFO.
+    let reinvite = json!({"call_id": call, "method": "INVITE", "body": OFFER.replace("m=audio 4000", "m=audio 4002"), "cmd_id": "u1"});
+    t.accepted("ua.update", reinvite).await;
+    assert!(outcome(&mut t, "u1").await);
+    let info = json!({"call_id": call, "method": "INFO", "body": "Signal=1\r\nDuration=100\r\n", "content_type": "application/dtmf-relay", "cmd_id": "u2"});
+    t.accepted("ua.update", info).await;
+    assert!(outcome(&mut t, "u2").await);
+    t.accepted("ua.terminate", json!({"call_id": call, "cmd_id": "x1"})).await;
+    assert_eq!(t.event(&call, "ended").await.data["by"], json!("local"));
+
+    let bob = bob.expect_ok(PHONE_LIMIT);
+    let invites = bob.received_texts("INVITE ");
+    assert_eq!(invites.len(), 2, "the call and the app's re-INVITE: {:?}", bob.received);
+    assert!(invites[1].contains("m=audio 4002"));
+    let infos = bob.received_texts("INFO ");
+    assert_eq!(infos.len(), 1);
+    assert!(infos[0].contains("Content-Type: application/dtmf-relay") && infos[0].contains("Signal=1"), "{}", infos[0]);
+    assert_eq!(bob.received_count("BYE "), 1);
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ua_client_rejected_busy() {
+    let Some(mut t) = Tier::start("UA client rejected").await else { return };
+    let bob = t.callee("bob", "reject.xml", 200);
+    let call = t
+        .accepted(
+            "ua.start",
+            json!({"to": bob.uri("bob"), "from": "sip:alice@127.0.0.1", "body": OFFER, "cmd_id": "s1"}),
+        )
+        .await;
+    assert!(!outcome(&mut t, "s1").await, "a busy callee fails the command");
+    let rejected = t.event(&call, "rejected").await;
+    assert_eq!((rejected.data["status"].clone(), rejected.data["cause"].clone()), (json!(486), json!("busy")));
+    t.event(&call, "ended").await;
+    assert_eq!(bob.expect_ok(PHONE_LIMIT).received_count("ACK "), 1);
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ua_client_early_media_then_answered() {
+    let Some(mut t) = Tier::start("UA client early media").await else { return };
+    let bob = t.callee("bob", "early_media.xml", 300);
+    let call = t
+        .accepted(
+            "ua.start",
+            json!({"to": bob.uri("bob"), "from": "sip:alice@127.0.0.1", "body": OFFER, "cmd_id": "s1"}),
+        )
+        .await;
+    let early = t.event(&call, "early").await;
+    assert_eq!(early.data["status"], json!(183));
+    assert!(early.data["body"].as_str().is_some_and(|b| b.contains("m=audio")), "early media SDP: {}", early.data);
+    assert!(outcome(&mut t, "s1").await);
+    t.accepted("ua.terminate", json!({"call_id": call})).await;
+    t.event(&call, "ended").await;
+    bob.expect_ok(PHONE_LIMIT);
+    t.finish();
+}
+
+/// A phone calls `sip:app…@` through OpenSIPS, which hands it to callbus (`ua_session_server_init`).
+async fn incoming(t: &mut Tier, talk_ms: Option<u64>) -> (real::Phone, String) {
+    let alice = t.caller("alice", "sip:app-sales@127.0.0.1:5060", talk_ms);
+    let incoming = t.note("incoming", |n| n.event == "incoming").await;
+    assert!(
+        incoming.data["body"].as_str().is_some_and(|b| b.contains("m=audio")),
+        "the caller's offer: {}",
+        incoming.data
+    );
+    assert!(incoming.data["from"].as_str().is_some_and(|f| f.contains("alice")), "{}", incoming.data);
+    (alice, incoming.call_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ua_server_answered_by_the_app_then_caller_hangs_up() {
+    let Some(mut t) = Tier::start("UA server answered").await else { return };
+    let (alice, call) = incoming(&mut t, Some(800)).await;
+    t.accepted("ua.answer", json!({"call_id": call, "code": 200, "body": OFFER, "cmd_id": "a1"})).await;
+    assert!(outcome(&mut t, "a1").await);
+    t.event(&call, "confirmed").await;
+    let ended = t.event(&call, "ended").await;
+    assert_eq!((ended.data["by"].clone(), ended.data["reason"].clone()), (json!("remote"), json!("hung_up")));
+    let alice = alice.expect_ok(PHONE_LIMIT);
+    let answer = alice.received_texts("SIP/2.0 200")[0];
+    assert!(answer.contains("m=audio 4000"), "the app's SDP reached the caller: {answer}");
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ua_server_rejected_by_the_app() {
+    let Some(mut t) = Tier::start("UA server rejected").await else { return };
+    let (alice, call) = incoming(&mut t, None).await;
+    t.accepted("ua.answer", json!({"call_id": call, "code": 486, "cmd_id": "r1"})).await;
+    t.event(&call, "ended").await;
+    assert_eq!(alice.expect_ok(PHONE_LIMIT).received_count("SIP/2.0 486"), 1);
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ua_server_app_too_slow_is_declined() {
+    let Some(mut t) = Tier::start("UA server, app too slow").await else { return };
+    let (alice, call) = incoming(&mut t, None).await;
+    // Nobody answers: callbus declines with 480 after its offer timeout (30 s).
+    let expired = t.event(&call, "offer_expired").await;
+    assert!(expired.data["after_ms"].as_u64().is_some_and(|ms| ms >= 30_000), "{}", expired.data);
+    t.event(&call, "ended").await;
+    assert_eq!(alice.expect_ok(PHONE_LIMIT).received_count("SIP/2.0 480"), 1);
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn click_to_dial_held_resumed_transferred_and_ended() {
+    let Some(mut t) = Tier::start("click-to-dial hold, unhold, blind transfer, end").await else { return };
+    let alice = t.callee("alice", "answer.xml", 200);
+    let bob = t.callee("bob", "answer.xml", 300);
+    let carol = t.callee("carol", "answer.xml", 200);
+    let call =
+        t.accepted("call.start", json!({"caller": alice.uri("alice"), "callee": bob.uri("bob"), "cmd_id": "c1"})).await;
+    assert!(outcome(&mut t, "c1").await, "connected");
+    t.event(&call, "connected").await;
+
+    t.accepted("call.hold", json!({"call_id": call, "cmd_id": "h1"})).await;
+    assert!(outcome(&mut t, "h1").await);
+    t.event(&call, "held").await;
+    t.accepted("call.unhold", json!({"call_id": call, "cmd_id": "u1"})).await;
+    assert!(outcome(&mut t, "u1").await);
+    t.event(&call, "resumed").await;
+
+    // Alice stays; Bob is replaced by Carol.
+    let body = json!({"call_id": call, "leg": "caller", "destination": carol.uri("carol"), "cmd_id": "t1"});
+    t.accepted("call.transfer.blind", body).await;
+    assert!(outcome(&mut t, "t1").await);
+    t.event(&call, "transferred").await;
+    let bob = bob.expect_ok(PHONE_LIMIT);
+    assert_eq!(bob.received_count("BYE "), 1, "Bob is let go: {:?}", bob.received);
+
+    t.accepted("call.end", json!({"call_id": call, "cmd_id": "e1"})).await;
+    t.event(&call, "ended").await;
+    let alice = alice.expect_ok(PHONE_LIMIT);
+    let carol = carol.expect_ok(PHONE_LIMIT);
+    // Alice: the call, the callee's offer, hold, unhold, Carol's offer; then the BYE.
+    let invites = alice.received_texts("INVITE ");
+    assert_eq!(invites.len(), 5, "{:?}", alice.received);
+    assert!(invites[2].contains("a=inactive") && !invites[3].contains("a=inactive"));
+    assert_eq!(alice.received_count("BYE "), 1);
+    assert_eq!(carol.received_count("BYE "), 1);
+    t.finish();
+}
