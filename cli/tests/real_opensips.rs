@@ -455,3 +455,333 @@ async fn click_to_dial_held_resumed_transferred_and_ended() {
     assert_eq!(carol.received_count("BYE "), 1);
     t.finish();
 }
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_next(ws: &mut Ws) -> serde_json::Value {
+    use futures::StreamExt;
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(45), ws.next()).await.expect("a frame within 45 s");
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = frame.expect("open").expect("a frame") {
+            return serde_json::from_str(text.as_str()).expect("a JSON frame");
+        }
+    }
+}
+
+/// Sends a Call API request and checks that it is answered `Started`.
+async fn door_send(ws: &mut Ws, method: &str, params: serde_json::Value) {
+    use futures::SinkExt;
+    let frame = json!({"jsonrpc": "2.0", "id": method, "method": method, "params": params});
+    ws.send(tokio_tungstenite::tungstenite::Message::text(frame.to_string())).await.expect("send");
+    let answer = ws_next(ws).await;
+    assert_eq!(answer["result"]["event"], json!("Started"), "{method}: {answer}");
+}
+
+/// The events of the running `method` up to `Ended`, with their data.
+async fn door_events(ws: &mut Ws, method: &str) -> Vec<(String, serde_json::Value)> {
+    let mut events = Vec::new();
+    loop {
+        let note = ws_next(ws).await;
+        assert_eq!(note["method"], json!(method));
+        let event = note["params"]["event"].as_str().expect("event").to_owned();
+        events.push((event.clone(), note["params"]["data"].clone()));
+        if event == "Ended" {
+            return events;
+        }
+    }
+}
+
+/// A whole Call API command: its events up to `Ended` and the time from sending to `Ended`.
+async fn door(ws: &mut Ws, method: &str, params: serde_json::Value) -> (Vec<(String, serde_json::Value)>, Duration) {
+    let started = std::time::Instant::now();
+    door_send(ws, method, params).await;
+    let events = door_events(ws, method).await;
+    (events, started.elapsed())
+}
+
+fn names(events: &[(String, serde_json::Value)]) -> Vec<&str> {
+    events.iter().map(|(e, _)| e.as_str()).collect()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_api_door_drives_real_calls() {
+    let Some(mut t) = Tier::start("Call API door").await else { return };
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/call-api", t.callapi_addr)).await.expect("the door answers");
+    let bob = t.callee("bob", "answer.xml", 100);
+    let carol = t.callee("carol", "answer.xml", 100);
+    let alice = t.caller("alice", &bob.uri("bob"), None);
+    let sip = t.note("confirmed", |n| n.event == "confirmed").await.sip_call_id.expect("Call-ID");
+
+    let (events, _) = door(&mut ws, "CallHold", json!({"callid": sip})).await;
+    assert_eq!(names(&events).iter().filter(|e| **e == "CallHoldSuccessful").count(), 2, "{events:?}");
+    assert_eq!(names(&events)[0], "CallHolding");
+    let (events, _) = door(&mut ws, "CallUnhold", json!({"callid": sip})).await;
+    assert_eq!(names(&events).iter().filter(|e| **e == "CallUnholdSuccessful").count(), 2, "{events:?}");
+
+    // One command at a time: the door against the same command over NATS (the door's own cost).
+    let (mut through_door, mut over_nats) = (Vec::new(), Vec::new());
+    for i in 0..6 {
+        for method in ["CallHold", "CallUnhold"] {
+            through_door.push(door(&mut ws, method, json!({"callid": sip})).await.1);
+        }
+        for verb in ["call.hold", "call.unhold"] {
+            let started = std::time::Instant::now();
+            let cmd_id = format!("{verb}-{i}");
+            t.accepted(verb, json!({"sip_call_id": sip, "cmd_id": cmd_id})).await;
+            assert!(outcome(&mut t, &cmd_id).await);
+            over_nats.push(started.elapsed());
+        }
+    }
+    through_door.sort();
+    over_nats.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "RESULT|door hold/unhold to Ended, real OpenSIPS|p50 {:.2} ms|max {:.2} ms|NATS path p50 {:.2} ms|max {:.2} ms|door/NATS p50 {:.2}",
+        ms(percentile(&through_door, 0.5)),
+        ms(*through_door.last().expect("runs")),
+        ms(percentile(&over_nats, 0.5)),
+        ms(*over_nats.last().expect("runs")),
+        ms(percentile(&through_door, 0.5)) / ms(percentile(&over_nats, 0.5))
+    );
+
+    // Blind transfer: Alice stays and calls Carol as the REFER asks; Bob is let go.
+    door_send(&mut ws, "CallBlindTransfer", json!({"callid": sip, "leg": "caller", "destination": carol.uri("carol")}))
+        .await;
+    let target = refer_to(&t.phone_received(&alice, "REFER ").await);
+    let alice_again = t.caller("alice2", &target, None);
+    let events = door_events(&mut ws, "CallBlindTransfer").await;
+    assert_eq!(names(&events), ["Transferring", "TransferStart", "TransferSuccessful", "Ended"], "{events:?}");
+    let new_sip = events[1].1["callid"].as_str().expect("the new call's Call-ID").to_owned();
+    alice.expect_ok(PHONE_LIMIT);
+    bob.expect_ok(PHONE_LIMIT);
+    t.sip_event(&new_sip, "confirmed").await;
+    let (events, _) = door(&mut ws, "CallEnd", json!({"callid": new_sip})).await;
+    assert_eq!(names(&events), ["Ended"], "{events:?}");
+    alice_again.expect_ok(PHONE_LIMIT);
+    carol.expect_ok(PHONE_LIMIT);
+
+    // CallStart: click-to-dial between two phones, then CallEnd of it by the callee leg's key.
+    let dave = t.callee("dave", "answer.xml", 100);
+    let erin = t.callee("erin", "answer.xml", 100);
+    let (dave_uri, erin_uri) = (dave.uri("dave"), erin.uri("erin"));
+    let (events, _) = door(&mut ws, "CallStart", json!({"caller": dave_uri, "callee": erin_uri})).await;
+    assert_eq!(names(&events).first(), Some(&"CallerAnswered"), "{events:?}");
+    let answered = events.iter().find(|(e, _)| e == "CalleeAnswered").unwrap_or_else(|| panic!("{events:?}"));
+    let key = answered.1["callid"].as_str().expect("the callee leg's key").to_owned();
+    let (events, _) = door(&mut ws, "CallEnd", json!({"callid": key})).await;
+    assert_eq!(names(&events), ["Ended"], "{events:?}");
+    assert_eq!(dave.expect_ok(PHONE_LIMIT).received_count("BYE "), 1);
+    assert_eq!(erin.expect_ok(PHONE_LIMIT).received_count("BYE "), 1);
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_killed_with_live_calls_comes_back_and_reconciles() {
+    let Some(mut t) = Tier::start("kill -9 of callbus up with live calls").await else { return };
+    // Call A ends while callbus is down (Alice hangs up after 2 s); call B lives on.
+    let bob = t.callee("bob", "answer.xml", 100);
+    let carol = t.callee("carol", "answer.xml", 100);
+    let alice = t.caller("alice", &bob.uri("bob"), Some(2_000));
+    let a = t.note("A confirmed", |n| n.event == "confirmed").await;
+    let dave = t.caller("dave", &carol.uri("carol"), None);
+    let b = t.note("B confirmed", |n| n.event == "confirmed" && n.call_id != a.call_id).await;
+
+    t.kill_up();
+    alice.expect_ok(PHONE_LIMIT);
+    bob.expect_ok(PHONE_LIMIT);
+    t.start_up().await;
+
+    // A: closed by the start-up reconciliation with OpenSIPS, with the reason said.
+    let ended = t.event(&a.call_id, "ended").await;
+    assert_eq!(ended.data["reason"], json!("ended_while_engine_away"));
+    // B: recovered from the log and still controllable.
+    let listed = t.cmd("call.list", json!({})).await;
+    let live: Vec<&str> =
+        listed["result"]["calls"].as_array().expect("calls").iter().filter_map(|c| c["call_id"].as_str()).collect();
+    assert_eq!(live, [b.call_id.as_str()], "{listed}");
+    t.accepted("call.hold", json!({"call_id": b.call_id, "cmd_id": "h-after"})).await;
+    assert!(outcome(&mut t, "h-after").await);
+    t.accepted("call.end", json!({"call_id": b.call_id})).await;
+    t.event(&b.call_id, "ended").await;
+    dave.expect_ok(PHONE_LIMIT);
+    carol.expect_ok(PHONE_LIMIT);
+    t.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opensips_restarted_under_live_calls() {
+    let Some(mut t) = Tier::start("OpenSIPS restarted under live calls").await else { return };
+    let bob = t.callee("bob", "answer.xml", 100);
+    let carol = t.callee("carol", "answer.xml", 100);
+    let _alice = t.caller("alice", &bob.uri("bob"), None);
+    let a = t.note("A confirmed", |n| n.event == "confirmed").await;
+    let _dave = t.caller("dave", &carol.uri("carol"), None);
+    let b = t.note("B confirmed", |n| n.event == "confirmed" && n.call_id != a.call_id).await;
+
+    // OpenSIPS forgets its dialogs and subscriptions; the phones are left talking to no one.
+    t.opensips.restart();
+    let back = std::time::Instant::now();
+    t.wait_subscribed().await;
+    let subscribed = back.elapsed();
+    for call in [&a.call_id, &b.call_id] {
+        t.event(call, "ended").await;
+    }
+    let ended = back.elapsed();
+    println!(
+        "RESULT|OpenSIPS restart, default settings|subscribed again after {:.1} s|lost calls ended after {:.1} s (goal 15 s)",
+        subscribed.as_secs_f64(),
+        ended.as_secs_f64()
+    );
+    // Calls after the restart work as before.
+    let erin = t.callee("erin", "answer.xml", 100);
+    let frank = t.caller("frank", &erin.uri("erin"), Some(500));
+    let sip = frank.expect_ok(PHONE_LIMIT).header("Call-ID").expect("Call-ID");
+    assert_eq!(t.sip_event(&sip, "ended").await.data["reason"], json!("hung_up"));
+    erin.expect_ok(PHONE_LIMIT);
+    t.finish();
+}
+
+/// A reply reduced to what must agree between OpenSIPS and the simulator: an error's code,
+/// message and data exactly; a result's keys and value types (and its exact text when it is a
+/// fixed word such as "OK"); a plain-text reply exactly; the id as echoed.
+fn shape(reply: &Option<serde_json::Value>) -> serde_json::Value {
+    fn types(v: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => map.iter().map(|(k, v)| (k.clone(), types(v))).collect(),
+            serde_json::Value::Array(items) => json!(items.first().map(types).into_iter().collect::<Vec<_>>()),
+            serde_json::Value::String(_) => json!("string"),
+            serde_json::Value::Number(_) => json!("number"),
+            serde_json::Value::Bool(_) => json!("bool"),
+            serde_json::Value::Null => json!("null"),
+        }
+    }
+    match reply {
+        None => json!("no reply"),
+        Some(serde_json::Value::String(text)) => json!({ "plain text": text }),
+        Some(reply) if reply.get("error").is_some() => json!({"error": reply["error"], "id": reply["id"]}),
+        Some(reply) => {
+            let result = match &reply["result"] {
+                serde_json::Value::String(word) if ["OK", "Accepted"].contains(&word.as_str()) => json!(word),
+                other => types(other),
+            };
+            json!({"result": result, "id": reply["id"]})
+        }
+    }
+}
+
+/// Every MI command callbus sends, and the ways a request can be wrong.
+fn mi_table() -> Vec<(&'static str, Vec<u8>)> {
+    let mut table: Vec<(&'static str, Vec<u8>)> = [
+        ("version", r#"{"jsonrpc":"2.0","method":"version","id":1}"#),
+        ("uptime", r#"{"jsonrpc":"2.0","method":"uptime","id":2}"#),
+        ("which", r#"{"jsonrpc":"2.0","method":"which","id":3}"#),
+        ("ps", r#"{"jsonrpc":"2.0","method":"ps","id":4}"#),
+        ("events_list", r#"{"jsonrpc":"2.0","method":"events_list","id":5}"#),
+        ("version with revision", r#"{"jsonrpc":"2.0","method":"version","params":{"revision":"x"},"id":12}"#),
+        ("which of a command", r#"{"jsonrpc":"2.0","method":"which","params":{"command":"call_hold"},"id":13}"#),
+        ("which of an unknown command", r#"{"jsonrpc":"2.0","method":"which","params":{"command":"nope"},"id":14}"#),
+        ("uptime with a param", r#"{"jsonrpc":"2.0","method":"uptime","params":{"x":1},"id":15}"#),
+        ("id a bool", r#"{"jsonrpc":"2.0","method":"version","id":true}"#),
+        ("id an array", r#"{"jsonrpc":"2.0","method":"version","id":[1]}"#),
+        ("id a fraction", r#"{"jsonrpc":"2.0","method":"version","id":1.5}"#),
+        ("string id", r#"{"jsonrpc":"2.0","method":"version","id":"abc-1"}"#),
+        ("null id", r#"{"jsonrpc":"2.0","method":"version","id":null}"#),
+        ("no id", r#"{"jsonrpc":"2.0","method":"version"}"#),
+        ("unknown method", r#"{"jsonrpc":"2.0","method":"no_such_cmd","id":6}"#),
+        ("no method", r#"{"jsonrpc":"2.0","id":7}"#),
+        ("no jsonrpc member", r#"{"method":"version","id":8}"#),
+        ("jsonrpc 1.0", r#"{"jsonrpc":"1.0","method":"version","id":9}"#),
+        ("method a number", r#"{"jsonrpc":"2.0","method":5,"id":10}"#),
+        ("params a string", r#"{"jsonrpc":"2.0","method":"version","params":"x","id":11}"#),
+        ("id an object", r#"{"jsonrpc":"2.0","method":"version","id":{"a":1}}"#),
+        ("not JSON", r#"{"jsonrpc":"2.0","method":"which","id":"#),
+        ("dlg_list", r#"{"jsonrpc":"2.0","method":"dlg_list","id":20}"#),
+        ("dlg_list unknown callid", r#"{"jsonrpc":"2.0","method":"dlg_list","params":{"callid":"nope@x"},"id":21}"#),
+        ("dlg_list paged", r#"{"jsonrpc":"2.0","method":"dlg_list","params":{"index":0,"counter":10},"id":22}"#),
+        ("dlg_list positional", r#"{"jsonrpc":"2.0","method":"dlg_list","params":["x"],"id":23}"#),
+        ("dlg_list counter not a number", r#"{"jsonrpc":"2.0","method":"dlg_list","params":{"index":0,"counter":"ten"},"id":24}"#),
+        ("dlg_end_dlg unknown", r#"{"jsonrpc":"2.0","method":"dlg_end_dlg","params":{"dialog_id":"nope@x"},"id":30}"#),
+        ("dlg_end_dlg missing", r#"{"jsonrpc":"2.0","method":"dlg_end_dlg","id":31}"#),
+        ("dlg_end_dlg extra param", r#"{"jsonrpc":"2.0","method":"dlg_end_dlg","params":{"dialog_id":"x","foo":1},"id":32}"#),
+        ("dlg_end_dlg misspelt", r#"{"jsonrpc":"2.0","method":"dlg_end_dlg","params":{"dialogid":"x"},"id":33}"#),
+        ("dlg_end_dlg extra_hdrs", r#"{"jsonrpc":"2.0","method":"dlg_end_dlg","params":{"dialog_id":"nope@x","extra_hdrs":"X-A: 1\r\n"},"id":34}"#),
+        ("call_hold unknown", r#"{"jsonrpc":"2.0","method":"call_hold","params":{"callid":"nope@x"},"id":40}"#),
+        ("call_hold missing", r#"{"jsonrpc":"2.0","method":"call_hold","params":{},"id":41}"#),
+        ("call_hold callid a number", r#"{"jsonrpc":"2.0","method":"call_hold","params":{"callid":5},"id":42}"#),
+        ("call_hold extra param", r#"{"jsonrpc":"2.0","method":"call_hold","params":{"callid":"x","leg":"caller"},"id":43}"#),
+        ("call_unhold unknown", r#"{"jsonrpc":"2.0","method":"call_unhold","params":{"callid":"nope@x"},"id":44}"#),
+        ("call_transfer unknown", r#"{"jsonrpc":"2.0","method":"call_transfer","params":{"callid":"nope@x","leg":"callee","destination":"sip:a@b"},"id":50}"#),
+        ("call_transfer bad leg", r#"{"jsonrpc":"2.0","method":"call_transfer","params":{"callid":"nope@x","leg":"nobody","destination":"sip:a@b"},"id":51}"#),
+        ("call_transfer missing destination", r#"{"jsonrpc":"2.0","method":"call_transfer","params":{"callid":"nope@x","leg":"callee"},"id":52}"#),
+        ("call_transfer attended unknown", r#"{"jsonrpc":"2.0","method":"call_transfer","params":{"callid":"a@x","leg":"caller","transfer_callid":"b@x","transfer_leg":"callee"},"id":53}"#),
+        ("ua_session_list", r#"{"jsonrpc":"2.0","method":"ua_session_list","id":60}"#),
+        ("ua_session_list bad key", r#"{"jsonrpc":"2.0","method":"ua_session_list","params":{"key":"nope"},"id":61}"#),
+        ("ua_session_list unknown key", r#"{"jsonrpc":"2.0","method":"ua_session_list","params":{"key":"B2B.1.2.3.4"},"id":62}"#),
+        ("ua_session_update unknown key", r#"{"jsonrpc":"2.0","method":"ua_session_update","params":{"key":"B2B.1.2.3.4","method":"INFO"},"id":63}"#),
+        ("ua_session_update missing method", r#"{"jsonrpc":"2.0","method":"ua_session_update","params":{"key":"B2B.1.2.3.4"},"id":64}"#),
+        ("ua_session_update bad method", r#"{"jsonrpc":"2.0","method":"ua_session_update","params":{"key":"B2B.1.2.3.4","method":"FROB"},"id":65}"#),
+        ("ua_session_reply unknown key", r#"{"jsonrpc":"2.0","method":"ua_session_reply","params":{"key":"B2B.1.2.3.4","method":"INVITE","code":200,"reason":"OK"},"id":66}"#),
+        ("ua_session_reply no reason", r#"{"jsonrpc":"2.0","method":"ua_session_reply","params":{"key":"B2B.1.2.3.4","method":"INVITE","code":200},"id":67}"#),
+        ("ua_session_reply code not a number", r#"{"jsonrpc":"2.0","method":"ua_session_reply","params":{"key":"B2B.1.2.3.4","method":"INVITE","code":"two","reason":"OK"},"id":68}"#),
+        ("ua_session_terminate unknown key", r#"{"jsonrpc":"2.0","method":"ua_session_terminate","params":{"key":"B2B.1.2.3.4"},"id":69}"#),
+        ("ua_session_terminate missing key", r#"{"jsonrpc":"2.0","method":"ua_session_terminate","params":{},"id":70}"#),
+        ("ua_session_client_start missing to", r#"{"jsonrpc":"2.0","method":"ua_session_client_start","params":{"ruri":"sip:a@127.0.0.1:5999","from":"sip:b@127.0.0.1"},"id":71}"#),
+        ("event_subscribe unknown event", r#"{"jsonrpc":"2.0","method":"event_subscribe","params":{"event":"E_NOPE","socket":"udp:127.0.0.1:9199"},"id":80}"#),
+        ("event_subscribe tcp socket", r#"{"jsonrpc":"2.0","method":"event_subscribe","params":{"event":"E_CALL_HOLD","socket":"tcp:127.0.0.1:9199"},"id":81}"#),
+        ("event_subscribe negative expire", r#"{"jsonrpc":"2.0","method":"event_subscribe","params":{"event":"E_CALL_HOLD","socket":"udp:127.0.0.1:9199","expire":-5},"id":82}"#),
+        ("event_subscribe missing socket", r#"{"jsonrpc":"2.0","method":"event_subscribe","params":{"event":"E_CALL_HOLD"},"id":83}"#),
+        ("event_subscribe then unsubscribe", r#"{"jsonrpc":"2.0","method":"event_subscribe","params":{"event":"E_CALL_HOLD","socket":"udp:127.0.0.1:9199","expire":0},"id":84}"#),
+        ("subscribers_list unknown event", r#"{"jsonrpc":"2.0","method":"subscribers_list","params":{"event":"E_NOPE"},"id":85}"#),
+        ("get_statistics dialog", r#"{"jsonrpc":"2.0","method":"get_statistics","params":{"statistics":["dialog:"]},"id":86}"#),
+    ]
+    .into_iter()
+    .map(|(name, request)| (name, request.as_bytes().to_vec()))
+    .collect();
+    // Oversized: one that fits OpenSIPS's 65457-byte buffer and one that does not.
+    for (name, size) in [("request of 65000 bytes", 65_000), ("request of 65480 bytes", 65_480)] {
+        let mut big = br#"{"jsonrpc":"2.0","method":"version","id":90,"params":{"pad":""#.to_vec();
+        big.resize(size - 3, b'x');
+        big.extend_from_slice(br#""}}"#);
+        table.push((name, big));
+    }
+    table
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mi_replies_of_the_simulator_have_the_real_shapes() {
+    let Some(t) = Tier::start("MI differential, real OpenSIPS against the simulator").await else { return };
+    let sim = opensips_sim::Sim::start(opensips_sim::SimConfig::default()).await.expect("the simulator");
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket");
+    let ask_sim = |request: &[u8]| {
+        socket.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+        socket.send_to(request, sim.mi_addr()).expect("send to the simulator");
+        let mut buf = vec![0u8; 65_536];
+        socket.recv(&mut buf).ok().map(|n| {
+            serde_json::from_slice(&buf[..n])
+                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&buf[..n]).into_owned()))
+        })
+    };
+    let table = mi_table();
+    let mut differ = Vec::new();
+    for (name, request) in &table {
+        let real = real::mi_raw(request, Duration::from_millis(500));
+        let ours = ask_sim(request);
+        if shape(&real) != shape(&ours) {
+            differ.push(format!("{name}:\n  OpenSIPS:  {}\n  simulator: {}", shape(&real), shape(&ours)));
+        }
+    }
+    let same = table.len() - differ.len();
+    println!("RESULT|MI differential|{same}/{} MI replies identical in shape", table.len());
+    assert!(
+        differ.is_empty(),
+        "{same}/{} MI replies identical in shape; these differ:\n{}",
+        table.len(),
+        differ.join("\n")
+    );
+    t.finish();
+}

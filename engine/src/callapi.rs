@@ -89,6 +89,12 @@ async fn accept(listener: TcpListener, client: async_nats::Client, token: Option
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Frames are small and come in bursts (the answer, then notifications): with
+                // Nagle's algorithm on, the second one waits for the client's delayed ACK
+                // (~40 ms on Linux). Each frame is one write, so nothing is gained by waiting.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %e, "Call API door: cannot set TCP_NODELAY");
+                }
                 tokio::spawn(connection(stream, peer, client.clone(), token.clone(), cancel.child_token()));
             }
             Err(e) => {
@@ -248,13 +254,11 @@ fn translate(request: &Request, note: &CallNotification) -> Option<(&'static str
         return translate_start(note);
     }
     let leg = || Some(json!({"leg": note.data["leg"]}));
-    let new_call = note.data["new_sip_call_id"].clone();
+    // As Call API does, `callid` of TransferStart/Pending/Successful is the transfer's new call
+    // (OpenSIPS's `transfer_callid`), blind or attended: the call a client goes on with.
+    let callid = note.data["new_sip_call_id"].clone();
     let attended = request.method == Method::CallAttendedTransfer;
-    let (callid, destination) = if attended {
-        (new_call, None)
-    } else {
-        (json!(request.param("callid")), Some(json!(request.param("destination"))))
-    };
+    let destination = (!attended).then(|| json!(request.param("destination")));
     let with_destination = |mut data: Value| {
         if let Some(d) = &destination {
             data["destination"] = d.clone();
@@ -319,7 +323,7 @@ async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<Str
     } else {
         let Some((verb, body, sip_call_id)) = as_command(&request, &cmd_id) else { return };
         // Subscribe to the call's notifications before the command, so none is missed.
-        let call_id = match command(&client, "call.get", json!({"sip_call_id": sip_call_id})).await {
+        let call_id = match command(&client, "call.get", json!({"sip_call_id": sip_call_id, "history": false})).await {
             Ok(CommandReply::Data { result, .. }) => result["call"]["call_id"].as_str().map(str::to_owned),
             _ => None,
         };

@@ -221,7 +221,9 @@ impl Owner {
     fn resolve(&self, target: &CallTarget) -> Option<String> {
         match target {
             CallTarget::CallId(id) => self.calls.contains_key(id).then(|| id.clone()),
-            CallTarget::SipCallId(sip) => self.by_sip.get(sip).cloned(),
+            // A UA client session's key is the Call-ID of its INVITE, so a leg of a UA or
+            // click-to-dial call is found by its SIP Call-ID too (the Call API door names calls so).
+            CallTarget::SipCallId(sip) => self.by_sip.get(sip).or_else(|| self.by_key.get(sip)).cloned(),
             CallTarget::Key(key) => self.by_key.get(key).cloned(),
         }
     }
@@ -486,7 +488,10 @@ impl Owner {
             return Ok(());
         }
         let unknown = |target: &CallTarget| {
-            CommandError::new(CommandErrorCode::UnknownCall, format!("no call {target:?} is known to this engine"))
+            CommandError::new(
+                CommandErrorCode::UnknownCall,
+                format!("no live call with {target} is known to this engine (an ended call is kept for `ended_retention`; `callbus replay timeline` shows older ones)"),
+            )
         };
         let mut command = request.command;
         match &command {
@@ -506,21 +511,27 @@ impl Owner {
                 }
                 return Ok(());
             }
-            Command::Get { target } => {
+            Command::Get { target, history } => {
                 let Some(call_id) = self.resolve(target) else {
                     refuse(out, Some(cmd_id), unknown(target));
                     return Ok(());
                 };
-                let history: Vec<Value> = self
-                    .log
-                    .records_of_call(&call_id)?
-                    .iter()
-                    .map(|r| json!({"seq": r.seq, "time_ms": r.time_ms, "input": r.input.label(), "state": r.after.name()}))
-                    .collect();
                 let summary = self.calls.get(&call_id).map(|e| self.summary(&call_id, &e.state)).unwrap_or(Value::Null);
+                let result = if *history {
+                    // Every record of the call is read and decoded here, on the owner's task.
+                    let history: Vec<Value> = self
+                        .log
+                        .records_of_call(&call_id)?
+                        .iter()
+                        .map(|r| json!({"seq": r.seq, "time_ms": r.time_ms, "input": r.input.label(), "state": r.after.name()}))
+                        .collect();
+                    json!({"call": summary, "history": history})
+                } else {
+                    json!({"call": summary})
+                };
                 if let Some(r) = &reply {
                     out.outcomes.push((verb, "data", received));
-                    let answer = CommandReply::Data { cmd_id, result: json!({"call": summary, "history": history}) };
+                    let answer = CommandReply::Data { cmd_id, result };
                     out.replies.push((r.clone(), Bytes::from(answer.to_bytes())));
                 }
                 return Ok(());
@@ -1145,6 +1156,12 @@ impl Owner {
         let every = self.config.reconcile_every.filter(|_| self.config.reconcile);
         let mut reconcile = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
         reconcile.tick().await; // the start-up reconciliation is the first
+                                // A node whose OpenSIPS restarted is reconciled at once (docs/engine.md, Recovery).
+        let mut restarts = crate::restarts::RestartWatch::default();
+        let mut statuses = match self.config.reconcile {
+            true => self.client.subscribe(callbus_schemas::subjects::ALL_NODES_STATUS).await.ok(),
+            false => None,
+        };
 
         // The bridge in this process hands its node's events straight to this loop (to one
         // owner at a time: a restarted owner waits for the previous one to let go).
@@ -1170,6 +1187,17 @@ impl Owner {
                 },
                 _ = reconcile.tick(), if every.is_some() => {
                     self.reconcile_live_calls();
+                    continue;
+                }
+                status = next_status(&mut statuses), if statuses.is_some() => {
+                    match status.map(|m| serde_json::from_slice::<callbus_schemas::bus::BridgeStatus>(&m.payload)) {
+                        Some(Ok(status)) if restarts.restarted(&status) => {
+                            tracing::warn!(node = %status.node, "OpenSIPS restarted or is back after a gap: reconciling live calls now");
+                            self.reconcile_live_calls();
+                        }
+                        Some(_) => {}
+                        None => statuses = None,
+                    }
                     continue;
                 }
                 _ = sweep.tick() => {
@@ -1373,6 +1401,11 @@ type LocalTap = (String, tokio::sync::OwnedMutexGuard<mpsc::Receiver<(u64, Bytes
 
 fn local_work(node: &str, (seq, payload): (u64, Bytes)) -> Work {
     Work::Event { node: node.to_owned(), bridge_seq: Some(seq), payload, stream_seq: None }
+}
+
+/// The next bridge status; None when the subscription ended.
+async fn next_status(statuses: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    futures::StreamExt::next(statuses.as_mut()?).await
 }
 
 /// The next datagram from the tap as work; None when the bridge is gone.

@@ -13,6 +13,7 @@ pub mod cluster;
 mod driver;
 pub mod log;
 pub mod machines;
+mod restarts;
 
 use std::path::PathBuf;
 use std::sync::Arc;

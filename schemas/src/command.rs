@@ -28,6 +28,17 @@ pub enum CallTarget {
     Key(String),
 }
 
+impl std::fmt::Display for CallTarget {
+    /// The target in words, as errors show it: `call_id "c…"`, `SIP Call-ID "…"`, `key "B2B…"`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallTarget::CallId(id) => write!(f, "call_id {id:?}"),
+            CallTarget::SipCallId(sip) => write!(f, "SIP Call-ID {sip:?}"),
+            CallTarget::Key(key) => write!(f, "UA session key {key:?}"),
+        }
+    }
+}
+
 /// A leg of a proxied call, as commands name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -126,6 +137,10 @@ pub enum Command {
     Get {
         /// The call.
         target: CallTarget,
+        /// Whether to read the call's history from the log (`"history": false` answers with the
+        /// state alone, from memory: what a client that only needs the `call_id` asks).
+        #[serde(default = "default_true")]
+        history: bool,
     },
     /// `call.list`: live calls.
     List {
@@ -204,7 +219,7 @@ impl Command {
             | Command::Unhold { target }
             | Command::TransferBlind { target, .. }
             | Command::TransferAttended { target, .. }
-            | Command::Get { target }
+            | Command::Get { target, .. }
             | Command::UaAnswer { target, .. }
             | Command::UaUpdate { target, .. }
             | Command::UaTerminate { target } => Some(target),
@@ -481,9 +496,17 @@ fn get_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, Comman
     }
 }
 
+fn default_true() -> bool {
+    true
+}
+
 fn get_bool(body: &Map<String, Value>, field: &str) -> Result<bool, CommandError> {
+    get_bool_or(body, field, false)
+}
+
+fn get_bool_or(body: &Map<String, Value>, field: &str, absent: bool) -> Result<bool, CommandError> {
     match body.get(field) {
-        None | Some(Value::Null) => Ok(false),
+        None | Some(Value::Null) => Ok(absent),
         Some(Value::Bool(b)) => Ok(*b),
         Some(other) => Err(CommandError::field(
             CommandErrorCode::WrongType,
@@ -654,7 +677,7 @@ impl CommandRequest {
                 transfer_target: target(&body, "transfer_call_id", "transfer_sip_call_id")?,
                 transfer_leg: leg(&body, "transfer_leg")?,
             },
-            Verb::CallGet => Command::Get { target: any_target(&body)? },
+            Verb::CallGet => Command::Get { target: any_target(&body)?, history: get_bool_or(&body, "history", true)? },
             Verb::CallList => Command::List { state: get_str(&body, "state")?, node: get_str(&body, "node")? },
             Verb::CallStart => Command::Start {
                 caller: uri(&body, "caller", true, false)?.unwrap_or_default(),

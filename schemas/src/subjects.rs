@@ -283,6 +283,9 @@ pub fn all_mi(node: &str) -> Result<String, SubjectError> {
 /// `opensips.*.event.>`: every event of every node.
 pub const ALL_NODES_EVENTS: &str = "opensips.*.event.>";
 
+/// `opensips.*.status`: every node's bridge status.
+pub const ALL_NODES_STATUS: &str = "opensips.*.status";
+
 /// `callbus.call.<call_id>.>`: every notification of one call.
 pub fn all_call_notifications(call_id: &str) -> Result<String, SubjectError> {
     validate_token("call id", call_id)?;

@@ -187,6 +187,9 @@ pub(crate) struct State {
     pub processed_dialogs: u64,
     pub failed_dialogs: u64,
     pub mi_silent: bool,
+    /// The kind of the last failed MI param lookup, which OpenSIPS keeps per process and reports
+    /// when a handler rejects a value it did find (`mi::ParamErr`).
+    pub mi_param_err: crate::mi::ParamErr,
     order_seq: u64,
 }
 
@@ -205,6 +208,7 @@ impl State {
             processed_dialogs: 0,
             failed_dialogs: 0,
             mi_silent: false,
+            mi_param_err: crate::mi::ParamErr::BadType,
             order_seq: 0,
         }
     }

@@ -2,11 +2,11 @@
 //!
 //! One task reads requests and answers them one at a time, as `mi_datagram` with
 //! `children_count` 1 does (so replies come back in request order). Param sets follow
-//! OpenSIPS's "recipes": a request must name exactly one of a command's param sets. The error
-//! detail follows the captures: no params at all where some are needed gives
-//! "Too few or too many parameters"; params that match no set give
-//! "Named parameters do not match" (fixtures `mi/dlg_end_dlg.*`, `mi/call_hold.missing_params`,
-//! `mi/oversize_request.under_limit_65000`).
+//! OpenSIPS's "recipes": a request must name exactly one of a command's param sets. As
+//! OpenSIPS's `get_cmd_recipe` does, the error detail is "Named parameters do not match" when a
+//! set has as many params as the request but other names, and "Too few or too many parameters"
+//! when none has that many (fixtures `mi/dlg_end_dlg.*`, `mi/call_hold.missing_params`; the
+//! real-OpenSIPS tier's MI differential checks the rest against a running OpenSIPS 3.4).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -119,12 +119,13 @@ pub(crate) async fn serve(inner: Arc<Inner>, socket: UdpSocket) {
             }
         };
         inner.mi_requests.fetch_add(1, Ordering::Relaxed);
-        if len > MI_DATAGRAM_BUFFER || inner.lock().mi_silent {
-            // OpenSIPS drops a request larger than its buffer without a reply or a log line.
+        if inner.lock().mi_silent {
             inner.mi_dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        if let Some(reply) = handle_datagram(&inner, &buf[..len]) {
+        // OpenSIPS reads a request into its buffer: a larger one is cut there (and so is no
+        // longer JSON: "400 Parse_error", as a running OpenSIPS 3.4.18 answers).
+        if let Some(reply) = handle_datagram(&inner, &buf[..len.min(MI_DATAGRAM_BUFFER)]) {
             send(&socket, &reply, from).await;
         }
     }
@@ -138,6 +139,12 @@ async fn send(socket: &UdpSocket, reply: &[u8], to: SocketAddr) {
 
 /// Answers one request datagram; None when OpenSIPS sends nothing back.
 pub(crate) fn handle_datagram(inner: &Arc<Inner>, bytes: &[u8]) -> Option<Vec<u8>> {
+    // An id that is not a number, a string or null makes OpenSIPS fail building any reply.
+    if let Ok(Value::Object(request)) = serde_json::from_slice::<Value>(bytes) {
+        if matches!(request.get("id"), Some(Value::Bool(_) | Value::Array(_) | Value::Object(_))) {
+            return Some(MiPlainText::InternalError.as_text().into_bytes());
+        }
+    }
     let request = match MiRequest::parse(bytes) {
         Ok(r) => r,
         Err(MiRequestError::NotJson { .. }) => return Some(MiPlainText::ParseError.as_text().into_bytes()),
@@ -154,7 +161,11 @@ pub(crate) fn handle_datagram(inner: &Arc<Inner>, bytes: &[u8]) -> Option<Vec<u8
     });
     let result = {
         let mut state = inner.lock();
-        dispatch(inner, &mut state, &request)
+        let result = dispatch(inner, &mut state, &request);
+        if let Some(p) = &result.1 {
+            state.mi_param_err = p.last_err.get();
+        }
+        result.0
     };
     let reply = match result {
         Ok(value) => MiSuccess::new(value, echo_id(id)).to_bytes(),
@@ -236,7 +247,9 @@ fn recipes(command: &str) -> Option<(Vec<Recipe>, bool)> {
         v
     };
     Some(match command {
-        "which" | "version" | "uptime" | "ps" | "events_list" => (sets(&[&[]]), false),
+        "version" => (sets(&[&[], &["revision"]]), false),
+        "which" => (sets(&[&[], &["command"]]), false),
+        "uptime" | "ps" | "events_list" => (sets(&[&[]]), false),
         "get_statistics" => (sets(&[&["statistics"]]), false),
         "event_subscribe" => (sets(&[&["event", "socket"], &["event", "socket", "expire"]]), false),
         "subscribers_list" => (sets(&[&[], &["event"], &["event", "socket"]]), false),
@@ -281,43 +294,82 @@ fn recipes(command: &str) -> Option<(Vec<Recipe>, bool)> {
     })
 }
 
-/// The request's params, named, after matching them against the command's recipes.
-struct Params(Map<String, Value>);
+/// The kind of the last failed param lookup. OpenSIPS keeps it per process (`param_err_type`,
+/// mi/item.c) and reports it when a handler rejects a value it did find: callops's
+/// `call_transfer` with a bad `leg` answers -32602 "Bad type for parameter 'leg'" when the last
+/// failure was a bad type (so also on a fresh start: the initial value is "bad type"), and -32000
+/// "Failed to handle parameter" when it was a missing param (b2b_entities looks up every optional
+/// param, so any UA command without a body leaves it so: fixture `mi/call_transfer.bad_leg`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ParamErr {
+    /// A param had the wrong type.
+    BadType,
+    /// A looked-up param was absent.
+    Missing,
+}
+
+/// The request's params, named, after matching them against the command's recipes, with the
+/// kind of the last failed lookup.
+struct Params {
+    named: Map<String, Value>,
+    last_err: std::cell::Cell<ParamErr>,
+}
 
 impl Params {
+    fn new(named: Map<String, Value>) -> Params {
+        Params { named, last_err: std::cell::Cell::new(ParamErr::BadType) }
+    }
+
     fn has(&self, name: &str) -> bool {
-        self.0.contains_key(name)
+        self.named.contains_key(name)
+    }
+
+    fn bad_type(&self, name: &str) -> Fail {
+        self.last_err.set(ParamErr::BadType);
+        invalid_params(&format!("Bad type for parameter '{name}'"))
+    }
+
+    fn missing(&self) -> Fail {
+        self.last_err.set(ParamErr::Missing);
+        server_error("Failed to handle parameter")
+    }
+
+    /// What a handler answers when it rejects the value of `name` after finding it.
+    fn rejected(&self, name: &str) -> Fail {
+        match self.last_err.get() {
+            ParamErr::BadType => invalid_params(&format!("Bad type for parameter '{name}'")),
+            ParamErr::Missing => server_error("Failed to handle parameter"),
+        }
     }
 
     /// A "string" param: a JSON string, or a number printed as an int.
     fn str(&self, name: &str) -> Result<String, Fail> {
-        match self.0.get(name) {
+        match self.named.get(name) {
             Some(Value::String(s)) => Ok(s.clone()),
             Some(Value::Number(n)) => Ok(n.as_i64().map_or_else(|| n.to_string(), |i| i.to_string())),
-            Some(_) => Err(invalid_params(&format!("Bad type for parameter '{name}'"))),
-            None => Err(server_error("Failed to handle parameter")),
+            Some(_) => Err(self.bad_type(name)),
+            None => Err(self.missing()),
         }
     }
 
+    /// An optional "string" param, looked up as OpenSIPS's `try_get_mi_string_param` does: an
+    /// absent one counts as a failed lookup.
     fn opt_str(&self, name: &str) -> Result<Option<String>, Fail> {
         if self.has(name) {
             self.str(name).map(Some)
         } else {
+            self.last_err.set(ParamErr::Missing);
             Ok(None)
         }
     }
 
     /// An "int" param: a JSON number, or a numeric string.
     fn int(&self, name: &str) -> Result<i64, Fail> {
-        match self.0.get(name) {
-            Some(Value::Number(n)) => {
-                n.as_i64().ok_or_else(|| invalid_params(&format!("Bad type for parameter '{name}'")))
-            }
-            Some(Value::String(s)) => {
-                s.trim().parse().map_err(|_| invalid_params(&format!("Bad type for parameter '{name}'")))
-            }
-            Some(_) => Err(invalid_params(&format!("Bad type for parameter '{name}'"))),
-            None => Err(server_error("Failed to handle parameter")),
+        match self.named.get(name) {
+            Some(Value::Number(n)) => n.as_i64().ok_or_else(|| self.bad_type(name)),
+            Some(Value::String(s)) => s.trim().parse().map_err(|_| self.bad_type(name)),
+            Some(_) => Err(self.bad_type(name)),
+            None => Err(self.missing()),
         }
     }
 }
@@ -327,15 +379,17 @@ fn match_recipe(request: &MiRequest, recipes: &[Recipe], named_only: bool) -> Re
     match given {
         None => {
             if recipes.iter().any(|r| r.is_empty()) {
-                Ok(Params(Map::new()))
+                Ok(Params::new(Map::new()))
             } else {
                 Err(invalid_params("Too few or too many parameters"))
             }
         }
         Some(MiParams::Named(map)) => {
-            let fits = recipes.iter().any(|r| r.len() == map.len() && r.iter().all(|n| map.contains_key(*n)));
-            if fits {
-                Ok(Params(map.clone()))
+            let same_count: Vec<&Recipe> = recipes.iter().filter(|r| r.len() == map.len() && !r.is_empty()).collect();
+            if same_count.iter().any(|r| r.iter().all(|n| map.contains_key(*n))) {
+                Ok(Params::new(map.clone()))
+            } else if same_count.is_empty() {
+                Err(invalid_params("Too few or too many parameters"))
             } else {
                 Err(invalid_params("Named parameters do not match"))
             }
@@ -346,7 +400,9 @@ fn match_recipe(request: &MiRequest, recipes: &[Recipe], named_only: bool) -> Re
             }
             let mut same_count = recipes.iter().filter(|r| r.len() == list.len());
             match (same_count.next(), same_count.next()) {
-                (Some(r), None) => Ok(Params(r.iter().map(|n| (*n).to_owned()).zip(list.iter().cloned()).collect())),
+                (Some(r), None) => {
+                    Ok(Params::new(r.iter().map(|n| (*n).to_owned()).zip(list.iter().cloned()).collect()))
+                }
                 (Some(_), Some(_)) => Err(invalid_params("Ambiguous call, use named parameters instead")),
                 (None, _) => Err(invalid_params("Too few or too many parameters")),
             }
@@ -354,14 +410,33 @@ fn match_recipe(request: &MiRequest, recipes: &[Recipe], named_only: bool) -> Re
     }
 }
 
-fn dispatch(inner: &Arc<Inner>, state: &mut State, request: &MiRequest) -> Result<Value, Fail> {
+/// Runs a request; its answer, and its params (whose last failed lookup the process keeps).
+fn dispatch(inner: &Arc<Inner>, state: &mut State, request: &MiRequest) -> (Result<Value, Fail>, Option<Params>) {
     let command = request.method.as_str();
     let Some((recipes, named_only)) = recipes(command) else {
-        return Err(fail(codes::METHOD_NOT_FOUND, "Method not found"));
+        return (Err(fail(codes::METHOD_NOT_FOUND, "Method not found")), None);
     };
-    let p = match_recipe(request, &recipes, named_only)?;
+    let p = match match_recipe(request, &recipes, named_only) {
+        Ok(p) => p,
+        Err(e) => return (Err(e), None),
+    };
+    p.last_err.set(state.mi_param_err);
+    let answer = run_command(inner, state, command, &p);
+    (answer, Some(p))
+}
+
+fn run_command(inner: &Arc<Inner>, state: &mut State, command: &str, p: &Params) -> Result<Value, Fail> {
     match command {
-        "which" => Ok(json!(WHICH)),
+        "which" => match p.opt_str("command")? {
+            None => Ok(json!(WHICH)),
+            // A command's recipes, as lists of param names.
+            Some(command) => match recipes(&command) {
+                Some((sets, _)) if WHICH.contains(&command.as_str()) => Ok(json!(sets)),
+                _ => Err(fail(404, "unknown MI command")),
+            },
+        },
+        // A build from a source tarball knows no git revision.
+        "version" if p.has("revision") => Ok(json!({ "Server": SERVER_VERSION, "unknown": "unknown" })),
         "version" => Ok(json!({ "Server": SERVER_VERSION })),
         "uptime" => {
             let now = sip::unix_now();
@@ -402,16 +477,20 @@ fn dispatch(inner: &Arc<Inner>, state: &mut State, request: &MiRequest) -> Resul
         }
         "call_transfer" => call_transfer(inner, state, &p),
         "ua_session_client_start" => {
-            let start = ClientStart {
-                ruri: p.str("ruri")?,
-                to: p.str("to")?,
-                from: p.str("from")?,
-                flags: p.opt_str("flags")?.unwrap_or_default(),
-            };
+            let (ruri, to, from) = (p.str("ruri")?, p.str("to")?, p.str("from")?);
+            for optional in ["proxy", "body", "content_type", "extra_headers"] {
+                p.opt_str(optional)?;
+            }
+            let flags = p.opt_str("flags")?.unwrap_or_default();
+            p.opt_str("socket")?;
+            let start = ClientStart { ruri, to, from, flags };
             Ok(json!(scenario::client_start(inner, state, start)))
         }
         "ua_session_update" => {
             let (key, method) = (p.str("key")?, p.str("method")?.to_ascii_uppercase());
+            for optional in ["body", "content_type", "extra_headers"] {
+                p.opt_str(optional)?;
+            }
             scenario::update(inner, state, &key, &method)
                 .map(|()| json!("OK"))
                 .map_err(|_| fail(500, "Failed to send sequential request"))
@@ -419,12 +498,16 @@ fn dispatch(inner: &Arc<Inner>, state: &mut State, request: &MiRequest) -> Resul
         "ua_session_reply" => {
             let (key, method, code) = (p.str("key")?, p.str("method")?.to_ascii_uppercase(), p.int("code")?);
             p.str("reason")?;
+            for optional in ["body", "content_type", "extra_headers"] {
+                p.opt_str(optional)?;
+            }
             scenario::reply(inner, state, &key, &method, code)
                 .map(|()| json!("OK"))
                 .map_err(|_| fail(500, "Failed to send reply"))
         }
         "ua_session_terminate" => {
             let key = p.str("key")?;
+            p.opt_str("extra_headers")?;
             let answered = state.sessions.get(&key).map(|s| s.uac || s.b2b_state >= 4);
             match answered {
                 Some(true) => {
@@ -520,7 +603,7 @@ fn subscribers_list(state: &mut State, p: &Params) -> Result<Value, Fail> {
 }
 
 fn get_statistics(state: &State, p: &Params) -> Result<Value, Fail> {
-    let wanted: Vec<String> = match p.0.get("statistics") {
+    let wanted: Vec<String> = match p.named.get("statistics") {
         Some(Value::Array(items)) if !items.is_empty() => {
             items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
         }
@@ -611,19 +694,36 @@ fn dlg_list(state: &State, p: &Params) -> Result<Value, Fail> {
     Ok(json!({ "Dialogs": state.dialogs_in_order().map(dialog_json).collect::<Vec<_>>() }))
 }
 
+/// `call_transfer`, with callops's order of checks: params first (a bad `leg` is answered
+/// with the last lookup failure's kind, see [`ParamErr`]), then the transfer dialog (attended),
+/// then the dialog.
 fn call_transfer(inner: &Arc<Inner>, state: &mut State, p: &Params) -> Result<Value, Fail> {
     let callid = p.str("callid")?;
-    let dialog = state.dialogs.get(&callid).ok_or_else(|| fail(404, "Dialog not found"))?;
-    if p.has("transfer_fromtag") {
-        // The third attended recipe reads `destination` while it names `transfer_destination`:
-        // it always fails in 3.4 (reference notes §3.2).
-        return Err(server_error("Failed to handle parameter"));
-    }
     let leg = match p.str("leg")?.as_str() {
         "caller" => Leg::Caller,
         "callee" => Leg::Callee,
-        _ => return Err(server_error("Failed to handle parameter")),
+        _ => return Err(p.rejected("leg")),
     };
+    if p.has("transfer_callid") {
+        p.str("transfer_callid")?;
+        if p.opt_str("destination")?.is_none() && p.has("transfer_fromtag") {
+            // The third attended recipe reads `destination` while it names
+            // `transfer_destination`: it always fails in 3.4.
+            return Err(p.rejected("destination"));
+        }
+        if let Some(b_leg) = p.opt_str("transfer_leg")? {
+            if b_leg != "caller" && b_leg != "callee" {
+                return Err(p.rejected("transfer_leg"));
+            }
+        }
+        let b_callid = p.str("transfer_callid")?;
+        if !state.dialogs.contains_key(&b_callid) {
+            return Err(fail(404, "Transfer dialog not found"));
+        }
+    } else {
+        p.str("destination")?;
+    }
+    let dialog = state.dialogs.get(&callid).ok_or_else(|| fail(404, "Dialog not found"))?;
     // Any transfer ever started on the dialog blocks the next one (`call_transfer_leg` is
     // never deleted): fixtures mi/call_transfer.already_transferring, .after_declined_refer.
     if dialog.transfer_leg.is_some() {
@@ -637,10 +737,9 @@ fn call_transfer(inner: &Arc<Inner>, state: &mut State, p: &Params) -> Result<Va
         let b = state.dialogs.get(&b_callid).ok_or_else(|| fail(404, "Transfer dialog not found"))?;
         let b_leg = match p.str("transfer_leg")?.as_str() {
             "caller" => Leg::Caller,
-            "callee" => Leg::Callee,
-            _ => return Err(server_error("Failed to handle parameter")),
+            _ => Leg::Callee,
         };
-        let destination = match p.opt_str("destination")? {
+        let destination = match p.named.get("destination").and_then(Value::as_str).map(str::to_owned) {
             Some(d) => d,
             None if b_leg == Leg::Caller => b.from_uri.clone(),
             None => b.to_uri.clone(),

@@ -71,12 +71,12 @@ async fn requests_opensips_does_not_answer_get_no_reply() {
     let mi = Mi::new(&sim).await;
     // No id: no reply at all.
     assert_eq!(mi.raw(&fixture("mi/version.notification_no_id.request.json"), Duration::from_millis(200)).await, None);
-    // Larger than the 65457-byte buffer: dropped without a reply (sent here at a size UDP allows).
+    // Larger than the 65457-byte buffer: cut there, so no longer JSON (a running OpenSIPS
+    // 3.4.18 answers so; the capture's 70 000-byte request could not be sent over UDP at all).
     let mut big = br#"{"jsonrpc":"2.0","method":"version","id":1,"params":{"pad":""#.to_vec();
     big.resize(65_480, b'x');
     big.extend_from_slice(br#""}}"#);
-    assert_eq!(mi.raw(&big, Duration::from_millis(300)).await, None);
-    assert_eq!(sim.stats().mi_dropped, 1);
+    assert_eq!(mi.raw(&big, Duration::from_millis(300)).await.as_deref(), Some(&b"400 Parse_error"[..]));
     // Still serving afterwards.
     assert!(mi.raw(&fixture("mi/version.ok.request.json"), Duration::from_secs(1)).await.is_some());
 }

@@ -108,6 +108,7 @@ async fn call_api_clients_work_unchanged() {
     }
     let start = events.iter().find(|(e, _)| e == "TransferStart").and_then(|(_, d)| d.clone()).expect("data");
     assert_eq!(start["destination"], json!("sip:transfer@127.0.0.1:5060"));
+    assert!(start["callid"].as_str().is_some_and(|c| c != sip), "the new call's Call-ID, as Call API sends: {start}");
 
     // Click-to-dial, in Call API's order of events.
     let (response, events) = call(
