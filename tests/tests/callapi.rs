@@ -86,7 +86,10 @@ async fn call_api_clients_work_unchanged() {
             .await;
     assert_eq!(response["result"]["event"], json!("Started"));
     assert_eq!(names(&events), ["Error", "Ended"]);
-    assert!(events[0].1.as_ref().is_some_and(|d| d.as_str().is_some_and(|r| r.contains("no call"))));
+    assert!(events[0]
+        .1
+        .as_ref()
+        .is_some_and(|d| d.as_str().is_some_and(|r| r.contains("no live call with SIP Call-ID \"no-such-call\""))));
 
     // Blind transfer, sent as a binary frame.
     let frame = json!({"jsonrpc": "2.0", "id": "t", "method": "CallBlindTransfer", "params": {"callid": sip, "leg": "callee", "destination": "sip:transfer@127.0.0.1:5060"}});
