@@ -96,18 +96,30 @@ pub enum BridgeError {
     #[error("bad bridge configuration: {0}")]
     Config(String),
     /// A socket could not be bound.
-    #[error("cannot bind {what} at {addr}: {source} (is another process using it?)")]
+    #[error("cannot bind {what} at {addr}: {}", bind_reason(.error))]
     Bind {
         /// Which socket.
         what: &'static str,
         /// Where.
         addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (said in the message, not chained: it would be said twice).
+        error: std::io::Error,
     },
     /// NATS refused the bridge's subscriptions.
     #[error("NATS: {0}")]
     Nats(String),
+}
+
+/// Why a socket could not be bound, in words, with what to do.
+fn bind_reason(error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "the address is in use (another callbus, or another program, listens there): stop it or choose another address".into()
+        }
+        std::io::ErrorKind::AddrNotAvailable => "no interface of this machine has that address".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied (ports below 1024 need privileges)".into(),
+        _ => error.to_string(),
+    }
 }
 
 /// Counters shared by the bridge's tasks.
@@ -185,15 +197,15 @@ impl Bridge {
         let cancel = CancellationToken::new();
         let intake_cancel = cancel.child_token();
         let counters = Arc::new(Counters::default());
-        let socket = events::bind(config.events_listen).map_err(|source| BridgeError::Bind {
+        let socket = events::bind(config.events_listen).map_err(|error| BridgeError::Bind {
             what: "the event listener",
             addr: config.events_listen,
-            source,
+            error,
         })?;
-        let events_addr = socket.local_addr().map_err(|source| BridgeError::Bind {
+        let events_addr = socket.local_addr().map_err(|error| BridgeError::Bind {
             what: "the event listener",
             addr: config.events_listen,
-            source,
+            error,
         })?;
         let advertised = config.events_advertise.unwrap_or(events_addr);
         if advertised.ip().is_unspecified() {
@@ -211,7 +223,7 @@ impl Bridge {
             cancel.clone(),
         )
         .await
-        .map_err(|source| BridgeError::Bind { what: "the MI client socket", addr: config.mi, source })?;
+        .map_err(|error| BridgeError::Bind { what: "the MI client socket", addr: config.mi, error })?;
 
         let buffer = Arc::new(events::Buffer::new(config.buffer_capacity));
         let run_id = format!("{:x}", unix_ms());

@@ -32,6 +32,11 @@ pub(crate) struct Health {
     entries: Vec<Entry>,
     pub reachable: bool,
     pub up_since: Option<String>,
+    /// Whether "OpenSIPS does not answer" was said since it last answered (said once, not on
+    /// every check).
+    said_unreachable: bool,
+    /// Whether every subscription was in place at the last check (a change is said once).
+    all_subscribed: bool,
 }
 
 /// The subscription manager's settings.
@@ -81,6 +86,22 @@ impl Manager {
         }
     }
 
+    /// Says once when every subscription is in place (at start, after a restart of OpenSIPS).
+    fn say_when_all_subscribed(&self) {
+        let mut health = self.lock();
+        let all = health.entries.iter().all(|e| e.renewed_at.is_some() && e.last_error.is_none());
+        if all && !health.all_subscribed {
+            let events: Vec<&str> = health.entries.iter().map(|e| e.event.as_str()).collect();
+            tracing::info!(
+                up_since = health.up_since.as_deref().unwrap_or("?"),
+                socket = %self.socket,
+                events = %events.join(","),
+                "OpenSIPS answers MI and sends its events here"
+            );
+        }
+        health.all_subscribed = all;
+    }
+
     async fn renew(&self, event: &str) {
         let result = self.subscribe(event, self.expire.as_secs().max(1)).await;
         let mut health = self.lock();
@@ -105,6 +126,7 @@ impl Manager {
         let mut health = self.lock();
         match reply {
             MiBusReply::Result { result } => {
+                health.said_unreachable = false;
                 let up_since = result.get("Up since").and_then(Value::as_str).map(str::to_owned);
                 let restarted = health.up_since.is_some() && up_since.is_some() && health.up_since != up_since;
                 let came_back = !health.reachable;
@@ -126,10 +148,15 @@ impl Manager {
                 false
             }
             MiBusReply::Error { error } => {
-                if health.reachable {
-                    tracing::warn!(%error, "OpenSIPS does not answer uptime: event subscriptions may lapse");
+                if health.reachable || !health.said_unreachable {
+                    tracing::warn!(
+                        %error,
+                        "OpenSIPS does not answer MI `uptime`: no events until it does (is it running, with mi_datagram on this address?)"
+                    );
+                    health.said_unreachable = true;
                 }
                 health.reachable = false;
+                health.all_subscribed = false;
                 false
             }
         }
@@ -165,11 +192,18 @@ impl Manager {
                     .map(|e| e.event.clone())
                     .collect()
             };
+            let renewed = !due.is_empty();
             for event in due {
                 self.renew(&event).await;
             }
+            if renewed {
+                self.say_when_all_subscribed();
+            }
         }
-        for event in &events {
+        // Undo only what is in place (nothing, when OpenSIPS never answered).
+        let subscribed: Vec<String> =
+            self.lock().entries.iter().filter(|e| e.renewed_at.is_some()).map(|e| e.event.clone()).collect();
+        for event in &subscribed {
             match self.subscribe(event, 0).await {
                 Ok(()) => tracing::info!(event, "unsubscribed"),
                 Err(e) => {

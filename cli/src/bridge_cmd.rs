@@ -20,13 +20,13 @@ pub struct BridgeArgs {
     #[arg(long, env = "CALLBUS_NODE")]
     pub node: Option<String>,
     /// OpenSIPS MI datagram socket [default: 127.0.0.1:8080].
-    #[arg(long, env = "CALLBUS_MI")]
+    #[arg(long, env = "CALLBUS_MI", value_parser = crate::addr::parse)]
     pub mi: Option<SocketAddr>,
     /// Where to receive OpenSIPS event datagrams [default: 127.0.0.1:8090].
-    #[arg(long, env = "CALLBUS_EVENTS_LISTEN")]
+    #[arg(long, env = "CALLBUS_EVENTS_LISTEN", value_parser = crate::addr::parse)]
     pub events_listen: Option<SocketAddr>,
     /// The address OpenSIPS should send events to, when it differs from --events-listen.
-    #[arg(long, env = "CALLBUS_EVENTS_ADVERTISE")]
+    #[arg(long, env = "CALLBUS_EVENTS_ADVERTISE", value_parser = crate::addr::parse)]
     pub events_advertise: Option<SocketAddr>,
     /// How long to wait for an MI reply, e.g. 5s, 500ms [default: 5s].
     #[arg(long, env = "CALLBUS_MI_TIMEOUT", value_parser = duration::parse)]
@@ -48,7 +48,7 @@ pub struct BridgeArgs {
     #[arg(long, env = "CALLBUS_STATUS_INTERVAL", value_parser = duration::parse)]
     pub status_interval: Option<Duration>,
     /// Serve Prometheus metrics on http://<this>/metrics (e.g. 127.0.0.1:9464); off unless set.
-    #[arg(long, env = "CALLBUS_METRICS_LISTEN")]
+    #[arg(long, env = "CALLBUS_METRICS_LISTEN", value_parser = crate::addr::parse)]
     pub metrics_listen: Option<SocketAddr>,
     /// Also append each batch of events to callbus.input.<node> in JetStream, kept until it is
     /// stored: the input of the engines of a cluster (engine --cluster). Needed by a cluster.
@@ -179,6 +179,10 @@ pub async fn up(args: UpArgs, file: Option<&std::path::Path>) -> anyhow::Result<
     }
     if !config.engine.nodes.contains(&config.bridge.node) {
         config.engine.nodes = vec![config.bridge.node.clone()];
+    }
+    // Before the bridge subscribes anything: a data dir another callbus holds stops `up` here.
+    if callbus_engine::log::SledLog::in_use(&config.engine.data_dir) {
+        return Err(callbus_engine::log::LogError::InUse { path: config.engine.data_dir.display().to_string() }.into());
     }
     let bridge_config = bridge_config(&config.bridge)?;
     if let Some(addr) = config.metrics_listen {

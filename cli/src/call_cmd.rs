@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use callbus_schemas::command::{CallNotification, CommandReply};
+use callbus_schemas::command::{CallNotification, CommandErrorCode, CommandReply};
 use callbus_schemas::subjects;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
@@ -236,7 +236,7 @@ pub async fn follow(
     let call_id = match serde_json::from_slice::<CommandReply>(&reply.payload).context("unexpected reply")? {
         CommandReply::Accepted { call_id, .. } => call_id,
         CommandReply::Refused { error, .. } => {
-            eprintln!("{verb} refused ({:?}): {}", error.code, error.message);
+            print_refusal(verb, &error, None);
             return Ok(ExitCode::FAILURE);
         }
         CommandReply::Data { result, .. } => {
@@ -271,6 +271,10 @@ pub async fn run(args: CallArgs) -> anyhow::Result<ExitCode> {
         let wait = (*answer_timeout).max(flags.timeout);
         return follow(&client, verb, body, flags.cmd_id.clone(), flags.timeout, wait, until_outcome).await;
     }
+    if args.wait {
+        // Subscribed before the command goes: its outcome may come right after the answer.
+        return follow(&client, verb, body, flags.cmd_id.clone(), flags.timeout, flags.timeout, until_outcome).await;
+    }
     let subject = format!("callbus.cmd.{verb}");
     let ask = client.request(subject.clone(), Bytes::from(body.to_string()));
     let reply = tokio::time::timeout(flags.timeout, ask)
@@ -284,47 +288,42 @@ pub async fn run(args: CallArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         CommandReply::Refused { error, .. } => {
-            eprintln!("{verb} refused ({:?}): {}", error.code, error.message);
+            print_refusal(verb, &error, target_of(&args.command));
             Ok(ExitCode::FAILURE)
         }
         CommandReply::Accepted { call_id, cmd_id, .. } => {
             println!("accepted: call {call_id}, cmd_id {cmd_id}");
-            if !args.wait {
-                return Ok(ExitCode::SUCCESS);
-            }
-            wait_for_outcome(&client, &call_id, &cmd_id, flags.timeout).await
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-async fn wait_for_outcome(
-    client: &async_nats::Client,
-    call_id: &str,
-    cmd_id: &str,
-    timeout: Duration,
-) -> anyhow::Result<ExitCode> {
-    let mut notes = client.subscribe(subjects::all_call_notifications(call_id)?).await?;
-    let outcome = tokio::time::timeout(timeout, async {
-        while let Some(msg) = notes.next().await {
-            let Ok(note) = serde_json::from_slice::<CallNotification>(&msg.payload) else { continue };
-            if note.cmd_id.as_deref() != Some(cmd_id) {
-                continue;
-            }
-            println!("{} {}", note.event, note.data);
-            match note.event.as_str() {
-                "command_succeeded" => return ExitCode::SUCCESS,
-                "command_failed" => return ExitCode::FAILURE,
-                _ => {}
-            }
+/// The call a command names, if any.
+fn target_of(command: &CallCommand) -> Option<&Target> {
+    match command {
+        CallCommand::End(t) | CallCommand::Hold(t) | CallCommand::Unhold(t) | CallCommand::Get(t) => Some(t),
+        CallCommand::Transfer { target, .. } => Some(target),
+        _ => None,
+    }
+}
+
+/// Prints a refusal in words: `call.hold refused (unknown_call): …`, with a hint when a SIP
+/// Call-ID was given as a callbus call_id.
+pub fn print_refusal(verb: &str, error: &callbus_schemas::command::CommandError, target: Option<&Target>) {
+    eprintln!("{verb} refused ({}): {}", error.code, error.message);
+    if let Some(t) = target.filter(|t| error.code == CommandErrorCode::UnknownCall && !t.sip) {
+        if !looks_like_call_id(&t.call) {
+            eprintln!(
+                "hint: {:?} does not look like a callbus call_id (c…): if it is a SIP Call-ID, add --sip",
+                t.call
+            );
         }
-        ExitCode::FAILURE
-    })
-    .await;
-    outcome.map_err(|_| {
-        anyhow::anyhow!(
-            "no outcome for {cmd_id} within {timeout:?} (it may still come: see `callbus events --call {call_id}`)"
-        )
-    })
+    }
+}
+
+/// Whether `id` has the shape of a callbus call_id: `c` and hex digits (and `p<hex>` in a cluster).
+fn looks_like_call_id(id: &str) -> bool {
+    id.strip_prefix('c').is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_hexdigit() || c == 'p'))
 }
 
 /// Flags of `callbus events`.

@@ -26,7 +26,7 @@ pub struct Dur(pub Duration);
 impl Serialize for Dur {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let ms = self.0.as_millis();
-        if ms % 1000 == 0 {
+        if ms.is_multiple_of(1000) {
             s.serialize_str(&format!("{}s", ms / 1000))
         } else {
             s.serialize_str(&format!("{ms}ms"))
@@ -56,6 +56,7 @@ pub struct Config {
     /// NATS server URL (may carry `user:password@`; masked by `config show`).
     pub nats: String,
     /// Serve Prometheus metrics on `http://<this>/metrics`; off when absent.
+    #[serde(deserialize_with = "crate::addr::de_opt")]
     pub metrics_listen: Option<SocketAddr>,
     /// `[nats_auth]`: credentials and TLS for NATS (secrets masked by `config show`).
     pub nats_auth: crate::nats::NatsAuth,
@@ -106,10 +107,13 @@ pub struct BridgeSection {
     /// Name of the OpenSIPS node (a subject token).
     pub node: String,
     /// OpenSIPS MI datagram socket.
+    #[serde(deserialize_with = "crate::addr::de")]
     pub mi: SocketAddr,
     /// Where to receive OpenSIPS event datagrams.
+    #[serde(deserialize_with = "crate::addr::de")]
     pub events_listen: SocketAddr,
     /// The address OpenSIPS should send events to, when it differs from `events_listen`.
+    #[serde(deserialize_with = "crate::addr::de_opt")]
     pub events_advertise: Option<SocketAddr>,
     /// How long to wait for an MI reply.
     pub mi_timeout: Dur,
@@ -138,6 +142,7 @@ pub struct EngineSection {
     /// How long an ended call stays in memory to absorb late events.
     pub ended_retention: Dur,
     /// Serve the OpenSIPS Call API protocol here; off when absent.
+    #[serde(deserialize_with = "crate::addr::de_opt")]
     pub callapi_listen: Option<SocketAddr>,
     /// The bearer token Call API clients must present; required to listen beyond loopback.
     pub callapi_token: Option<String>,

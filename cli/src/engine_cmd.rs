@@ -25,7 +25,7 @@ pub struct EngineFlags {
     pub ended_retention: Option<Duration>,
     /// Serve the OpenSIPS Call API protocol (JSON-RPC over WebSocket, path /call-api) here,
     /// e.g. 127.0.0.1:5059; off unless set.
-    #[arg(long, env = "CALLBUS_CALLAPI_LISTEN")]
+    #[arg(long, env = "CALLBUS_CALLAPI_LISTEN", value_parser = crate::addr::parse)]
     pub callapi_listen: Option<std::net::SocketAddr>,
     /// Bearer token Call API clients must present (required beyond loopback).
     #[arg(long, env = "CALLBUS_CALLAPI_TOKEN", hide_env_values = true)]
@@ -139,7 +139,7 @@ pub struct EngineArgs {
     #[arg(long, env = "CALLBUS_NATS")]
     pub nats: Option<String>,
     /// Serve Prometheus metrics on http://<this>/metrics (e.g. 127.0.0.1:9465); off unless set.
-    #[arg(long, env = "CALLBUS_METRICS_LISTEN")]
+    #[arg(long, env = "CALLBUS_METRICS_LISTEN", value_parser = crate::addr::parse)]
     pub metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub nats_auth: nats::NatsAuth,

@@ -2,6 +2,7 @@
 //! the clients (`call`, `ua`, `events`, `mi`, `replay`). Every flag has a `CALLBUS_*`
 //! environment variable.
 
+mod addr;
 mod bridge_cmd;
 mod call_cmd;
 mod cluster_cmd;
@@ -83,9 +84,14 @@ enum ConfigCommand {
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal;
+    // async-nats says "connected successfully" and "event: connected" at info on every run;
+    // callbus logs its own connection changes, so the client library only speaks up on trouble.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default_level},async_nats=warn")));
+    // Colour codes only on a terminal, and never with NO_COLOR set (log files stay plain text).
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -94,8 +100,10 @@ fn init_logging(format: LogFormat, default_level: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo's story is on stdout; its parts only speak up when something is wrong.
-    let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
+    // Services log their life at info. The demo's story is on stdout, and client commands print
+    // their answers: their parts only speak up when something is wrong.
+    let service = matches!(cli.command, Command::Up(_) | Command::Bridge(_) | Command::Engine(_) | Command::Sim(_));
+    let default_level = if service { "info" } else { "warn" };
     init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -30,8 +30,33 @@ fn address(url: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("no address for {url:?}"))
 }
 
+/// What listens at a NATS address.
+#[derive(Debug, PartialEq)]
+enum Listener {
+    /// Nothing accepts connections there.
+    Nothing,
+    /// A NATS server: it greets with an `INFO` line.
+    Nats,
+    /// Something that is not a NATS server (what it said first, if anything).
+    Other(String),
+}
+
+fn probe(addr: SocketAddr) -> Listener {
+    use std::io::Read;
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
+        return Listener::Nothing;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut first = [0u8; 64];
+    match stream.read(&mut first) {
+        Ok(n) if first[..n].starts_with(b"INFO ") => Listener::Nats,
+        Ok(0) | Err(_) => Listener::Other("nothing: it accepted the connection and said no INFO line".into()),
+        Ok(n) => Listener::Other(format!("{:?}", String::from_utf8_lossy(&first[..n.min(32)]))),
+    }
+}
+
 fn answers(addr: SocketAddr) -> bool {
-    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+    probe(addr) == Listener::Nats
 }
 
 fn nats_server_binary() -> Option<PathBuf> {
@@ -45,8 +70,12 @@ fn nats_server_binary() -> Option<PathBuf> {
 /// machine, starts `nats-server` as a child process.
 pub fn ensure_local(url: &str) -> anyhow::Result<Option<LocalNats>> {
     let addr = address(url)?;
-    if answers(addr) {
-        return Ok(None);
+    match probe(addr) {
+        Listener::Nats => return Ok(None),
+        Listener::Other(said) => bail!(
+            "something listens at {addr} but it is not a NATS server (it said {said}): stop it, or point --nats at a NATS server"
+        ),
+        Listener::Nothing => {}
     }
     if !addr.ip().is_loopback() {
         bail!("no NATS server answers at {url}; start one there or point --nats at one");
@@ -171,6 +200,15 @@ pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
 /// buffers meanwhile).
 pub async fn connect(url: &str, name: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::Client> {
     let url_for_log = crate::config::mask_url(url);
+    // Retrying forever makes sense for a NATS server that is down, not for another program on
+    // its port: say that at once (one server named; a cluster's list is not probed).
+    if !url.contains(',') {
+        if let Ok(addr) = address(url) {
+            if let Listener::Other(said) = tokio::task::spawn_blocking(move || probe(addr)).await? {
+                bail!("something listens at {addr} but it is not a NATS server (it said {said}): stop it, or point --nats at a NATS server");
+            }
+        }
+    }
     auth.apply(async_nats::ConnectOptions::new())
         .await?
         .name(name)

@@ -230,7 +230,7 @@ async fn call_and_events_drive_a_live_engine() {
 
     let out = run_async(s(&["call", "--nats", &url, "hold", &call_id])).await;
     assert_eq!(out.status.code(), Some(1), "already held: refused");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("WrongState"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused (wrong_state)"));
     let out = run_async(s(&["call", "--nats", &url, "transfer", &call_id, "both", "sip:x@y"])).await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"leg\" must be"));
     let out = run_async(s(&["call", "--nats", &url, "get", "no-such-call"])).await;

@@ -28,7 +28,7 @@ fn reopen(dir: &std::path::Path) -> SledLog {
     loop {
         match SledLog::open(dir) {
             Ok(log) => return log,
-            Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
+            Err(e) if matches!(e, LogError::InUse { .. }) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(e) => panic!("reopen: {e}"),

@@ -39,6 +39,12 @@ pub enum ReplayError {
     /// The log could not be opened or read.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The data dir holds no callbus log.
+    #[error("no callbus log in {dir} (it has no `db` file): check --data-dir")]
+    NoLog {
+        /// The data dir.
+        dir: String,
+    },
     /// The data dir could not be copied (while a running engine holds it).
     #[error("cannot copy the data dir {dir} to read it beside the running engine: {reason}")]
     Copy {
@@ -133,9 +139,13 @@ pub struct TimelineRow {
 impl LogReader {
     /// Opens the log in `dir`, or a copy of it when a running engine holds it.
     pub fn open(dir: &Path) -> Result<LogReader, ReplayError> {
+        // Reading never creates a log: a mistyped --data-dir is an error, not an empty log.
+        if !dir.join("db").is_file() {
+            return Err(ReplayError::NoLog { dir: dir.display().to_string() });
+        }
         match SledLog::open(dir) {
             Ok(log) => Ok(LogReader { log, dir: dir.to_owned(), copy: None }),
-            Err(LogError::Store { reason, .. }) if reason.contains("lock") => {
+            Err(LogError::InUse { .. }) => {
                 let tmp = tempfile::tempdir()
                     .map_err(|e| ReplayError::Copy { dir: dir.display().to_string(), reason: e.to_string() })?;
                 copy_dir(dir, tmp.path())

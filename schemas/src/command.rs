@@ -321,6 +321,28 @@ pub enum CommandErrorCode {
     Unavailable,
 }
 
+impl CommandErrorCode {
+    /// The code as it is on the wire (`unknown_call`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandErrorCode::BadRequest => "bad_request",
+            CommandErrorCode::MissingField => "missing_field",
+            CommandErrorCode::WrongType => "wrong_type",
+            CommandErrorCode::BadValue => "bad_value",
+            CommandErrorCode::UnknownCall => "unknown_call",
+            CommandErrorCode::WrongState => "wrong_state",
+            CommandErrorCode::Unsupported => "unsupported",
+            CommandErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for CommandErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A refused command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, thiserror::Error)]
 #[error("{message}")]

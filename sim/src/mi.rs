@@ -450,10 +450,10 @@ fn run_command(inner: &Arc<Inner>, state: &mut State, command: &str, p: &Params)
         "events_list" => Ok(
             json!({ "Events": EVENTS.iter().enumerate().map(|(id, name)| json!({"name": name, "id": id})).collect::<Vec<_>>() }),
         ),
-        "event_subscribe" => event_subscribe(state, &p),
-        "subscribers_list" => subscribers_list(state, &p),
-        "get_statistics" => get_statistics(state, &p),
-        "dlg_list" | "dlg_list_ctx" => dlg_list(state, &p),
+        "event_subscribe" => event_subscribe(state, p),
+        "subscribers_list" => subscribers_list(state, p),
+        "get_statistics" => get_statistics(state, p),
+        "dlg_list" | "dlg_list_ctx" => dlg_list(state, p),
         "dlg_end_dlg" => {
             let dialog_id = p.str("dialog_id")?;
             let callid = state.find_dialog_key(&dialog_id).ok_or_else(|| fail(404, "Requested Dialog not found"))?;
@@ -475,7 +475,7 @@ fn run_command(inner: &Arc<Inner>, state: &mut State, command: &str, p: &Params)
                 Err(fail(480, "No dialog legs on hold"))
             }
         }
-        "call_transfer" => call_transfer(inner, state, &p),
+        "call_transfer" => call_transfer(inner, state, p),
         "ua_session_client_start" => {
             let (ruri, to, from) = (p.str("ruri")?, p.str("to")?, p.str("from")?);
             for optional in ["proxy", "body", "content_type", "extra_headers"] {
@@ -518,7 +518,7 @@ fn run_command(inner: &Arc<Inner>, state: &mut State, command: &str, p: &Params)
                 Some(false) | None => Err(fail(500, "Failed to terminate session")),
             }
         }
-        "ua_session_list" => ua_session_list(state, &p),
+        "ua_session_list" => ua_session_list(state, p),
         _ => Ok(json!("OK")),
     }
 }

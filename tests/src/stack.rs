@@ -187,7 +187,7 @@ impl Stack {
         let engine = loop {
             match Engine::start_with_local(config.clone(), self.client.clone(), self.local.clone()).await {
                 Ok(engine) => break engine,
-                Err(e) if e.to_string().contains("lock") && Instant::now() < deadline => {
+                Err(e) if e.to_string().contains("in use") && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => panic!("engine: {e}"),

@@ -76,6 +76,12 @@ pub enum LogError {
         /// The store's error.
         reason: String,
     },
+    /// Another process has the data dir open (sled locks it while open).
+    #[error("the data dir {path} is in use by another process (another `callbus up` or `callbus engine`?): stop it, or give this one another --data-dir")]
+    InUse {
+        /// The data dir.
+        path: String,
+    },
     /// A record could not be decoded.
     #[error("log record {seq} is corrupt: {reason}")]
     Corrupt {

@@ -81,6 +81,16 @@ impl SledLog {
         SledLog::open_with_cache(dir, DEFAULT_CACHE_BYTES)
     }
 
+    /// Whether another open log holds `dir` (sled keeps an exclusive lock on `<dir>/db` while it
+    /// is open, in this process or another). A dir without a log is not in use.
+    pub fn in_use(dir: &Path) -> bool {
+        match std::fs::File::open(dir.join("db")) {
+            // The probe's own lock goes with the file when it is dropped.
+            Ok(file) => matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+            Err(_) => false,
+        }
+    }
+
     /// Opens (or creates) the log in `dir` with a page cache of `cache_bytes`.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<SledLog, LogError> {
         SledLog::open_with(dir, cache_bytes, false)
@@ -90,8 +100,17 @@ impl SledLog {
     /// `sync_data`, every commit also `fdatasync`s sled's file (see [`SledLog`]'s durability
     /// note).
     pub fn open_with(dir: &Path, cache_bytes: u64, sync_data: bool) -> Result<SledLog, LogError> {
+        if SledLog::in_use(dir) {
+            return Err(LogError::InUse { path: dir.display().to_string() });
+        }
         let store = |e: sled::Error| LogError::Store { path: dir.display().to_string(), reason: e.to_string() };
-        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(store)?;
+        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(|e| match e {
+            // Taken between the probe above and sled's own lock.
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                LogError::InUse { path: dir.display().to_string() }
+            }
+            other => store(other),
+        })?;
         let sync_db: SyncDb = if sync_data {
             // sled 0.34 keeps its log in `<dir>/db`; an fdatasync on any descriptor of the file
             // covers every write to it.

@@ -1,0 +1,167 @@
+//! What a user reads when something is wrong: errors in words (no Rust internals), hints, and
+//! no library noise on client commands.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use callbus_tests::{free_port, NatsServer};
+
+fn callbus() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_callbus"));
+    cmd.env_remove("RUST_LOG").env_remove("NO_COLOR");
+    cmd
+}
+
+fn run(args: &[&str]) -> Output {
+    callbus().args(args).stdin(Stdio::null()).output().expect("callbus runs")
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// No Rust debug formatting in what a user reads.
+fn assert_in_words(said: &str) {
+    for internal in ["Os {", "kind:", "CallId(", "SipCallId(", "UnknownCall", "WrongState", "\u{1b}["] {
+        assert!(!said.contains(internal), "{internal:?} shown to the user:\n{said}");
+    }
+}
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `callbus up` on free ports against a simulator, answering commands; its stderr file.
+fn up(nats: &str, sim_mi: &str, data: &std::path::Path) -> (Killed, std::path::PathBuf) {
+    let log = data.join("up.log");
+    let child = callbus()
+        .args(["up", "--nats", nats, "--mi", sim_mi, "--events-listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(data.join("log"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("up starts");
+    let up = Killed(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !run(&["call", "--nats", nats, "--timeout", "1s", "list"]).status.success() {
+        assert!(Instant::now() < deadline, "up never answered: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (up, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_the_code_and_the_call_in_words_and_hint_at_sip_call_ids() {
+    let nats = NatsServer::start();
+    let sim = opensips_sim::Sim::start(opensips_sim::SimConfig::default()).await.expect("sim");
+    let data = tempfile::tempdir().expect("tmp");
+    let (_up, _) = up(&nats.url(), &sim.mi_addr().to_string(), data.path());
+
+    let out = run(&["call", "--nats", &nats.url(), "hold", "c019a00000000001"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("call.hold refused (unknown_call): no live call with call_id \"c019a00000000001\""),
+        "{said}"
+    );
+    assert!(!said.contains("hint"), "shaped like a call_id: no hint\n{said}");
+    assert_in_words(&said);
+
+    let out = run(&["call", "--nats", &nats.url(), "end", "1-2345@127.0.0.1"]);
+    let said = text(&out);
+    assert!(said.contains("hint:") && said.contains("--sip"), "a SIP Call-ID given as a call_id: {said}");
+    let out = run(&["call", "--nats", &nats.url(), "end", "--sip", "1-2345@127.0.0.1"]);
+    let said = text(&out);
+    assert!(said.contains("SIP Call-ID \"1-2345@127.0.0.1\"") && !said.contains("hint"), "{said}");
+    assert_in_words(&said);
+
+    // A client command prints its answer, not the NATS library's connection chatter.
+    let out = run(&["call", "--nats", &nats.url(), "list"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(!said.contains("async_nats") && !said.contains("connected"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_in_use_stops_up_before_its_bridge_starts() {
+    let nats = NatsServer::start();
+    let sim = opensips_sim::Sim::start(opensips_sim::SimConfig::default()).await.expect("sim");
+    let data = tempfile::tempdir().expect("tmp");
+    let (_first, first_log) = up(&nats.url(), &sim.mi_addr().to_string(), data.path());
+    let events = format!("127.0.0.1:{}", free_port());
+    let out = callbus()
+        .args(["up", "--nats", &nats.url(), "--mi", &sim.mi_addr().to_string(), "--events-listen", &events])
+        .arg("--data-dir")
+        .arg(data.path().join("log"))
+        .output()
+        .expect("runs");
+    let said = text(&out);
+    assert!(!out.status.success());
+    assert!(said.contains("is in use by another process") && said.contains("--data-dir"), "{said}");
+    assert!(!said.contains("bridge started"), "the bridge must not start:\n{said}");
+    assert_in_words(&said);
+    // Log files get no colour codes.
+    assert_in_words(&std::fs::read_to_string(first_log).expect("log"));
+}
+
+#[test]
+fn replay_of_a_mistyped_data_dir_is_an_error_and_creates_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let typo = dir.path().join("callbus-dta");
+    let out = run(&["replay", "--data-dir", &typo.display().to_string(), "stats"]);
+    let said = text(&out);
+    assert!(!out.status.success());
+    assert!(said.contains("no callbus log") && said.contains("--data-dir"), "{said}");
+    assert!(!typo.exists(), "replay created {}", typo.display());
+}
+
+#[test]
+fn another_program_on_the_nats_port_is_named_at_once() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("nats://{}", listener.local_addr().expect("addr"));
+    let data = tempfile::tempdir().expect("tmp");
+    let started = Instant::now();
+    let out = callbus()
+        .args(["up", "--nats", &url, "--mi", "127.0.0.1:9", "--events-listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(data.path())
+        .output()
+        .expect("runs");
+    let said = text(&out);
+    assert!(!out.status.success());
+    assert!(said.contains("not a NATS server"), "{said}");
+    assert!(started.elapsed() < Duration::from_secs(15), "said at once, not after retries");
+    drop(listener);
+}
+
+#[test]
+fn host_names_are_addresses_and_a_taken_port_is_said_once() {
+    let out = run(&["config", "show", "--mi", "localhost:8080"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("mi = \"127.0.0.1:8080\""), "{said}");
+    let out = run(&["config", "show", "--mi", "localhost"]);
+    assert!(!out.status.success() && text(&out).contains("host:port"), "{}", text(&out));
+
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let events = taken.local_addr().expect("addr").to_string();
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().expect("tmp");
+    let out = callbus()
+        .args(["up", "--nats", &nats.url(), "--mi", "127.0.0.1:9", "--events-listen", &events])
+        .arg("--data-dir")
+        .arg(data.path())
+        .output()
+        .expect("runs");
+    let said = text(&out);
+    assert!(!out.status.success());
+    assert!(said.contains(&format!("cannot bind the event listener at {events}")), "{said}");
+    assert_eq!(said.matches("in use").count(), 1, "said once:\n{said}");
+    assert_in_words(&said);
+}
