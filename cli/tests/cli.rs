@@ -300,7 +300,7 @@ async fn call_start_and_ua_commands_follow_the_call_and_fail_with_the_reason() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("busy"));
     let out = run_async(s(&["ua", "--nats", &url, "answer", "c-none", "200"])).await;
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("UnknownCall"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused (unknown_call)"));
     stack.shutdown().await;
 }
 

@@ -785,3 +785,231 @@ async fn mi_replies_of_the_simulator_have_the_real_shapes() {
     );
     t.finish();
 }
+
+/// What must agree between an event raised by the real OpenSIPS and by the simulator: its name,
+/// its params' names and value types in order, and the values that say what happened.
+fn event_signature(datagram: &serde_json::Value) -> String {
+    let params = datagram["params"].as_object().cloned().unwrap_or_default();
+    let shape: Vec<String> = params
+        .iter()
+        .map(|(k, v)| {
+            let kind = match v {
+                serde_json::Value::String(_) => "str",
+                serde_json::Value::Number(_) => "int",
+                serde_json::Value::Null => "null",
+                _ => "other",
+            };
+            format!("{k}:{kind}")
+        })
+        .collect();
+    let said = |names: &[&str]| {
+        names.iter().map(|n| params.get(*n).map(|v| v.to_string()).unwrap_or_default()).collect::<Vec<_>>().join("/")
+    };
+    let values = match datagram["method"].as_str().unwrap_or_default() {
+        "E_DLG_STATE_CHANGED" => said(&["old_state", "new_state"]),
+        "E_CALL_HOLD" => said(&["leg", "action", "state"]),
+        "E_UA_SESSION" => said(&["event_type", "entity_type", "status", "method"]),
+        _ => String::new(),
+    };
+    format!("{} {values} ({})", datagram["method"].as_str().unwrap_or("?"), shape.join(","))
+}
+
+/// The simulator with a subscriber socket for every event; the events raised until `quiet`
+/// passes without one.
+struct SimEvents {
+    sim: opensips_sim::Sim,
+    socket: tokio::net::UdpSocket,
+}
+
+impl SimEvents {
+    async fn start() -> SimEvents {
+        let sim = opensips_sim::Sim::start(opensips_sim::SimConfig::default()).await.expect("the simulator");
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let port = socket.local_addr().expect("addr").port();
+        for event in ["E_DLG_STATE_CHANGED", "E_CALL_HOLD", "E_CALL_TRANSFER", "E_UA_SESSION"] {
+            let reply = SimEvents::mi(
+                &sim,
+                "event_subscribe",
+                json!({"event": event, "socket": format!("udp:127.0.0.1:{port}")}),
+            )
+            .await;
+            assert_eq!(reply["result"], json!("OK"), "{reply}");
+        }
+        SimEvents { sim, socket }
+    }
+
+    async fn mi(sim: &opensips_sim::Sim, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let request = json!({"jsonrpc": "2.0", "method": method, "params": params, "id": 1});
+        socket.send_to(request.to_string().as_bytes(), sim.mi_addr()).await.expect("send");
+        let mut buf = vec![0u8; 65_536];
+        let n =
+            tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buf)).await.expect("MI reply").expect("recv");
+        serde_json::from_slice(&buf[..n]).expect("JSON")
+    }
+
+    async fn until_quiet(&self, quiet: Duration) -> Vec<serde_json::Value> {
+        let mut buf = vec![0u8; 65_536];
+        let mut out = Vec::new();
+        while let Ok(Ok(n)) = tokio::time::timeout(quiet, self.socket.recv(&mut buf)).await {
+            out.push(serde_json::from_slice(&buf[..n]).expect("an event datagram"));
+        }
+        out
+    }
+}
+
+/// The raw events callbus republished (`opensips.<node>.event.>`) whose `param` is `value`.
+async fn real_events(
+    sub: &mut async_nats::Subscriber,
+    param: &str,
+    value: &str,
+    quiet: Duration,
+) -> Vec<serde_json::Value> {
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(quiet, sub.next()).await {
+        let datagram: serde_json::Value = serde_json::from_slice(&msg.payload).expect("an event datagram");
+        if datagram["params"][param] == json!(value) {
+            out.push(datagram);
+        }
+    }
+    out
+}
+
+/// Signatures sorted: events of one call come from several OpenSIPS processes, in no fixed
+/// order (docs/opensips.md §2), so the two sides are compared as multisets.
+fn signatures(events: &[serde_json::Value]) -> Vec<String> {
+    let mut all: Vec<String> = events.iter().map(event_signature).collect();
+    all.sort();
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_sequences_of_the_simulator_match_real_flows() {
+    let Some(mut t) = Tier::start("event differential, real flows against the simulator").await else { return };
+    let mut raw = t.client.subscribe(format!("opensips.{NODE}.event.>")).await.expect("subscribe");
+    t.client.flush().await.expect("flush");
+    let quiet = Duration::from_millis(1_500);
+    let mut compared = Vec::new();
+
+    // Proxied calls: answered then hung up, rejected, cancelled, nobody there.
+    let scenarios: [(&str, opensips_sim::Outcome); 4] = [
+        ("answered, caller hangs up", opensips_sim::Outcome::Answered),
+        ("rejected", opensips_sim::Outcome::Rejected),
+        ("cancelled", opensips_sim::Outcome::Cancelled),
+        ("nobody answers", opensips_sim::Outcome::NoAnswer),
+    ];
+    for (name, outcome) in scenarios {
+        let real_run = match outcome {
+            opensips_sim::Outcome::Answered => {
+                let bob = t.callee("bob", "answer.xml", 100);
+                let run = t.caller("alice", &bob.uri("bob"), Some(300)).expect_ok(PHONE_LIMIT);
+                bob.expect_ok(PHONE_LIMIT);
+                run
+            }
+            opensips_sim::Outcome::Rejected => {
+                let bob = t.callee("bob", "reject.xml", 100);
+                let run = t.caller("alice", &bob.uri("bob"), None).expect_ok(PHONE_LIMIT);
+                bob.expect_ok(PHONE_LIMIT);
+                run
+            }
+            opensips_sim::Outcome::Cancelled => {
+                let bob = t.callee("bob", "ring.xml", 0);
+                let ruri = bob.uri("bob");
+                let run = t
+                    .phone("alice", "cancel.xml", &["-key", "ruri", &ruri, "-d", "300", real::SIP])
+                    .expect_ok(PHONE_LIMIT);
+                bob.expect_ok(PHONE_LIMIT);
+                run
+            }
+            opensips_sim::Outcome::NoAnswer => {
+                let nobody = format!("sip:nobody@127.0.0.1:{}", real::free_udp_port());
+                t.caller("alice", &nobody, None).expect_ok(PHONE_LIMIT)
+            }
+        };
+        let sip = real_run.header("Call-ID").expect("Call-ID");
+        let real = real_events(&mut raw, "callid", &sip, quiet).await;
+        let sim = SimEvents::start().await;
+        let script =
+            opensips_sim::CallScript { outcome, hangup_after: Some(Duration::from_millis(300)), ..Default::default() };
+        let sim_sip = sim.sim.proxied_call(script);
+        let ours: Vec<_> =
+            sim.until_quiet(quiet).await.into_iter().filter(|e| e["params"]["callid"] == json!(sim_sip)).collect();
+        compared.push((format!("proxied call {name}"), signatures(&real), signatures(&ours)));
+    }
+
+    // Hold and unhold of a confirmed call, through MI.
+    let bob = t.callee("bob", "answer.xml", 100);
+    let alice = t.caller("alice", &bob.uri("bob"), None);
+    t.phone_received(&alice, "SIP/2.0 200").await;
+    let sip = alice.so_far().header("Call-ID").expect("Call-ID");
+    t.sip_event(&sip, "confirmed").await;
+    real_events(&mut raw, "callid", &sip, Duration::from_millis(300)).await; // the set-up's
+    for method in ["call_hold", "call_unhold"] {
+        let reply = t
+            .client
+            .request(format!("opensips.{NODE}.mi.{method}"), json!({"callid": sip}).to_string().into())
+            .await
+            .expect("MI");
+        assert!(String::from_utf8_lossy(&reply.payload).contains("OK"), "{method}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let real: Vec<_> = real_events(&mut raw, "callid", &sip, quiet)
+        .await
+        .into_iter()
+        .filter(|e| e["method"] == json!("E_CALL_HOLD"))
+        .collect();
+    let sim = SimEvents::start().await;
+    let sim_sip = sim.sim.proxied_call(opensips_sim::CallScript::default());
+    sim.until_quiet(Duration::from_millis(500)).await;
+    for method in ["call_hold", "call_unhold"] {
+        assert_eq!(SimEvents::mi(&sim.sim, method, json!({"callid": sim_sip})).await["result"], json!("OK"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let ours: Vec<_> =
+        sim.until_quiet(quiet).await.into_iter().filter(|e| e["method"] == json!("E_CALL_HOLD")).collect();
+    compared.push(("hold and unhold".into(), signatures(&real), signatures(&ours)));
+    t.accepted("call.end", json!({"sip_call_id": sip})).await;
+    alice.expect_ok(PHONE_LIMIT);
+    bob.expect_ok(PHONE_LIMIT);
+
+    // A UA client session answered, then ended by us; and one refused busy.
+    for (name, scenario, peer) in
+        [("answered", "answer.xml", opensips_sim::UaPeer::Answer), ("busy", "reject.xml", opensips_sim::UaPeer::Busy)]
+    {
+        let bob = t.callee("bob", scenario, 100);
+        let call =
+            t.accepted("ua.start", json!({"to": bob.uri("bob"), "from": "sip:alice@127.0.0.1", "body": OFFER})).await;
+        let key = t.event(&call, "calling").await.data["key"].as_str().expect("key").to_owned();
+        let real = real_events(&mut raw, "key", &key, quiet).await;
+        if name == "answered" {
+            t.accepted("ua.terminate", json!({"call_id": call})).await;
+        }
+        bob.expect_ok(PHONE_LIMIT);
+        let sim = SimEvents::start().await;
+        let ruri = "sip:bob@127.0.0.1:5080";
+        sim.sim.set_ua_peer(ruri, peer);
+        let params = json!({"ruri": ruri, "to": ruri, "from": "sip:alice@127.0.0.1", "body": OFFER, "flags": "rhba"});
+        let sim_key = SimEvents::mi(&sim.sim, "ua_session_client_start", params).await["result"]
+            .as_str()
+            .expect("key")
+            .to_owned();
+        let ours: Vec<_> =
+            sim.until_quiet(quiet).await.into_iter().filter(|e| e["params"]["key"] == json!(sim_key)).collect();
+        compared.push((format!("UA client {name}"), signatures(&real), signatures(&ours)));
+    }
+
+    for (name, real, _) in &compared {
+        assert!(!real.is_empty(), "{name}: no event seen from the real OpenSIPS");
+        eprintln!("{name}: {real:?}");
+    }
+    let same = compared.iter().filter(|(_, real, ours)| real == ours).count();
+    println!("RESULT|event differential|{same}/{} flows raise the same events on the simulator", compared.len());
+    let differ: Vec<String> = compared
+        .iter()
+        .filter(|(_, real, ours)| real != ours)
+        .map(|(name, real, ours)| format!("{name}:\n  OpenSIPS:  {real:#?}\n  simulator: {ours:#?}"))
+        .collect();
+    assert!(differ.is_empty(), "{same}/{} flows alike; these differ:\n{}", compared.len(), differ.join("\n"));
+    t.finish();
+}

@@ -5,7 +5,11 @@
 //!   (`ua_session_client_start` of the caller) received; the callee's `ANSWERED` event raised →
 //!   the caller's completion (`ua_session_update` re-INVITE with the callee's SDP) received.
 //!   p50 / p99 over sequential calls;
-//! - many at once: N `call.start` sent together, all connected, none failed; the time it took.
+//! - many at once: N `call.start` sent together, all connected, none failed; the time it took;
+//! - the Call API door: `CallHold` / `CallUnhold` of a proxied call, one at a time, from the
+//!   request frame to the `Ended` frame, against the same commands over NATS (request → the
+//!   `command_succeeded` notification, already subscribed) in the same run: `door_…` and
+//!   `door_nats_…` figures and their p50 ratio.
 //!
 //! Figures named `c2d_…` are for `callbus up` (the engine takes its node's events and MI from
 //! the bridge in-process); `c2d_split_…` for a bridge and an engine apart, over NATS.
@@ -19,7 +23,7 @@ use bytes::Bytes;
 use callbus_schemas::command::{CallNotification, CommandReply};
 use callbus_schemas::event::{Event, UaEventType};
 use callbus_tests::stack::{accepted, Stack};
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use opensips_sim::{SimConfig, Traced};
 use serde_json::json;
 
@@ -96,6 +100,58 @@ async fn one_at_a_time(s: &mut Stack, n: usize) -> (Vec<f64>, Vec<f64>) {
     (first_mi, completion)
 }
 
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One Call API command through the door, from its request frame to its `Ended` frame, µs.
+async fn through_door(ws: &mut Ws, method: &str, sip_call_id: &str) -> f64 {
+    let started = Instant::now();
+    let frame = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": {"callid": sip_call_id}});
+    ws.send(tokio_tungstenite::tungstenite::Message::text(frame.to_string())).await.expect("send");
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a frame").expect("open");
+        let Ok(tokio_tungstenite::tungstenite::Message::Text(text)) = msg else { continue };
+        let v: serde_json::Value = serde_json::from_str(text.as_str()).expect("JSON frame");
+        match v["params"]["event"].as_str() {
+            Some("Ended") => return started.elapsed().as_secs_f64() * 1e6,
+            Some("Error") => panic!("{method} failed through the door: {v}"),
+            _ => {}
+        }
+    }
+}
+
+/// `n` hold/unhold pairs of one proxied call through the door and over NATS, interleaved.
+async fn door_against_nats(s: &mut Stack, n: usize) -> (Vec<f64>, Vec<f64>) {
+    let door = callbus_engine::callapi::CallApiDoor::start("127.0.0.1:0".parse().expect("addr"), s.client.clone())
+        .await
+        .expect("door");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/call-api", door.local_addr())).await.expect("connect");
+    let (call_id, sip) = s.confirmed_call(opensips_sim::CallScript::default()).await;
+    let mut outcomes = s.client.subscribe(format!("callbus.call.{call_id}.command_succeeded")).await.expect("sub");
+    s.client.flush().await.expect("flush");
+    let (mut door_us, mut nats_us) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        for method in ["CallHold", "CallUnhold"] {
+            door_us.push(through_door(&mut ws, method, &sip).await);
+        }
+        for verb in ["call.hold", "call.unhold"] {
+            let cmd_id = format!("{verb}-{i}");
+            let started = Instant::now();
+            accepted(&s.cmd(verb, json!({"call_id": call_id, "cmd_id": cmd_id})).await);
+            loop {
+                let msg = tokio::time::timeout(Duration::from_secs(10), outcomes.next()).await.expect("outcome");
+                let note: CallNotification = serde_json::from_slice(&msg.expect("open").payload).expect("note");
+                if note.cmd_id.as_deref() == Some(cmd_id.as_str()) {
+                    break;
+                }
+            }
+            nats_us.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    door.shutdown().await;
+    (door_us, nats_us)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -158,4 +214,17 @@ async fn main() {
     println!("RESULT|c2d_at_once_time|{:.0}|ms", took.as_secs_f64() * 1e3);
     s.shutdown().await;
     assert_eq!(ok, at_once, "every click-to-dial connected");
+    drop(s);
+
+    let pairs = if quick { 20 } else { 200 };
+    eprintln!("the Call API door against NATS: {pairs} hold/unhold pairs each, one at a time, callbus up");
+    let mut s = Stack::start_up(SimConfig::default()).await;
+    let (mut door_us, mut nats_us) = door_against_nats(&mut s, pairs).await;
+    door_us.sort_by(|a, b| a.total_cmp(b));
+    nats_us.sort_by(|a, b| a.total_cmp(b));
+    let ratio = percentile(&door_us, 0.5) / percentile(&nats_us, 0.5);
+    report("door_hold_to_ended", door_us);
+    report("door_nats_hold_to_outcome", nats_us);
+    println!("RESULT|door_over_nats_p50|{ratio:.2}|x");
+    s.shutdown().await;
 }
