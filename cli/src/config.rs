@@ -141,6 +141,9 @@ pub struct EngineSection {
     pub nodes: Vec<String>,
     /// How long an ended call stays in memory to absorb late events.
     pub ended_retention: Dur,
+    /// How long an accepted command's `cmd_id` is remembered, across restarts too (at most the
+    /// last 100 000): the same `cmd_id` again within it gets the first answer.
+    pub cmd_id_window: Dur,
     /// Serve the OpenSIPS Call API protocol here; off when absent.
     #[serde(deserialize_with = "crate::addr::de_opt")]
     pub callapi_listen: Option<SocketAddr>,
@@ -194,6 +197,7 @@ impl Default for EngineSection {
             data_dir: PathBuf::from("./callbus-data"),
             nodes: vec!["default".into()],
             ended_retention: Dur(Duration::from_secs(60)),
+            cmd_id_window: Dur(Duration::from_secs(24 * 3600)),
             callapi_listen: None,
             callapi_token: None,
             max_live_calls: 500_000,

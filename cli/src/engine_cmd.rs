@@ -124,6 +124,7 @@ pub fn engine_config(c: &EngineSection) -> EngineConfig {
         data_dir: c.data_dir.clone(),
         nodes: c.nodes.clone(),
         ended_retention: c.ended_retention.0,
+        cmd_id_window: c.cmd_id_window.0,
         max_live_calls: c.max_live_calls,
         reconcile_every: Some(c.reconcile_every.0).filter(|d| !d.is_zero()),
         input_queue: c.input_queue,

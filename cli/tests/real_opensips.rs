@@ -272,13 +272,17 @@ async fn proxied_transfer_declined_by_the_transferee_is_reported_failed() {
 const OFFER: &str =
     "v=0\r\no=app 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
 
-/// Waits for the outcome of `cmd_id`: true when it succeeded.
+/// Waits for the outcome of `cmd_id`: true when it succeeded (a failure is printed with its
+/// reason and the call's events, for when a flow expected success).
 async fn outcome(t: &mut Tier, cmd_id: &str) -> bool {
     let n = t
         .note(&format!("outcome of {cmd_id}"), |n| {
             n.cmd_id.as_deref() == Some(cmd_id) && matches!(n.event.as_str(), "command_succeeded" | "command_failed")
         })
         .await;
+    if n.event == "command_failed" {
+        eprintln!("{cmd_id} failed: {}; the call's events: {:?}", n.data, t.events_of(&n.call_id));
+    }
     n.event == "command_succeeded"
 }
 

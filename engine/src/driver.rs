@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::log::{EventLog, LogError, Record, SledLog, Snapshot, RECORD_FORMAT};
+use crate::log::{EventLog, LogError, Record, RememberedCommand, SledLog, Snapshot, RECORD_FORMAT};
 use crate::machines::{call_of_request, BridgedState, CallState, Ctx, DialogState, Effect, Input, UaState};
 use crate::EngineConfig;
 
@@ -36,7 +36,8 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 
 /// The most inputs handled before one commit.
 pub const MAX_BATCH: usize = 1024;
-/// `cmd_id`s remembered for answering repeats.
+/// The most `cmd_id`s remembered for answering repeats, whatever their age (within
+/// `EngineConfig::cmd_id_window`): ~150 bytes each in memory and in the log's `meta` tree.
 const REMEMBERED_COMMANDS: usize = 100_000;
 /// How long an `E_UA_SESSION` for a key nobody knows yet waits for the `ua_session_client_start`
 /// reply that names it (OpenSIPS may raise a client session's first event before answering).
@@ -162,7 +163,8 @@ struct Outputs {
     notifications: Vec<(String, Bytes)>,
     mi: Vec<(String, String, String, Value)>,
     timers: Vec<(String, String, u64, u64)>,
-    remembered: Vec<(String, CommandReply)>,
+    /// Accepted commands to remember, with their record's sequence.
+    remembered: Vec<(String, CommandReply, u64)>,
     staged: usize,
     /// Each command's verb, how it was answered, and when it came in (for metrics).
     outcomes: Vec<(Verb, &'static str, Instant)>,
@@ -185,7 +187,12 @@ pub(crate) struct Owner {
     timers: HashMap<(String, String), u64>,
     timer_generation: u64,
     remembered: HashMap<String, CommandReply>,
-    remembered_order: VecDeque<String>,
+    /// The remembered `cmd_id`s, oldest first, with when they were accepted (ms).
+    remembered_order: VecDeque<(String, u64)>,
+    /// Remembered since the last checkpoint, to keep in the log with it.
+    commands_unsaved: Vec<(String, RememberedCommand)>,
+    /// Forgotten (too old, or too many) since the last checkpoint, to remove from the log.
+    commands_forgotten: Vec<String>,
     next_call: u64,
     tx: mpsc::Sender<Work>,
     /// Calls changed since the last checkpoint.
@@ -419,15 +426,36 @@ impl Owner {
         self.config.nodes.first().map(String::as_str).unwrap_or("default")
     }
 
-    fn remember(&mut self, cmd_id: String, reply: CommandReply) {
+    /// Remembers an accepted command's answer; `saved` when it comes from the log's kept ones
+    /// (otherwise it is kept there with the next checkpoint).
+    fn remember(&mut self, cmd_id: String, reply: CommandReply, seq: u64, time_ms: u64, saved: bool) {
+        if let (CommandReply::Accepted { call_id, .. }, false) = (&reply, saved) {
+            let kept = RememberedCommand { seq, time_ms, call_id: call_id.clone() };
+            self.commands_unsaved.push((cmd_id.clone(), kept));
+        }
         if self.remembered.insert(cmd_id.clone(), reply).is_none() {
-            self.remembered_order.push_back(cmd_id);
+            self.remembered_order.push_back((cmd_id, time_ms));
         }
         while self.remembered_order.len() > REMEMBERED_COMMANDS {
-            if let Some(old) = self.remembered_order.pop_front() {
-                self.remembered.remove(&old);
+            if let Some((old, _)) = self.remembered_order.pop_front() {
+                self.forget_command(old);
             }
         }
+    }
+
+    /// Forgets the commands accepted longer than `cmd_id_window` ago.
+    fn forget_old_commands(&mut self, now_ms: u64) {
+        let window_ms = u64::try_from(self.config.cmd_id_window.as_millis()).unwrap_or(u64::MAX);
+        while self.remembered_order.front().is_some_and(|(_, at)| at.saturating_add(window_ms) < now_ms) {
+            if let Some((old, _)) = self.remembered_order.pop_front() {
+                self.forget_command(old);
+            }
+        }
+    }
+
+    fn forget_command(&mut self, cmd_id: String) {
+        self.remembered.remove(&cmd_id);
+        self.commands_forgotten.push(cmd_id);
     }
 
     fn summary(&self, call_id: &str, state: &CallState) -> Value {
@@ -564,13 +592,13 @@ impl Owner {
                 return Ok(());
             }
             let call_id = self.new_call_id();
-            self.apply(&call_id, Some(fresh), Input::Command { cmd_id: cmd_id.clone(), command }, out)?;
+            let seq = self.apply(&call_id, Some(fresh), Input::Command { cmd_id: cmd_id.clone(), command }, out)?;
             let answer = CommandReply::Accepted { call_id, cmd_id: cmd_id.clone(), accepted: true };
             if let Some(r) = &reply {
                 out.replies.push((r.clone(), Bytes::from(answer.to_bytes())));
             }
             out.outcomes.push((verb, "accepted", received));
-            out.remembered.push((cmd_id, answer));
+            out.remembered.push((cmd_id, answer, seq));
             return Ok(());
         }
         let Some(target) = command.target().cloned() else { return Ok(()) };
@@ -596,13 +624,13 @@ impl Owner {
             refuse(out, Some(cmd_id), error);
             return Ok(());
         }
-        self.apply(&call_id, None, Input::Command { cmd_id: cmd_id.clone(), command }, out)?;
+        let seq = self.apply(&call_id, None, Input::Command { cmd_id: cmd_id.clone(), command }, out)?;
         let answer = CommandReply::Accepted { call_id, cmd_id: cmd_id.clone(), accepted: true };
         if let Some(r) = &reply {
             out.replies.push((r.clone(), Bytes::from(answer.to_bytes())));
         }
         out.outcomes.push((verb, "accepted", received));
-        out.remembered.push((cmd_id, answer));
+        out.remembered.push((cmd_id, answer, seq));
         Ok(())
     }
 
@@ -742,8 +770,9 @@ impl Owner {
         if to_opensips {
             tokio::task::yield_now().await;
         }
-        for (cmd_id, reply) in out.remembered {
-            self.remember(cmd_id, reply);
+        let now_ms = self.config.clock.now_ms();
+        for (cmd_id, reply, seq) in out.remembered {
+            self.remember(cmd_id, reply, seq, now_ms, false);
         }
         for (subject, body) in out.replies {
             if let Err(e) = self.client.publish(subject, body).await {
@@ -781,9 +810,22 @@ impl Owner {
 
     /// Writes the snapshots of the calls changed since the last checkpoint, then the checkpoint
     /// itself (durable with the next commit).
+    /// Whether a checkpoint has anything to write.
+    fn checkpoint_due(&self) -> bool {
+        !self.dirty.is_empty() || !self.commands_unsaved.is_empty() || !self.commands_forgotten.is_empty()
+    }
+
     fn checkpoint(&mut self) -> Result<(), LogError> {
-        if self.dirty.is_empty() {
+        if !self.checkpoint_due() {
             return Ok(());
+        }
+        // Kept before the checkpoint that covers their records moves past them: a command
+        // after the checkpoint is found again in the log's tail by recovery.
+        for (cmd_id, kept) in std::mem::take(&mut self.commands_unsaved) {
+            self.log.stage_command(&cmd_id, &kept)?;
+        }
+        for cmd_id in std::mem::take(&mut self.commands_forgotten) {
+            self.log.remove_command(&cmd_id)?;
         }
         for call_id in std::mem::take(&mut self.dirty) {
             match self.calls.get(&call_id) {
@@ -1029,6 +1071,14 @@ pub(crate) async fn reconcile_nodes(
 
 /// Rebuilds live calls from snapshots and the log's tail.
 pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
+    // The cmd_ids kept at checkpoints, oldest first; those past the window are dropped.
+    let mut kept = owner.log.commands()?;
+    kept.sort_by_key(|(_, c)| c.seq);
+    for (cmd_id, c) in kept {
+        let reply = CommandReply::Accepted { call_id: c.call_id, cmd_id: cmd_id.clone(), accepted: true };
+        owner.remember(cmd_id, reply, c.seq, c.time_ms, true);
+    }
+    owner.forget_old_commands(owner.config.clock.now_ms());
     let snapshots = owner.log.snapshots()?;
     let mut last_seq: HashMap<String, u64> = HashMap::new();
     let from = owner.log.checkpoint()? + 1;
@@ -1063,7 +1113,7 @@ pub(crate) fn recover(owner: &mut Owner) -> Result<(usize, usize), LogError> {
         if let Input::Command { cmd_id, .. } = &record.input {
             let reply =
                 CommandReply::Accepted { call_id: record.call_id.clone(), cmd_id: cmd_id.clone(), accepted: true };
-            owner.remember(cmd_id.clone(), reply);
+            owner.remember(cmd_id.clone(), reply, record.seq, record.time_ms, false);
         }
         if let Some(sip) = record.after.sip_call_id() {
             owner.by_sip.insert(sip.to_owned(), record.call_id.clone());
@@ -1122,6 +1172,8 @@ pub(crate) fn owner_on(
         timer_generation: 0,
         remembered: HashMap::new(),
         remembered_order: VecDeque::new(),
+        commands_unsaved: Vec::new(),
+        commands_forgotten: Vec::new(),
         next_call: 0,
         tx,
         dirty: Default::default(),
@@ -1213,7 +1265,8 @@ impl Owner {
                         }
                     }
                     // Checkpoints are written between batches, so no input waits for one.
-                    if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY && !self.dirty.is_empty() {
+                    self.forget_old_commands(self.config.clock.now_ms());
+                    if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY && self.checkpoint_due() {
                         match self.checkpoint() {
                             Ok(()) => {
                                 if let Err(e) = self.log.commit().await {

@@ -62,6 +62,10 @@ pub struct EngineConfig {
     pub mi_timeout: Duration,
     /// How long an ended call stays in memory (late events for it are absorbed meanwhile).
     pub ended_retention: Duration,
+    /// How long an accepted command's `cmd_id` is remembered (kept in the log, so also across
+    /// restarts): the same `cmd_id` again within it gets the first answer. At most the last
+    /// 100 000 are kept, whatever their age.
+    pub cmd_id_window: Duration,
     /// Reconcile with OpenSIPS (`dlg_list`, `ua_session_list`) on start.
     pub reconcile: bool,
     /// Also reconcile every node with live calls this often (closes calls whose end was lost
@@ -152,6 +156,7 @@ impl Default for EngineConfig {
             nodes: vec!["default".into()],
             mi_timeout: Duration::from_secs(7),
             ended_retention: Duration::from_secs(60),
+            cmd_id_window: Duration::from_secs(24 * 3600),
             reconcile: true,
             reconcile_every: Some(Duration::from_secs(300)),
             cache_bytes: log::DEFAULT_CACHE_BYTES,

@@ -109,13 +109,18 @@ async fn a_crashed_worker_s_calls_continue_on_the_others_and_the_log_holds_each_
     }
     let moved: Vec<&String> =
         sips.iter().filter(|sip| owners[&cluster::partition_of(sip, PARTITIONS)] == "w1").collect();
-    assert!(!moved.is_empty());
+    assert!(moved.len() > 1);
+    // A command on a call of w1 before the crash, to be retried at its new owner.
+    let before = json!({"sip_call_id": moved[moved.len() - 1], "cmd_id": "before-crash"});
+    let first = accepted(&cmd(&client, "call.hold", before.clone()).await);
     let crashed_at = Instant::now();
     workers[1].take().expect("w1").abort();
     settled(&client, PARTITIONS, &["w0", "w2"], Duration::from_secs(10)).await;
     let taken_after = crashed_at.elapsed();
     // A command on a moved call reaches its new owner.
     accepted(&cmd(&client, "call.hold", json!({"sip_call_id": moved[0], "cmd_id": "after-crash"})).await);
+    // The retry of a command w1 accepted gets w1's answer from the new owner, not a second hold.
+    assert_eq!(accepted(&cmd(&client, "call.hold", before).await), first, "a retry after a takeover");
     // Every call ends (the simulated caller hangs up), the moved ones at their new owners.
     wait_ended_in_log(&client, PARTITIONS, &sips, Duration::from_secs(30)).await;
     // w1 comes back: a clean shutdown of w2 hands its partitions to the others.
@@ -124,6 +129,8 @@ async fn a_crashed_worker_s_calls_continue_on_the_others_and_the_log_holds_each_
     workers[2].take().expect("w2").shutdown().await;
     settled(&client, PARTITIONS, &["w0", "w1"], Duration::from_secs(10)).await;
     let records = all_records(&client, PARTITIONS).await;
+    let retried = |r: &&Record| matches!(&r.input, callbus_engine::machines::Input::Command { cmd_id, .. } if cmd_id == "before-crash");
+    assert_eq!(records.iter().filter(retried).count(), 1, "the retried hold is in the log once");
     assert_log_is_what_was_sent(&sips, &sim.take_trace(), &records);
     let takeovers = assert_fenced(&client, PARTITIONS).await;
     assert!(takeovers.iter().all(|n| *n >= 1), "{takeovers:?}");

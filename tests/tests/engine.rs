@@ -317,3 +317,68 @@ async fn timers_pending_at_a_crash_fire_after_the_restart() {
     s.shutdown().await;
     assert_log_replays(s.data.path());
 }
+
+/// How a retry is answered after the engine went away: `stop` is a clean stop or a crash.
+async fn retried_after(stop: &str) {
+    let mut s = Stack::start().await;
+    // A click-to-dial and a hold of a proxied call, each with a client cmd_id.
+    let start = json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1", "cmd_id": "same-1"});
+    let (first_call, _) = accepted(&s.cmd("call.start", start.clone()).await);
+    let (proxied, _) = s.confirmed_call(CallScript::default()).await;
+    let (held, _) = accepted(&s.cmd("call.hold", json!({"call_id": proxied, "cmd_id": "dup-1"})).await);
+    s.notes_until(|n| n.cmd_id.as_deref() == Some("dup-1") && n.event.starts_with("command_")).await;
+    // The proxied call ends: a retry of its hold must not be answered "unknown call".
+    accepted(&s.cmd("call.end", json!({"call_id": proxied})).await);
+    s.notes_until(|n| n.call_id == proxied && n.event == "ended").await;
+    // Past a checkpoint (1 s): the commands are no longer in the log's tail.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    match stop {
+        "crash" => {
+            s.engine.take().expect("engine").abort();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.start_engine().await;
+        }
+        _ => s.start_engine().await, // shuts the running one down cleanly first
+    }
+    let again = s.cmd("call.start", start).await;
+    assert_eq!(accepted(&again), (first_call.clone(), "same-1".to_owned()), "after a {stop}: the first answer");
+    let again = s.cmd("call.hold", json!({"call_id": proxied, "cmd_id": "dup-1"})).await;
+    assert_eq!(accepted(&again), (held, "dup-1".to_owned()), "after a {stop}: the first answer, not unknown_call");
+    // Acted on once: no second call was placed.
+    let listed = s.cmd("call.list", json!({})).await;
+    let CommandReply::Data { result, .. } = &listed else { panic!("{listed:?}") };
+    let starts = result["calls"].as_array().expect("calls").iter().filter(|c| c["kind"] == json!("bridged")).count();
+    assert_eq!(starts, 1, "one click-to-dial: {result}");
+    let logged = callbus_tests::stack::logged_cmd_ids;
+    s.shutdown().await;
+    let ids = logged(s.data.path());
+    assert_eq!(ids.iter().filter(|c| *c == "same-1").count(), 1, "{ids:?}");
+    assert_eq!(ids.iter().filter(|c| *c == "dup-1").count(), 1, "{ids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_cmd_id_gets_the_first_answer_after_a_clean_restart() {
+    retried_after("clean stop").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_cmd_id_gets_the_first_answer_after_a_crash() {
+    retried_after("crash").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cmd_id_older_than_the_window_is_a_new_command() {
+    let mut s = Stack::start().await;
+    s.start_engine_with(|c| c.cmd_id_window = Duration::from_millis(300)).await;
+    let start = json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1", "cmd_id": "old-1"});
+    let (first, _) = accepted(&s.cmd("call.start", start.clone()).await);
+    assert_eq!(accepted(&s.cmd("call.start", start.clone()).await).0, first, "within the window: the first answer");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Forgotten in memory, and in the log across a restart.
+    s.start_engine_with(|c| c.cmd_id_window = Duration::from_millis(300)).await;
+    let (second, _) = accepted(&s.cmd("call.start", start).await);
+    assert_ne!(second, first, "past the window: acted on as a new command");
+    s.shutdown().await;
+    let kept = SledLog::open(s.data.path()).expect("log").commands().expect("kept cmd_ids");
+    assert!(kept.iter().all(|(_, c)| c.call_id != first), "the old one is removed from the log: {kept:?}");
+}

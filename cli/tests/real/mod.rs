@@ -633,5 +633,10 @@ impl Drop for Tier {
         }
         self.up.take();
         self.opensips.stop();
+        if std::thread::panicking() {
+            // The phones' message logs, OpenSIPS's and callbus's logs stay for a look.
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("a temporary dir"));
+            eprintln!("--- {}: logs kept in {}", self.flow, dir.keep().display());
+        }
     }
 }

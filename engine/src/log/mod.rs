@@ -65,6 +65,18 @@ pub struct Snapshot {
     pub timers: Vec<(String, u64)>,
 }
 
+/// A command the engine accepted, kept so that the same `cmd_id` sent again (a client's retry,
+/// also after a restart) is answered with the first answer and not acted on twice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RememberedCommand {
+    /// The sequence of the command's record.
+    pub seq: u64,
+    /// When it was accepted, ms since the Unix epoch.
+    pub time_ms: u64,
+    /// The call it was accepted for (the first answer's `call_id`).
+    pub call_id: String,
+}
+
 /// What can go wrong with the log.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -139,6 +151,12 @@ pub trait EventLog: Send + Sync + 'static {
     fn stage_timeouts(&self, timeouts: &crate::machines::Timeouts) -> Result<(), LogError>;
     /// The timeouts the engine last ran with, if recorded.
     fn timeouts(&self) -> Result<Option<crate::machines::Timeouts>, LogError>;
+    /// Keeps an accepted command's `cmd_id` (durable with the next commit).
+    fn stage_command(&self, cmd_id: &str, command: &RememberedCommand) -> Result<(), LogError>;
+    /// Forgets a kept `cmd_id` (durable with the next commit).
+    fn remove_command(&self, cmd_id: &str) -> Result<(), LogError>;
+    /// Every kept `cmd_id`, in no particular order.
+    fn commands(&self) -> Result<Vec<(String, RememberedCommand)>, LogError>;
     /// Makes everything staged so far durable.
     fn commit(&self) -> impl Future<Output = Result<(), LogError>> + Send;
     /// Every snapshot.

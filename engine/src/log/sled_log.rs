@@ -35,10 +35,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::wal::{SyncDb, Wal};
-use super::{EventLog, LogError, Record, Snapshot};
+use super::{EventLog, LogError, Record, RememberedCommand, Snapshot};
 
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
 const TIMEOUTS_KEY: &[u8] = b"timeouts";
+/// Kept `cmd_id`s live in `meta` under this prefix (a NUL never starts another meta key).
+const COMMAND_PREFIX: &[u8] = b"\0cmd\0";
+
+fn command_key(cmd_id: &str) -> Vec<u8> {
+    [COMMAND_PREFIX, cmd_id.as_bytes()].concat()
+}
 
 /// sled's page cache unless configured: enough for the live calls' snapshots and recent
 /// records; sled's own default (1 GiB) is too much beside OpenSIPS on a small box.
@@ -302,6 +308,31 @@ impl EventLog for SledLog {
             Some(v) => decode(0, &v).map(Some),
             None => Ok(None),
         }
+    }
+
+    fn stage_command(&self, cmd_id: &str, command: &RememberedCommand) -> Result<(), LogError> {
+        let bytes =
+            rmp_serde::to_vec(command).map_err(|e| LogError::Encode { seq: command.seq, reason: e.to_string() })?;
+        let key = command_key(cmd_id);
+        self.wal.stage(META, &key, Some(&bytes), || {
+            self.meta.insert(key.as_slice(), bytes.as_slice()).map(drop).map_err(|e| self.store_error(e))
+        })
+    }
+
+    fn remove_command(&self, cmd_id: &str) -> Result<(), LogError> {
+        let key = command_key(cmd_id);
+        self.wal.stage(META, &key, None, || self.meta.remove(key.as_slice()).map(drop).map_err(|e| self.store_error(e)))
+    }
+
+    fn commands(&self) -> Result<Vec<(String, RememberedCommand)>, LogError> {
+        self.meta
+            .scan_prefix(COMMAND_PREFIX)
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.store_error(e))?;
+                let cmd_id = String::from_utf8_lossy(&k[COMMAND_PREFIX.len()..]).into_owned();
+                Ok((cmd_id, decode(0, &v)?))
+            })
+            .collect()
     }
 
     async fn commit(&self) -> Result<(), LogError> {

@@ -90,6 +90,10 @@ pub struct PendingMi {
     pub what: UaRequest,
     /// The command behind it.
     pub cmd_id: Option<String>,
+    /// An in-dialog request the remote side already answered (finally) before OpenSIPS
+    /// answered the MI request that sent it: its MI reply settles nothing more.
+    #[serde(default)]
+    pub answered: bool,
 }
 
 /// A request we sent in the dialog, waiting for the remote side's final answer.
@@ -381,7 +385,10 @@ impl UaState {
                     return Err(wrong_state(state, format!("{method} needs an established call; the call is {state}")));
                 }
                 if self.local.iter().any(|t| t.method == *method)
-                    || self.requests.iter().any(|r| r.what == UaRequest::Update { method: method.clone() })
+                    || self
+                        .requests
+                        .iter()
+                        .any(|r| !r.answered && r.what == UaRequest::Update { method: method.clone() })
                 {
                     return Err(wrong_state(state, format!("a {method} is already waiting for its answer")));
                 }
@@ -438,7 +445,7 @@ impl UaState {
             command: command.into(),
             params: Value::Object(params),
         });
-        self.requests.push(PendingMi { request, what, cmd_id: cmd_id.map(str::to_owned) });
+        self.requests.push(PendingMi { request, what, cmd_id: cmd_id.map(str::to_owned), answered: false });
     }
 
     fn key_params(&self) -> Map<String, Value> {
@@ -570,7 +577,7 @@ impl UaState {
 
     fn on_mi_reply(&mut self, request: &str, reply: &MiBusReply, ctx: &Ctx, effects: &mut Vec<Effect>) {
         let Some(pos) = self.requests.iter().position(|r| r.request == request) else { return };
-        let PendingMi { what, cmd_id, .. } = self.requests.remove(pos);
+        let PendingMi { what, cmd_id, answered, .. } = self.requests.remove(pos);
         let mut n = 0;
         let declined = matches!(&what, UaRequest::Reply { method, code } if method == "INVITE" && *code >= 300);
         if declined && self.role == UaRole::Server && !self.freed {
@@ -612,6 +619,8 @@ impl UaState {
                 }
             },
             UaRequest::Update { method } => match error {
+                // Already settled by the remote side's answer (see `settle_local`).
+                _ if answered => {}
                 None if method == "ACK" => {
                     if self.phase == UaPhase::Answered {
                         self.phase = UaPhase::Confirmed;
@@ -675,6 +684,25 @@ impl UaState {
                 }
             }
         }
+    }
+
+    /// The command of our in-dialog request `method` that a final answer settles: one sent and
+    /// waiting (its timer cancelled), or one whose MI reply has not come yet. The remote side can
+    /// answer before OpenSIPS answers `ua_session_update` (a real OpenSIPS 3.4.18 raised the 200's
+    /// ANSWERED before its MI reply when the phone answered within 0.1 ms): then `update_sent` is
+    /// said now, and the MI reply settles nothing more. None when no request of ours waits.
+    fn settle_local(&mut self, method: &str, effects: &mut Vec<Effect>) -> Option<Option<String>> {
+        if let Some(i) = self.local.iter().position(|t| t.method == method) {
+            let t = self.local.remove(i);
+            effects.push(Effect::CancelTimer { name: format!("{TXN_TIMER}.{method}") });
+            return Some(t.cmd_id);
+        }
+        let update = UaRequest::Update { method: method.to_owned() };
+        let early = self.requests.iter_mut().find(|r| !r.answered && r.what == update)?;
+        early.answered = true;
+        let cmd_id = early.cmd_id.clone();
+        notify(effects, "update_sent", cmd_id.as_deref(), json!({"method": method}));
+        Some(cmd_id)
     }
 
     fn on_event(&mut self, e: &UaSession, ctx: &Ctx, effects: &mut Vec<Effect>) {
@@ -743,9 +771,7 @@ impl UaState {
                         json!({"status": e.status, "reason": e.reason, "body": body, "headers": headers, "ack_due": self.manual_ack}),
                     );
                     succeeded(effects, cmd.as_deref(), "ua.start", json!({"status": e.status}));
-                } else if let Some(i) = self.local.iter().position(|t| t.method == e.method) {
-                    let t = self.local.remove(i);
-                    effects.push(Effect::CancelTimer { name: format!("{TXN_TIMER}.{}", t.method) });
+                } else if let Some(cmd_id) = self.settle_local(&e.method, effects) {
                     if e.method == "INVITE" && self.manual_ack {
                         self.phase = UaPhase::Answered;
                         effects.push(Effect::StartTimer { name: ACK_TIMER.into(), after_ms: ctx.timeouts.ack_ms });
@@ -753,15 +779,10 @@ impl UaState {
                     notify(
                         effects,
                         "update_answered",
-                        t.cmd_id.as_deref(),
+                        cmd_id.as_deref(),
                         json!({"method": e.method, "status": e.status, "reason": e.reason, "body": body, "headers": headers}),
                     );
-                    succeeded(
-                        effects,
-                        t.cmd_id.as_deref(),
-                        "ua.update",
-                        json!({"method": e.method, "status": e.status}),
-                    );
+                    succeeded(effects, cmd_id.as_deref(), "ua.update", json!({"method": e.method, "status": e.status}));
                 }
             }
             UaEventType::Rejected => {
@@ -776,18 +797,16 @@ impl UaState {
                         json!({"status": e.status, "reason": e.reason, "cause": cause, "headers": headers}),
                     );
                     self.end("remote", cause, Some(e.status), effects);
-                } else if let Some(i) = self.local.iter().position(|t| t.method == e.method) {
-                    let t = self.local.remove(i);
-                    effects.push(Effect::CancelTimer { name: format!("{TXN_TIMER}.{}", t.method) });
+                } else if let Some(cmd_id) = self.settle_local(&e.method, effects) {
                     notify(
                         effects,
                         "update_rejected",
-                        t.cmd_id.as_deref(),
+                        cmd_id.as_deref(),
                         json!({"method": e.method, "status": e.status, "reason": e.reason, "headers": headers}),
                     );
                     failed(
                         effects,
-                        t.cmd_id.as_deref(),
+                        cmd_id.as_deref(),
                         "ua.update",
                         &format!("the remote side answered {} {}", e.status, e.reason.as_deref().unwrap_or("")),
                     );
