@@ -93,7 +93,12 @@ impl UpArgs {
         let mut o = Overrides::default();
         self.bridge.overrides(&mut o);
         self.engine.overrides(&mut o);
-        config::load(file, o)
+        let mut config = config::load(file, o)?;
+        // `up` runs one node: its engine reconciles that node (whatever `engine.nodes` says).
+        if !config.engine.nodes.contains(&config.bridge.node) {
+            config.engine.nodes = vec![config.bridge.node.clone()];
+        }
+        Ok(config)
     }
 }
 
@@ -171,14 +176,11 @@ pub async fn bridge(args: BridgeArgs, file: Option<&std::path::Path>) -> anyhow:
 
 /// `callbus up`: a local NATS if needed, then bridge and engine in one process.
 pub async fn up(args: UpArgs, file: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
-    let mut config = args.load(file)?;
+    let config = args.load(file)?;
     let url = config.nats.clone();
     let local = tokio::task::spawn_blocking(move || nats::ensure_local(&url)).await??;
     if local.is_some() {
         println!("callbus up: started nats-server at {} (stopped on exit)", config::mask_url(&config.nats));
-    }
-    if !config.engine.nodes.contains(&config.bridge.node) {
-        config.engine.nodes = vec![config.bridge.node.clone()];
     }
     // Before the bridge subscribes anything: a data dir another callbus holds stops `up` here.
     if callbus_engine::log::SledLog::in_use(&config.engine.data_dir) {

@@ -201,6 +201,10 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ReplayCommand::Check { from, to, call, workers, json } => {
+            // A call that is not in the log is an error, not a check of the whole log.
+            if let Some(id) = &call {
+                reader.find_call(id)?;
+            }
             let options = CheckOptions {
                 from,
                 to,

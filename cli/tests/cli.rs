@@ -191,6 +191,8 @@ async fn replay_commands_on_a_log_the_engine_wrote() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("jsonl or msgpack"));
     let out = run(&["replay", "--data-dir", &dir, "timeline", "--call", "nope"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no call"));
+    let out = run(&["replay", "--data-dir", &dir, "check", "--call", "nope"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no call \"nope\""));
 }
 
 async fn run_async(args: Vec<String>) -> Output {

@@ -141,6 +141,14 @@ fn another_program_on_the_nats_port_is_named_at_once() {
 }
 
 #[test]
+fn config_show_prints_what_up_runs_with() {
+    let out = run(&["config", "show", "--node", "edge1"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("node = \"edge1\"") && said.contains("nodes = [\"edge1\"]"), "{said}");
+}
+
+#[test]
 fn host_names_are_addresses_and_a_taken_port_is_said_once() {
     let out = run(&["config", "show", "--mi", "localhost:8080"]);
     let said = text(&out);

@@ -166,7 +166,9 @@ async fn proxied_blind_transfer_to_a_real_transferee_that_answers() {
 
     let transferred = t.event(&call, "transferred").await;
     assert_eq!(transferred.data["status"], json!("200 OK"));
-    t.note("transfer succeeded", |n| n.event == "command_succeeded" && n.cmd_id.as_deref() == Some("t1")).await;
+    let ok =
+        t.note("transfer succeeded", |n| n.event == "command_succeeded" && n.cmd_id.as_deref() == Some("t1")).await;
+    assert_eq!(ok.data["verb"], json!("call.transfer.blind"), "the subject's verb");
     assert_eq!(t.event(&call, "ended").await.data["reason"], json!("transferred"));
     let new_sip = transferred.data["new_sip_call_id"].as_str().expect("new call").to_owned();
     // The new call is a proxied call of its own, and ends when Alice hangs up.
@@ -226,8 +228,10 @@ async fn proxied_attended_transfer_joins_two_calls() {
 
     let transferred = t.event(&a.call_id, "transferred").await;
     assert_eq!(transferred.data["status"], json!("200 OK"));
-    t.note("attended transfer succeeded", |n| n.event == "command_succeeded" && n.cmd_id.as_deref() == Some("at1"))
+    let ok = t
+        .note("attended transfer succeeded", |n| n.event == "command_succeeded" && n.cmd_id.as_deref() == Some("at1"))
         .await;
+    assert_eq!(ok.data["verb"], json!("call.transfer.attended"), "the subject's verb");
     assert_eq!(t.event(&a.call_id, "ended").await.data["reason"], json!("transferred"));
     alice.expect_ok(PHONE_LIMIT);
     bob.expect_ok(PHONE_LIMIT);

@@ -227,23 +227,23 @@ fn as_command(request: &Request, cmd_id: &str) -> Option<(&'static str, Value, S
 }
 
 /// Call API's CallStart event for a notification of a click-to-dial call, if it has one.
-fn translate_start(note: &CallNotification) -> Option<(&'static str, Option<Value>)> {
+fn translate_start(request: &Request, note: &CallNotification) -> Option<(&'static str, Option<Value>)> {
     let d = &note.data;
     let is = |leg: &str| d["leg"] == json!(leg);
+    // The parties are the request's: callbus's leg notifications name a leg, not both parties.
+    let (caller, callee) = (json!(request.param("caller")), json!(request.param("callee")));
     Some(match note.event.as_str() {
-        "answered" if is("caller") => ("CallerAnswered", Some(json!({"caller": d["caller"], "callee": d["callee"]}))),
-        "dialing" if is("callee") => ("Transferring", Some(json!({"caller": d["caller"], "destination": d["uri"]}))),
+        "answered" if is("caller") => ("CallerAnswered", Some(json!({"caller": caller, "callee": callee}))),
+        "dialing" if is("callee") => ("Transferring", Some(json!({"caller": caller, "destination": callee}))),
         "calling" if is("callee") => {
-            ("TransferStart", Some(json!({"callid": d["key"], "caller": d["caller"], "callee": d["callee"]})))
+            ("TransferStart", Some(json!({"callid": d["key"], "caller": caller, "callee": callee})))
         }
         "ringing" if is("callee") => {
             let extra = format!("{} {}", d["status"], d["reason"].as_str().unwrap_or_default());
-            let data = json!({"callid": d["key"], "caller": d["caller"], "callee": d["callee"], "extra": extra});
+            let data = json!({"callid": d["key"], "caller": caller, "callee": callee, "extra": extra});
             ("TransferPending", Some(data))
         }
-        "connected" => {
-            ("CalleeAnswered", Some(json!({"callid": d["callee_key"], "caller": d["caller"], "callee": d["callee"]})))
-        }
+        "connected" => ("CalleeAnswered", Some(json!({"callid": d["callee_key"], "caller": caller, "callee": callee}))),
         _ => return None,
     })
 }
@@ -251,7 +251,7 @@ fn translate_start(note: &CallNotification) -> Option<(&'static str, Option<Valu
 /// Call API's event for a callbus notification, if it has one.
 fn translate(request: &Request, note: &CallNotification) -> Option<(&'static str, Option<Value>)> {
     if request.method == Method::CallStart {
-        return translate_start(note);
+        return translate_start(request, note);
     }
     let leg = || Some(json!({"leg": note.data["leg"]}));
     // As Call API does, `callid` of TransferStart/Pending/Successful is the transfer's new call

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
-use callbus_schemas::command::{CommandError, CommandErrorCode, CommandReply};
+use callbus_schemas::command::{CommandError, CommandErrorCode, CommandReply, CommandRequest};
 use callbus_schemas::event::{Event, UaEventType};
 use callbus_schemas::subjects::Verb;
 use futures::StreamExt;
@@ -1232,7 +1232,8 @@ async fn route_command(shared: &Shared, msg: async_nats::Message) {
     let Some(reply) = msg.reply.clone() else { return };
     let verb = msg.subject.as_str().strip_prefix("callbus.cmd.").unwrap_or_default().to_owned();
     if Verb::from_name(&verb).is_none() {
-        let error = refusal(CommandErrorCode::Unsupported, format!("{} is not a command subject", msg.subject));
+        let error =
+            refusal(CommandErrorCode::Unsupported, format!("{} is not a command subject", msg.subject), &msg.payload);
         let _ = shared.client.publish(reply, error).await;
         return;
     }
@@ -1277,8 +1278,9 @@ async fn route_command(shared: &Shared, msg: async_nats::Message) {
     let _ = shared.client.publish(reply, answer).await;
 }
 
-fn refusal(code: CommandErrorCode, message: String) -> Bytes {
-    Bytes::from(CommandReply::Refused { cmd_id: None, error: CommandError::new(code, message) }.to_bytes())
+fn refusal(code: CommandErrorCode, message: String, payload: &[u8]) -> Bytes {
+    let cmd_id = CommandRequest::cmd_id_of(payload);
+    Bytes::from(CommandReply::Refused { cmd_id, error: CommandError::new(code, message) }.to_bytes())
 }
 
 fn is_unknown_call(answer: &Bytes) -> bool {
@@ -1299,12 +1301,17 @@ async fn ask(shared: &Shared, p: u16, verb: &str, payload: &Bytes) -> Bytes {
             Ok(Ok(answer)) => return answer.payload,
             Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {}
             Ok(Err(e)) => {
-                return refusal(CommandErrorCode::Unavailable, format!("partition {p}'s owner did not answer: {e}"))
+                return refusal(
+                    CommandErrorCode::Unavailable,
+                    format!("partition {p}'s owner did not answer: {e}"),
+                    payload,
+                )
             }
             Err(_) => {
                 return refusal(
                     CommandErrorCode::Unavailable,
                     format!("partition {p}'s owner did not answer within 5 s: retry with the same cmd_id"),
+                    payload,
                 )
             }
         }
@@ -1314,6 +1321,7 @@ async fn ask(shared: &Shared, p: u16, verb: &str, payload: &Bytes) -> Bytes {
                 format!(
                     "no engine owns partition {p} now (a handover takes a few seconds): retry with the same cmd_id"
                 ),
+                payload,
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -494,17 +494,16 @@ impl Owner {
                 out.replies.push((r.clone(), Bytes::from(CommandReply::Refused { cmd_id, error }.to_bytes())));
             }
         };
+        let generated = || format!("k{:x}{:x}", self.config.clock.now_ms(), self.log.next_seq());
         let request = match CommandRequest::parse(verb, &payload) {
             Ok(r) => r,
             Err(error) => {
-                refuse(out, None, error);
+                // Every answer carries a cmd_id: the client's when the body has one.
+                refuse(out, Some(CommandRequest::cmd_id_of(&payload).unwrap_or_else(generated)), error);
                 return Ok(());
             }
         };
-        let cmd_id = request
-            .cmd_id
-            .clone()
-            .unwrap_or_else(|| format!("k{:x}{:x}", self.config.clock.now_ms(), self.log.next_seq()));
+        let cmd_id = request.cmd_id.clone().unwrap_or_else(generated);
         let span = tracing::info_span!("command", verb = %verb, cmd_id = %cmd_id);
         let _enter = span.enter();
         if let Some(previous) = self.remembered.get(&cmd_id) {

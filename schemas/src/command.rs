@@ -518,6 +518,18 @@ fn get_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, Comman
     }
 }
 
+/// `max_duration_s`: whole seconds, at least 1 (0 would end the call as soon as it starts).
+fn max_duration(body: &Map<String, Value>) -> Result<Option<u64>, CommandError> {
+    match get_u64(body, "max_duration_s")? {
+        Some(0) => Err(CommandError::field(
+            CommandErrorCode::BadValue,
+            "max_duration_s",
+            "\"max_duration_s\" must be at least 1 (seconds); leave it out for no limit".into(),
+        )),
+        other => Ok(other),
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -657,6 +669,22 @@ fn leg(body: &Map<String, Value>, field: &str) -> Result<LegName, CommandError> 
 }
 
 impl CommandRequest {
+    /// The `cmd_id` a body carries, read best-effort (for answering a body that does not
+    /// validate with the client's own id): None when it is not a JSON object within the size
+    /// limit with a string `cmd_id`.
+    pub fn cmd_id_of(bytes: &[u8]) -> Option<String> {
+        if bytes.len() > MAX_COMMAND_BYTES {
+            return None;
+        }
+        match serde_json::from_slice::<Value>(bytes).ok()? {
+            Value::Object(mut body) => match body.remove("cmd_id")? {
+                Value::String(id) => Some(id),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// Validates a command body for `verb`.
     pub fn parse(verb: Verb, bytes: &[u8]) -> Result<CommandRequest, CommandError> {
         if bytes.len() > MAX_COMMAND_BYTES {
@@ -706,7 +734,7 @@ impl CommandRequest {
                 callee: uri(&body, "callee", true, false)?.unwrap_or_default(),
                 from: uri(&body, "from", false, true)?,
                 node: get_str(&body, "node")?,
-                max_duration_s: get_u64(&body, "max_duration_s")?,
+                max_duration_s: max_duration(&body)?,
             },
             Verb::UaStart => Command::UaStart {
                 to: uri(&body, "to", true, true)?.unwrap_or_default(),
@@ -715,7 +743,7 @@ impl CommandRequest {
                 proxy: uri(&body, "proxy", false, false)?,
                 payload: payload(&body)?,
                 manual_ack: get_bool(&body, "manual_ack")?,
-                max_duration_s: get_u64(&body, "max_duration_s")?,
+                max_duration_s: max_duration(&body)?,
                 node: get_str(&body, "node")?,
             },
             Verb::UaAnswer => {
@@ -852,7 +880,7 @@ mod tests {
 
     #[test]
     fn ua_command_errors_name_the_field() {
-        let cases: [(Verb, &str, CommandErrorCode, &str); 9] = [
+        let cases: [(Verb, &str, CommandErrorCode, &str); 11] = [
             (Verb::UaStart, r#"{"to":"sip:b@h","from":"a@h"}"#, CommandErrorCode::BadValue, "from"),
             (
                 Verb::UaStart,
@@ -875,6 +903,18 @@ mod tests {
             (
                 Verb::UaStart,
                 r#"{"to":"sip:b@h","from":"sip:a@h","max_duration_s":1.5}"#,
+                CommandErrorCode::BadValue,
+                "max_duration_s",
+            ),
+            (
+                Verb::UaStart,
+                r#"{"to":"sip:b@h","from":"sip:a@h","max_duration_s":0}"#,
+                CommandErrorCode::BadValue,
+                "max_duration_s",
+            ),
+            (
+                Verb::CallStart,
+                r#"{"caller":"sip:a@h","callee":"sip:b@h","max_duration_s":0}"#,
                 CommandErrorCode::BadValue,
                 "max_duration_s",
             ),

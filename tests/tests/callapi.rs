@@ -129,6 +129,12 @@ async fn call_api_clients_work_unchanged() {
     assert_eq!(answered["callee"], json!("sip:bob@127.0.0.1"));
     assert!(answered["callid"].as_str().is_some_and(|k| k.starts_with("B2B.")), "{answered}");
     assert_eq!(events[3].1.as_ref().map(|d| d["extra"].clone()), Some(json!("180 Ringing")));
+    // Every event names the parties, as Call API's do.
+    for (name, data) in &events[..5] {
+        assert_eq!(data.as_ref().map(|d| d["caller"].clone()), Some(json!("sip:alice@127.0.0.1")), "{name}: {data:?}");
+    }
+    assert_eq!(events[1].1.as_ref().map(|d| d["destination"].clone()), Some(json!("sip:bob@127.0.0.1")));
+    assert_eq!(events[2].1.as_ref().map(|d| d["callee"].clone()), Some(json!("sip:bob@127.0.0.1")));
 
     // A second transfer on the same call fails clearly (Call API would report it pending for ever).
     let (_, events) =

@@ -136,6 +136,13 @@ async fn end_once_per_cmd_id_and_bad_commands_change_nothing() {
     let raw = s.client.request("callbus.cmd.call.end", Bytes::from_static(b"{not json")).await.expect("reply");
     let reply: CommandReply = serde_json::from_slice(&raw.payload).expect("typed");
     assert_eq!(refused(&reply), CommandErrorCode::BadRequest);
+    assert!(
+        matches!(&reply, CommandReply::Refused { cmd_id: Some(id), .. } if !id.is_empty()),
+        "every answer has a cmd_id: {reply:?}"
+    );
+    // A body that fails its checks is answered with the client's own cmd_id.
+    let reply = s.cmd("call.hold", json!({"call_id": 12, "cmd_id": "bad-1"})).await;
+    assert!(matches!(&reply, CommandReply::Refused { cmd_id: Some(id), .. } if id == "bad-1"), "{reply:?}");
     assert_eq!(history(&s.cmd("call.get", json!({"call_id": call_id})).await), before, "refused commands log nothing");
 
     let first = s.cmd("call.end", json!({"call_id": call_id, "cmd_id": "e1"})).await;

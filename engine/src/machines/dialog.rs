@@ -119,6 +119,9 @@ pub enum Transfer {
         cmd_id: Option<String>,
         /// The new call's SIP Call-ID.
         new_call: String,
+        /// The command's verb (`call.transfer.blind` / `.attended`; absent in older logs).
+        #[serde(default)]
+        verb: Option<String>,
     },
     /// The new call was answered.
     Done {
@@ -454,14 +457,18 @@ impl DialogState {
             _ => None,
         };
         let verb = match &self.transfer {
-            Transfer::Requested { kind, .. } | Transfer::ReferSent { kind, .. } => transfer_verb(kind),
-            _ => "call.transfer",
+            Transfer::Requested { kind, .. } | Transfer::ReferSent { kind, .. } => transfer_verb(kind).to_owned(),
+            Transfer::Running { verb: Some(verb), .. } => verb.clone(),
+            _ => "call.transfer".to_owned(),
         };
+        let verb = verb.as_str();
         match t.state {
             TransferState::Start => {
                 // `leg` is not trusted: 3.4.18 puts the new call's Call-ID there on blind transfers.
                 if !matches!(self.transfer, Transfer::Done { .. } | Transfer::Failed { .. }) {
-                    self.transfer = Transfer::Running { cmd_id: cmd_id.clone(), new_call: t.transfer_callid.clone() };
+                    let verb = cmd_id.as_ref().map(|_| verb.to_owned());
+                    self.transfer =
+                        Transfer::Running { cmd_id: cmd_id.clone(), new_call: t.transfer_callid.clone(), verb };
                     effects.push(Effect::StartTimer {
                         name: TRANSFER_TIMER.into(),
                         after_ms: ctx.timeouts.transfer_answer_ms,
@@ -671,9 +678,9 @@ impl DialogState {
                             ctx.timeouts.refer_ms / 1000
                         ),
                     ),
-                    Transfer::Running { cmd_id, .. } => (
+                    Transfer::Running { cmd_id, verb, .. } => (
                         cmd_id.clone(),
-                        "call.transfer",
+                        verb.as_deref().unwrap_or("call.transfer"),
                         format!(
                             "the transfer target did not answer within {} s",
                             ctx.timeouts.transfer_answer_ms / 1000
