@@ -226,6 +226,12 @@ pub async fn connect(url: &str, name: &str, auth: &NatsAuth) -> anyhow::Result<a
                         metrics::counter!("callbus_nats_disconnects_total").increment(1);
                         tracing::warn!(%url, "disconnected from NATS: reconnecting")
                     }
+                    // E.g. a publish or subscription this user's permissions refuse: the
+                    // server says so only in this asynchronous error, so say it loudly.
+                    async_nats::Event::ServerError(error) => {
+                        metrics::counter!("callbus_nats_server_errors_total").increment(1);
+                        tracing::error!(%url, %error, "the NATS server refused an operation of this connection: check this user's permissions (docs/examples/nats-permissions.conf)")
+                    }
                     other => tracing::info!(%url, event = %other, "NATS"),
                 }
             }

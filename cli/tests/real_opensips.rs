@@ -276,6 +276,11 @@ async fn proxied_transfer_declined_by_the_transferee_is_reported_failed() {
 const OFFER: &str =
     "v=0\r\no=app 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
 
+/// `ua.start` from Alice to `to` with an SDP offer, as command `cmd_id`; the call's id.
+async fn ua_start(t: &Tier, to: &str, cmd_id: &str) -> String {
+    t.accepted("ua.start", json!({"to": to, "from": "sip:alice@127.0.0.1", "body": OFFER, "cmd_id": cmd_id})).await
+}
+
 /// Waits for the outcome of `cmd_id`: true when it succeeded (a failure is printed with its
 /// reason and the call's events, for when a flow expected success).
 async fn outcome(t: &mut Tier, cmd_id: &str) -> bool {
@@ -341,12 +346,7 @@ async fn ua_client_answered_with_info_and_reinvite_both_ways() {
 async fn ua_client_rejected_busy() {
     let Some(mut t) = Tier::start("UA client rejected").await else { return };
     let bob = t.callee("bob", "reject.xml", 200);
-    let call = t
-        .accepted(
-            "ua.start",
-            json!({"to": bob.uri("bob"), "from": "sip:alice@127.0.0.1", "body": OFFER, "cmd_id": "s1"}),
-        )
-        .await;
+    let call = ua_start(&t, &bob.uri("bob"), "s1").await;
     assert!(!outcome(&mut t, "s1").await, "a busy callee fails the command");
     let rejected = t.event(&call, "rejected").await;
     assert_eq!((rejected.data["status"].clone(), rejected.data["cause"].clone()), (json!(486), json!("busy")));
@@ -359,12 +359,7 @@ async fn ua_client_rejected_busy() {
 async fn ua_client_early_media_then_answered() {
     let Some(mut t) = Tier::start("UA client early media").await else { return };
     let bob = t.callee("bob", "early_media.xml", 300);
-    let call = t
-        .accepted(
-            "ua.start",
-            json!({"to": bob.uri("bob"), "from": "sip:alice@127.0.0.1", "body": OFFER, "cmd_id": "s1"}),
-        )
-        .await;
+    let call = ua_start(&t, &bob.uri("bob"), "s1").await;
     let early = t.event(&call, "early").await;
     assert_eq!(early.data["status"], json!(183));
     assert!(early.data["body"].as_str().is_some_and(|b| b.contains("m=audio")), "early media SDP: {}", early.data);

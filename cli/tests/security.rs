@@ -160,12 +160,21 @@ fn token_authentication() {
 }
 
 fn spawn(args: &[&str], user: &str, password: &str) -> std::process::Child {
+    spawn_logged(args, user, password, None)
+}
+
+/// Starts callbus as `user`, its log in `log` when given.
+fn spawn_logged(args: &[&str], user: &str, password: &str, log: Option<&std::path::Path>) -> std::process::Child {
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
+        None => Stdio::null(),
+    };
     callbus()
         .args(args)
         .env("CALLBUS_NATS_USER", user)
         .env("CALLBUS_NATS_PASSWORD", password)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("starts")
 }
@@ -190,10 +199,11 @@ fn the_documented_subject_permissions_let_each_role_do_its_work_and_no_more() {
     let data = tempfile::tempdir().expect("tmp");
     let (mi, events) = (sim.mi_addr().to_string(), format!("127.0.0.1:{}", free_port()));
     let bridge_args = ["bridge", "--nats", &url, "--node", "edge1", "--mi", &mi, "--events-listen", &events];
-    let _bridge = Killed(spawn(&bridge_args, "bridge-edge1", "bridge-pw"));
-    let data_dir = data.path().display().to_string();
-    let _engine =
-        Killed(spawn(&["engine", "--nats", &url, "--nodes", "edge1", "--data-dir", &data_dir], "engine", "engine-pw"));
+    let (bridge_log, engine_log) = (data.path().join("bridge.log"), data.path().join("engine.log"));
+    let _bridge = Killed(spawn_logged(&bridge_args, "bridge-edge1", "bridge-pw", Some(&bridge_log)));
+    let data_dir = data.path().join("log").display().to_string();
+    let engine_args = ["engine", "--nats", &url, "--nodes", "edge1", "--data-dir", &data_dir];
+    let _engine = Killed(spawn_logged(&engine_args, "engine", "engine-pw", Some(&engine_log)));
     let deadline = Instant::now() + Duration::from_secs(10);
     while sim.live_subscriptions().len() < 4 {
         assert!(Instant::now() < deadline, "the bridge subscribes with its permissions");
@@ -236,5 +246,14 @@ fn the_documented_subject_permissions_let_each_role_do_its_work_and_no_more() {
     sim.proxied_call(opensips_sim::CallScript::default()); // events flow while the app listens
     let out = tail.wait_with_output().expect("events ends");
     assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "raw events reached an app");
+    // A datagram that is not an event goes to opensips.edge1.invalid, and bridge statuses reach
+    // the engine: nothing the bridge or the engine does is refused by the shipped permissions.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    udp.send_to(b"not an event", &events).expect("send");
+    std::thread::sleep(Duration::from_millis(6_000)); // a bridge status goes out every 5 s
+    for (who, log) in [("bridge", &bridge_log), ("engine", &engine_log)] {
+        let said = std::fs::read_to_string(log).expect("log");
+        assert!(!said.contains("refused an operation"), "{who} under the shipped permissions:\n{said}");
+    }
     drop(sim);
 }

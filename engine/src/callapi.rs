@@ -338,7 +338,8 @@ async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<Str
             },
             None => None,
         };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
+        // No flush needed: NATS handles one connection's SUB and PUB in order, so the
+        // subscription is in place before the engine can see the command.
         let reply = command(&client, verb, body).await;
         send(callapi::started(&request.id, &cmd_id)).await;
         match reply {
