@@ -214,6 +214,7 @@ pub async fn up(args: UpArgs, file: Option<&std::path::Path>) -> anyhow::Result<
     engine.shutdown().await;
     bridge.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    nats::closing();
     drop(local);
     Ok(ExitCode::SUCCESS)
 }

@@ -222,6 +222,9 @@ pub async fn connect(url: &str, name: &str, auth: &NatsAuth) -> anyhow::Result<a
                         metrics::counter!("callbus_nats_connects_total").increment(1);
                         tracing::info!(%url, "connected to NATS")
                     }
+                    async_nats::Event::Disconnected if CLOSING.load(std::sync::atomic::Ordering::Relaxed) => {
+                        tracing::debug!(%url, "disconnected from NATS while stopping")
+                    }
                     async_nats::Event::Disconnected => {
                         metrics::counter!("callbus_nats_disconnects_total").increment(1);
                         tracing::warn!(%url, "disconnected from NATS: reconnecting")
@@ -239,6 +242,14 @@ pub async fn connect(url: &str, name: &str, auth: &NatsAuth) -> anyhow::Result<a
         .connect(server_addrs(url)?)
         .await
         .with_context(|| format!("cannot connect to NATS at {}", crate::config::mask_url(url)))
+}
+
+/// Set when this process is stopping: the nats-server it started goes away on purpose.
+static CLOSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Says that this process is stopping, so losing NATS from now on is expected, not a warning.
+pub fn closing() {
+    CLOSING.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Connects to NATS for a client command, failing fast when nothing answers.
