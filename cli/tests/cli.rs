@@ -456,7 +456,7 @@ fn configuration_layers_file_environment_and_flags_and_names_bad_keys() {
     let file = dir.path().join("edge.toml");
     std::fs::write(
         &file,
-        "nats = \"nats://bus:4222\"\n[bridge]\nnode = \"edge1\"\nbuffer = 5000\n[engine]\nnodes = [\"edge1\"]\n",
+        "nats = \"nats://bus:4222\"\n[bridge]\nnode = \"edge1\"\nbuffer = 5000\n[engine]\nnodes = [\"edge1\"]\nmax_live_calls = 1234\n",
     )
     .expect("write");
     let path = file.display().to_string();
@@ -470,7 +470,8 @@ fn configuration_layers_file_environment_and_flags_and_names_bad_keys() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("node = \"from-env\""), "the environment beats the file: {text}");
     assert!(text.contains("buffer = 7000"), "a flag beats both: {text}");
-    assert!(text.contains("nodes = [\"edge1\"]"), "the file beats the defaults: {text}");
+    assert!(text.contains("max_live_calls = 1234"), "the file beats the defaults: {text}");
+    assert!(text.contains("nodes = [\"from-env\"]"), "up reconciles the node it serves, and shows it: {text}");
     assert!(text.contains("nats://alice:***@bus:4222") && !text.contains("secret"), "secrets masked: {text}");
 
     std::fs::write(&file, "[engine]\ndata_dri = \"/x\"\n").expect("write");
