@@ -159,10 +159,6 @@ fn token_authentication() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to NATS"));
 }
 
-fn spawn(args: &[&str], user: &str, password: &str) -> std::process::Child {
-    spawn_logged(args, user, password, None)
-}
-
 /// Starts callbus as `user`, its log in `log` when given.
 fn spawn_logged(args: &[&str], user: &str, password: &str, log: Option<&std::path::Path>) -> std::process::Child {
     let stderr = match log {

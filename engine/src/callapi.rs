@@ -30,6 +30,13 @@ pub const PATH: &str = "/call-api";
 const OUTCOME_TIMEOUT: Duration = Duration::from_secs(140);
 /// Frames waiting to be written to one client.
 const OUTGOING_FRAMES: usize = 1024;
+/// SIP Call-IDs a connection remembers the callbus call of (a Call-ID names one call for its
+/// whole life): a connection's repeated commands on a call skip the `call.get` lookup. Past
+/// this many the memory starts over.
+const KNOWN_CALLS: usize = 10_000;
+
+/// A connection's SIP Call-ID → callbus `call_id`.
+type KnownCalls = Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>;
 
 /// A running door.
 pub struct CallApiDoor {
@@ -156,6 +163,7 @@ async fn connection(
     tracing::info!(%peer, "Call API client connected");
     let (mut sink, mut source) = ws.split();
     let (out, mut outgoing) = mpsc::channel::<String>(OUTGOING_FRAMES);
+    let known: KnownCalls = Arc::default();
     let writer = tokio::spawn(async move {
         while let Some(frame) = outgoing.recv().await {
             if sink.send(Message::text(frame)).await.is_err() {
@@ -181,7 +189,7 @@ async fn connection(
         };
         match callapi::parse_request(&bytes) {
             Ok(request) => {
-                tokio::spawn(run(request, client.clone(), out.clone()));
+                tokio::spawn(run(request, client.clone(), out.clone(), Arc::clone(&known)));
             }
             Err((id, error)) => {
                 tracing::info!(%peer, message = error.message(), "Call API request refused");
@@ -283,7 +291,7 @@ fn translate(request: &Request, note: &CallNotification) -> Option<(&'static str
     })
 }
 
-async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<String>) {
+async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<String>, known: KnownCalls) {
     let method = request.method;
     let cmd_id = request.cmd_id.clone().unwrap_or_else(|| {
         let nanos =
@@ -323,9 +331,23 @@ async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<Str
     } else {
         let Some((verb, body, sip_call_id)) = as_command(&request, &cmd_id) else { return };
         // Subscribe to the call's notifications before the command, so none is missed.
-        let call_id = match command(&client, "call.get", json!({"sip_call_id": sip_call_id, "history": false})).await {
-            Ok(CommandReply::Data { result, .. }) => result["call"]["call_id"].as_str().map(str::to_owned),
-            _ => None,
+        let remembered = known.lock().unwrap_or_else(|p| p.into_inner()).get(&sip_call_id).cloned();
+        let call_id = match remembered {
+            Some(id) => Some(id),
+            None => match command(&client, "call.get", json!({"sip_call_id": sip_call_id, "history": false})).await {
+                Ok(CommandReply::Data { result, .. }) => {
+                    let id = result["call"]["call_id"].as_str().map(str::to_owned);
+                    if let Some(id) = &id {
+                        let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
+                        if known.len() >= KNOWN_CALLS {
+                            known.clear();
+                        }
+                        known.insert(sip_call_id.clone(), id.clone());
+                    }
+                    id
+                }
+                _ => None,
+            },
         };
         let notes = match &call_id {
             Some(id) => match client.subscribe(format!("callbus.call.{id}.>")).await {
