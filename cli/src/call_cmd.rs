@@ -86,7 +86,8 @@ pub enum CallCommand {
         /// Longest call, in seconds.
         #[arg(long)]
         max_duration: Option<u64>,
-        /// How long the parties may take to answer.
+        /// How long this command waits for the call to connect before it gives up waiting (the
+        /// call goes on: the engine rings each party for up to 130 s).
         #[arg(long, default_value = "180s", value_parser = duration::parse)]
         answer_timeout: Duration,
     },

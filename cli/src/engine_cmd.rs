@@ -39,9 +39,9 @@ pub struct EngineFlags {
     /// Inputs waiting for the engine at most; commands beyond it are refused [default: 65536].
     #[arg(long, env = "CALLBUS_INPUT_QUEUE")]
     pub input_queue: Option<usize>,
-    /// fdatasync the event log after each commit too, so acknowledged inputs survive a power cut
-    /// or kernel crash (sled's own flush survives a crash of callbus only). Single engine only:
-    /// in cluster mode the log is JetStream's.
+    /// Make each commit an fdatasync of the log's write-ahead file, so acknowledged inputs survive
+    /// a power cut or kernel crash (without it a commit is written with sync_file_range, which
+    /// survives a crash of callbus only). Single engine only: in cluster mode the log is JetStream's.
     #[arg(long, env = "CALLBUS_SYNC_DATA")]
     pub sync_data: bool,
 }
