@@ -807,25 +807,28 @@ impl Owner {
         }
     }
 
-    /// Writes the snapshots of the calls changed since the last checkpoint, then the checkpoint
-    /// itself (durable with the next commit).
     /// Whether a checkpoint has anything to write.
     fn checkpoint_due(&self) -> bool {
         !self.dirty.is_empty() || !self.commands_unsaved.is_empty() || !self.commands_forgotten.is_empty()
     }
 
+    /// Writes the cmd_ids remembered and forgotten since the last checkpoint, the snapshots of the
+    /// calls changed since then, then the checkpoint itself (durable with the next commit).
     fn checkpoint(&mut self) -> Result<(), LogError> {
         if !self.checkpoint_due() {
             return Ok(());
         }
-        // Kept before the checkpoint that covers their records moves past them: a command
-        // after the checkpoint is found again in the log's tail by recovery.
-        for (cmd_id, kept) in std::mem::take(&mut self.commands_unsaved) {
-            self.log.stage_command(&cmd_id, &kept)?;
+        // Kept before the checkpoint that covers their records moves past them (a command after
+        // the checkpoint is found again in the log's tail by recovery); cleared only once all are
+        // staged, so a failed checkpoint leaves them for the next one.
+        for (cmd_id, kept) in &self.commands_unsaved {
+            self.log.stage_command(cmd_id, kept)?;
         }
-        for cmd_id in std::mem::take(&mut self.commands_forgotten) {
-            self.log.remove_command(&cmd_id)?;
+        self.commands_unsaved.clear();
+        for cmd_id in &self.commands_forgotten {
+            self.log.remove_command(cmd_id)?;
         }
+        self.commands_forgotten.clear();
         for call_id in std::mem::take(&mut self.dirty) {
             match self.calls.get(&call_id) {
                 Some(entry) if !entry.state.is_ended() => {
@@ -1207,7 +1210,8 @@ impl Owner {
         let every = self.config.reconcile_every.filter(|_| self.config.reconcile);
         let mut reconcile = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
         reconcile.tick().await; // the start-up reconciliation is the first
-                                // A node whose OpenSIPS restarted is reconciled at once (docs/engine.md, Recovery).
+
+        // A node whose OpenSIPS restarted is reconciled at once (docs/engine.md, Reconciliation).
         let mut restarts = crate::restarts::RestartWatch::default();
         let mut statuses = match self.config.reconcile {
             true => self.client.subscribe(callbus_schemas::subjects::ALL_NODES_STATUS).await.ok(),
