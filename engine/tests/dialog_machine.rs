@@ -166,6 +166,55 @@ fn hold_events_before_the_mi_reply_complete_on_the_reply() {
     assert!(run.events().contains(&"command_succeeded"));
 }
 
+/// A call held on both legs, its hold completed; notifications cleared.
+fn held() -> Run {
+    let mut run = Run::confirmed();
+    let (request, ..) = Run::mi_request(&run.command("h1", Command::Hold { target: target() }));
+    for n in 1..=4 {
+        run.feed(fixture(&format!("E_CALL_HOLD.{n}.call_hold")));
+    }
+    run.feed(Input::MiReply { request, reply: ok(json!("OK")) });
+    assert!(run.events().contains(&"command_succeeded"));
+    run.notifications.clear();
+    run
+}
+
+#[test]
+fn an_unhold_reply_that_overtakes_a_legs_start_waits_for_that_leg() {
+    // Seen on a real OpenSIPS 3.4.18: the MI reply arrived after the callee's start and ok but
+    // before the caller's start, which OpenSIPS had raised before replying.
+    let mut run = held();
+    let (request, ..) = Run::mi_request(&run.command("u1", Command::Unhold { target: target() }));
+    run.feed(fixture("E_CALL_HOLD.1.call_unhold")); // callee start
+    run.feed(fixture("E_CALL_HOLD.3.call_unhold")); // callee ok
+    let reply = run.feed(Input::MiReply { request, reply: ok(json!("OK")) });
+    assert!(reply.iter().any(|e| matches!(e, Effect::StartTimer { name, .. } if name == "hold.settle")));
+    assert!(!run.events().contains(&"command_succeeded"), "the caller is still held: {:?}", run.events());
+    run.feed(fixture("E_CALL_HOLD.2.call_unhold")); // caller start
+    assert!(!run.events().contains(&"command_succeeded"));
+    run.feed(fixture("E_CALL_HOLD.4.call_unhold")); // caller ok
+    assert_eq!(run.events().iter().filter(|e| **e == "command_succeeded").count(), 1);
+    assert_eq!((run.dialog().caller, run.dialog().callee), (LegHold::Resumed, LegHold::Resumed));
+    // The settle timer firing afterwards changes nothing.
+    let late = run.feed(Input::Timer { name: "hold.settle".into() });
+    assert!(late.is_empty(), "{late:?}");
+}
+
+#[test]
+fn a_leg_callops_skips_is_settled_by_the_settle_timer() {
+    // callops raises nothing for a leg it does not re-INVITE: after the settle window the
+    // command succeeds with what the other leg reported.
+    let mut run = held();
+    let (request, ..) = Run::mi_request(&run.command("u1", Command::Unhold { target: target() }));
+    run.feed(Input::MiReply { request, reply: ok(json!("OK")) });
+    run.feed(fixture("E_CALL_HOLD.1.call_unhold"));
+    run.feed(fixture("E_CALL_HOLD.3.call_unhold"));
+    assert!(!run.events().contains(&"command_succeeded"));
+    run.feed(Input::Timer { name: "hold.settle".into() });
+    assert_eq!(run.events().iter().filter(|e| **e == "command_succeeded").count(), 1);
+    assert_eq!((run.dialog().caller, run.dialog().callee), (LegHold::Held, LegHold::Resumed));
+}
+
 #[test]
 fn a_leg_that_refuses_the_reinvite_fails_the_hold_but_can_be_unheld() {
     let mut run = Run::confirmed();

@@ -172,6 +172,13 @@ pub struct DialogState {
 }
 
 const HOLD_TIMER: &str = "hold";
+/// After OpenSIPS answers `call_hold`/`call_unhold`, how long a leg that has raised nothing yet
+/// may still do so before it counts as skipped. callops raises nothing for a leg it skips (already
+/// in that state, or no SDP change), but the MI reply can also overtake the `start` of a leg it
+/// did re-INVITE: the reply and the events travel on different sockets (seen on a real OpenSIPS
+/// 3.4.18: an unhold declared done one leg early).
+const HOLD_SETTLE_TIMER: &str = "hold.settle";
+const HOLD_SETTLE_MS: u64 = 500;
 const TRANSFER_TIMER: &str = "transfer";
 const END_TIMER: &str = "end";
 
@@ -360,7 +367,7 @@ impl DialogState {
     fn end(&mut self, reason: &str, _ctx: &Ctx, effects: &mut Vec<Effect>) {
         self.phase = Phase::Ended;
         self.end_reason = Some(reason.to_owned());
-        for timer in [HOLD_TIMER, TRANSFER_TIMER, END_TIMER] {
+        for timer in [HOLD_TIMER, HOLD_SETTLE_TIMER, TRANSFER_TIMER, END_TIMER] {
             effects.push(Effect::CancelTimer { name: timer.into() });
         }
         notify(effects, "ended", None, json!({"reason": reason}));
@@ -418,17 +425,30 @@ impl DialogState {
             *self.leg_mut(leg) = region;
         }
         notify(effects, event, cmd_id.as_deref(), data);
-        self.complete_hold(effects);
+        self.complete_hold(false, effects);
     }
 
-    /// Completes the hold/unhold once OpenSIPS accepted it and no leg is in flight.
-    fn complete_hold(&mut self, effects: &mut Vec<Effect>) {
+    /// Completes the hold/unhold once OpenSIPS accepted it and no leg is in flight. A leg still
+    /// in the state the command changes (held, for an unhold) has raised nothing yet: it is
+    /// waited for until `settled` (the settle timer fired), then counted as skipped.
+    fn complete_hold(&mut self, settled: bool, effects: &mut Vec<Effect>) {
         let Some(op) = &self.hold_op else { return };
         let in_flight = |l: LegHold| matches!(l, LegHold::Holding | LegHold::Resuming);
         if !op.accepted || in_flight(self.caller) || in_flight(self.callee) {
             return;
         }
         let ok_state = if op.hold { LegHold::Held } else { LegHold::Resumed };
+        // A refused hold still counts as held in OpenSIPS 3.4, so an unhold re-INVITEs it too.
+        let untouched = |l: LegHold| {
+            if op.hold {
+                matches!(l, LegHold::Resumed | LegHold::ResumeFailed)
+            } else {
+                matches!(l, LegHold::Held | LegHold::HoldFailed)
+            }
+        };
+        if !settled && (untouched(self.caller) || untouched(self.callee)) {
+            return;
+        }
         let touched_ok = self.caller == ok_state || self.callee == ok_state;
         let refused: Vec<&str> = [(LegName::Caller, self.caller), (LegName::Callee, self.callee)]
             .iter()
@@ -447,6 +467,7 @@ impl DialogState {
             failed(effects, &cmd_id, verb, &format!("the {} leg refused the re-INVITE", refused.join(" and ")));
         }
         effects.push(Effect::CancelTimer { name: HOLD_TIMER.into() });
+        effects.push(Effect::CancelTimer { name: HOLD_SETTLE_TIMER.into() });
         self.hold_op = None;
     }
 
@@ -610,7 +631,8 @@ impl DialogState {
                 op.accepted = true;
                 let event = if hold { "hold_requested" } else { "unhold_requested" };
                 notify(effects, event, Some(&cmd_id), json!({}));
-                self.complete_hold(effects);
+                effects.push(Effect::StartTimer { name: HOLD_SETTLE_TIMER.into(), after_ms: HOLD_SETTLE_MS });
+                self.complete_hold(false, effects);
             } else if code == Some(480) {
                 // 480: "Both dialog legs are on hold" / "No dialog legs on hold": already so.
                 let state = if hold { LegHold::Held } else { LegHold::Resumed };
@@ -655,6 +677,7 @@ impl DialogState {
 
     fn on_timer(&mut self, name: &str, ctx: &Ctx, effects: &mut Vec<Effect>) {
         match name {
+            HOLD_SETTLE_TIMER => self.complete_hold(true, effects),
             HOLD_TIMER => {
                 if let Some(op) = self.hold_op.take() {
                     for leg in [&mut self.caller, &mut self.callee] {
