@@ -56,12 +56,26 @@ fn up(nats: &str, sim_mi: &str, data: &std::path::Path) -> (Killed, std::path::P
     (up, log)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refusals_name_the_code_and_the_call_in_words_and_hint_at_sip_call_ids() {
+/// A nats-server, a simulated OpenSIPS and `callbus up` on them, answering commands.
+struct Running {
+    nats: NatsServer,
+    sim: opensips_sim::Sim,
+    data: tempfile::TempDir,
+    _up: Killed,
+    log: std::path::PathBuf,
+}
+
+async fn running_up() -> Running {
     let nats = NatsServer::start();
     let sim = opensips_sim::Sim::start(opensips_sim::SimConfig::default()).await.expect("sim");
     let data = tempfile::tempdir().expect("tmp");
-    let (_up, _) = up(&nats.url(), &sim.mi_addr().to_string(), data.path());
+    let (up, log) = up(&nats.url(), &sim.mi_addr().to_string(), data.path());
+    Running { nats, sim, data, _up: up, log }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_name_the_code_and_the_call_in_words_and_hint_at_sip_call_ids() {
+    let Running { nats, .. } = &running_up().await;
 
     let out = run(&["call", "--nats", &nats.url(), "hold", "c019a00000000001"]);
     let said = text(&out);
@@ -90,10 +104,7 @@ async fn refusals_name_the_code_and_the_call_in_words_and_hint_at_sip_call_ids()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_dir_in_use_stops_up_before_its_bridge_starts() {
-    let nats = NatsServer::start();
-    let sim = opensips_sim::Sim::start(opensips_sim::SimConfig::default()).await.expect("sim");
-    let data = tempfile::tempdir().expect("tmp");
-    let (_first, first_log) = up(&nats.url(), &sim.mi_addr().to_string(), data.path());
+    let Running { nats, sim, data, log: first_log, .. } = &running_up().await;
     let events = format!("127.0.0.1:{}", free_port());
     let out = callbus()
         .args(["up", "--nats", &nats.url(), "--mi", &sim.mi_addr().to_string(), "--events-listen", &events])

@@ -17,6 +17,14 @@ use serde_json::json;
 
 const PHONE_LIMIT: Duration = Duration::from_secs(60);
 
+/// The proxied call `caller` placed ended for `reason`, after exactly these notifications.
+async fn assert_call_ended(t: &mut Tier, caller: &real::PhoneRun, reason: &str, events: &[&str]) {
+    let sip = caller.header("Call-ID").expect("the caller's Call-ID");
+    let ended = t.sip_event(&sip, "ended").await;
+    assert_eq!(ended.data["reason"], json!(reason), "{sip}");
+    assert_eq!(t.events_of(&ended.call_id), events, "{sip}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxied_call_answered_then_caller_hangs_up() {
     let Some(mut t) = Tier::start("proxied call answered").await else { return };
@@ -24,10 +32,7 @@ async fn proxied_call_answered_then_caller_hangs_up() {
     let alice = t.caller("alice", &bob.uri("bob"), Some(1_000));
     let alice = alice.expect_ok(PHONE_LIMIT);
     let bob = bob.expect_ok(PHONE_LIMIT);
-    let sip = alice.header("Call-ID").expect("alice's Call-ID");
-    let ended = t.sip_event(&sip, "ended").await;
-    assert_eq!(ended.data["reason"], json!("hung_up"));
-    assert_eq!(t.events_of(&ended.call_id), ["early", "answered", "confirmed", "ended"]);
+    assert_call_ended(&mut t, &alice, "hung_up", &["early", "answered", "confirmed", "ended"]).await;
     assert_eq!(alice.received_count("SIP/2.0 200"), 2, "200 to the INVITE and to the BYE: {:?}", alice.received);
     assert_eq!(bob.received_count("BYE "), 1);
     t.finish();
@@ -40,10 +45,7 @@ async fn proxied_call_rejected_busy() {
     let alice = t.caller("alice", &bob.uri("bob"), None).expect_ok(PHONE_LIMIT);
     bob.expect_ok(PHONE_LIMIT);
     assert_eq!(alice.received_count("SIP/2.0 486"), 1, "{:?}", alice.received);
-    let sip = alice.header("Call-ID").expect("Call-ID");
-    let ended = t.sip_event(&sip, "ended").await;
-    assert_eq!(ended.data["reason"], json!("not_answered"));
-    assert_eq!(t.events_of(&ended.call_id), ["early", "ended"]);
+    assert_call_ended(&mut t, &alice, "not_answered", &["early", "ended"]).await;
     t.finish();
 }
 
@@ -56,10 +58,7 @@ async fn proxied_call_cancelled_while_ringing() {
     let bob = bob.expect_ok(PHONE_LIMIT);
     assert_eq!(bob.received_count("CANCEL "), 1);
     assert_eq!(alice.received_count("SIP/2.0 487"), 1, "{:?}", alice.received);
-    let sip = alice.header("Call-ID").expect("Call-ID");
-    let ended = t.sip_event(&sip, "ended").await;
-    assert_eq!(ended.data["reason"], json!("not_answered"));
-    assert_eq!(t.events_of(&ended.call_id), ["early", "ended"]);
+    assert_call_ended(&mut t, &alice, "not_answered", &["early", "ended"]).await;
     t.finish();
 }
 
@@ -70,10 +69,7 @@ async fn proxied_call_to_nobody_times_out() {
     let nobody = format!("sip:nobody@127.0.0.1:{}", real::free_udp_port());
     let alice = t.caller("alice", &nobody, None).expect_ok(PHONE_LIMIT);
     assert_eq!(alice.received_count("SIP/2.0 408"), 1, "{:?}", alice.received);
-    let sip = alice.header("Call-ID").expect("Call-ID");
-    let ended = t.sip_event(&sip, "ended").await;
-    assert_eq!(ended.data["reason"], json!("no_answer"));
-    assert_eq!(t.events_of(&ended.call_id), ["ended"]);
+    assert_call_ended(&mut t, &alice, "no_answer", &["ended"]).await;
     t.finish();
 }
 

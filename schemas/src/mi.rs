@@ -127,6 +127,14 @@ pub enum MiRequestError {
         /// Which rule it broke.
         reason: String,
     },
+    /// An `id` that is not a number, a string or null: OpenSIPS 3.4 fails building any reply and
+    /// answers the plain text `500 Internal error` (checked against a running 3.4.18 by the
+    /// real-OpenSIPS tier's MI differential).
+    #[error("MI request has an id of the wrong type: {found} (a number, a string or null)")]
+    BadId {
+        /// The JSON type found.
+        found: String,
+    },
     /// Larger than one UDP datagram can carry.
     #[error("MI request of {size} bytes exceeds the {limit}-byte datagram limit")]
     Oversized {
@@ -173,12 +181,7 @@ impl MiRequest {
             Some(Value::Null) => Some(MiId::Null),
             Some(Value::Number(n)) => Some(MiId::Number(n)),
             Some(Value::String(s)) => Some(MiId::String(s)),
-            Some(other) => {
-                return Err(MiRequestError::InvalidRequest {
-                    id: MiId::Null,
-                    reason: format!("\"id\" must be a number, a string or null, not {}", json_type(&other)),
-                })
-            }
+            Some(other) => return Err(MiRequestError::BadId { found: json_type(&other).to_owned() }),
         };
         let invalid = |reason: String| MiRequestError::InvalidRequest { id: id.clone().unwrap_or(MiId::Null), reason };
         match object.remove("jsonrpc") {

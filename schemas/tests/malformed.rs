@@ -82,7 +82,9 @@ fn mi_requests_follow_opensips_validity_rules() {
     };
     assert_eq!(invalid(br#"{"jsonrpc":"2.0","id":7}"#).0, MiId::from(7));
     assert_eq!(invalid(br#"{"method":"version","id":"x"}"#).0, MiId::from("x"));
-    assert_eq!(invalid(br#"{"jsonrpc":"2.0","method":"v","id":[1]}"#).0, MiId::Null);
+    for bad_id in [&br#"{"jsonrpc":"2.0","method":"v","id":[1]}"#[..], br#"{"jsonrpc":"2.0","method":"v","id":true}"#] {
+        assert!(matches!(MiRequest::parse(bad_id), Err(MiRequestError::BadId { .. })), "a bad id is its own error");
+    }
     assert!(invalid(br#"{"jsonrpc":"2.0","method":"v","params":"x"}"#).1.contains("params"));
     assert!(invalid(br#"{"jsonrpc":2,"method":"v"}"#).1.contains("jsonrpc"));
     assert!(invalid(b"[]").1.contains("object"));

@@ -139,15 +139,11 @@ async fn send(socket: &UdpSocket, reply: &[u8], to: SocketAddr) {
 
 /// Answers one request datagram; None when OpenSIPS sends nothing back.
 pub(crate) fn handle_datagram(inner: &Arc<Inner>, bytes: &[u8]) -> Option<Vec<u8>> {
-    // An id that is not a number, a string or null makes OpenSIPS fail building any reply.
-    if let Ok(Value::Object(request)) = serde_json::from_slice::<Value>(bytes) {
-        if matches!(request.get("id"), Some(Value::Bool(_) | Value::Array(_) | Value::Object(_))) {
-            return Some(MiPlainText::InternalError.as_text().into_bytes());
-        }
-    }
     let request = match MiRequest::parse(bytes) {
         Ok(r) => r,
         Err(MiRequestError::NotJson { .. }) => return Some(MiPlainText::ParseError.as_text().into_bytes()),
+        // An id that is not a number, a string or null makes OpenSIPS fail building any reply.
+        Err(MiRequestError::BadId { .. }) => return Some(MiPlainText::InternalError.as_text().into_bytes()),
         // -32600 is the one error OpenSIPS answers even without an id (with "id":null).
         Err(MiRequestError::InvalidRequest { id, .. }) => {
             return Some(MiErrorReply::new(codes::INVALID_REQUEST, "Invalid Request", None, id).to_bytes())

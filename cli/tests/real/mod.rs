@@ -7,8 +7,6 @@
 //! makes one); without it every flow says it skipped and why. The cfg's addresses are fixed
 //! (SIP on 127.0.0.1:5060, MI on 127.0.0.1:8080), so flows run one at a time.
 
-#![allow(dead_code)] // each test binary uses a different part of the harness
-
 use std::net::UdpSocket;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
