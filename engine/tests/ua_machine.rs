@@ -119,3 +119,75 @@ fn our_reinvite_answered_before_the_mi_reply_succeeds_and_the_reply_changes_noth
         "{again:?}"
     );
 }
+
+/// The session key of the captured `ua_server_call` scenario.
+const SERVER_KEY: &str = "B2B.509.162.1795417975.860926370";
+
+impl Run {
+    /// A UA server session offered by OpenSIPS (event 1 of `ua_server_call`), then answered 200
+    /// by the app; returns the `ua_session_reply` request's effects.
+    fn offered_and_answering() -> (Run, Vec<Effect>) {
+        let mut run = Run {
+            state: CallState::Ua(UaState::server("n1", SERVER_KEY)),
+            seq: 0,
+            notifications: vec![],
+            effects: vec![],
+        };
+        run.feed(fixture("E_UA_SESSION.1.ua_server_call"));
+        assert_eq!(run.events(), ["incoming"]);
+        let sent = run.command(Verb::UaAnswer, "a1", json!({"key": SERVER_KEY, "code": 200, "body": "v=0\r\n"}));
+        assert!(
+            sent.iter().any(|e| matches!(e, Effect::Mi { command, .. } if command == "ua_session_reply")),
+            "{sent:?}"
+        );
+        run.notifications.clear();
+        run.effects.clear();
+        (run, sent)
+    }
+
+    fn state_name(&self) -> &'static str {
+        match &self.state {
+            CallState::Ua(ua) => ua.state_name(),
+            other => panic!("not a UA session: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn our_answer_then_the_callers_ack_confirms() {
+    let (mut run, sent) = Run::offered_and_answering();
+    run.mi_reply(&sent, MiBusReply::Result { result: json!("OK") });
+    run.feed(fixture("E_UA_SESSION.2.ua_server_call"));
+    assert_eq!(run.events(), ["answered", "command_succeeded", "confirmed"]);
+    assert_eq!(run.state_name(), "confirmed");
+}
+
+#[test]
+fn the_callers_ack_before_the_mi_reply_confirms_and_the_reply_changes_nothing() {
+    // Seen on a real OpenSIPS 3.4.18 (the tier's "UA server answered"): sipp acknowledged the
+    // 200 at once and OpenSIPS raised the ACK's UPDATED before it answered `ua_session_reply`.
+    let (mut run, sent) = Run::offered_and_answering();
+    run.feed(fixture("E_UA_SESSION.2.ua_server_call"));
+    assert_eq!(run.events(), ["answered", "command_succeeded", "confirmed"]);
+    assert!(run.notifications[..2].iter().all(|(_, cmd)| cmd.as_deref() == Some("a1")), "{:?}", run.notifications);
+    assert_eq!(run.state_name(), "confirmed");
+    let late = run.mi_reply(&sent, MiBusReply::Result { result: json!("OK") });
+    assert!(late.is_empty(), "the late MI reply settles nothing more: {late:?}");
+    assert_eq!(run.state_name(), "confirmed");
+    // The caller's BYE still ends it.
+    run.feed(fixture("E_UA_SESSION.3.ua_server_call"));
+    assert_eq!(run.state_name(), "ended");
+}
+
+#[test]
+fn an_ack_with_no_answer_of_ours_waiting_is_only_reported() {
+    // A 4xx answer waits for its MI reply: an ACK does not make it an answered call.
+    let mut run =
+        Run { state: CallState::Ua(UaState::server("n1", SERVER_KEY)), seq: 0, notifications: vec![], effects: vec![] };
+    run.feed(fixture("E_UA_SESSION.1.ua_server_call"));
+    run.command(Verb::UaAnswer, "a1", json!({"key": SERVER_KEY, "code": 486}));
+    run.notifications.clear();
+    run.feed(fixture("E_UA_SESSION.2.ua_server_call"));
+    assert_eq!(run.events(), ["ack"]);
+    assert_eq!(run.state_name(), "offered");
+}

@@ -642,6 +642,8 @@ impl UaState {
                 Some(why) => failed(effects, cmd, "ua.update", &format!("OpenSIPS did not send the {method}: {why}")),
             },
             UaRequest::Reply { method, code } => match error {
+                // Already settled by the caller's ACK (see `settle_answer`).
+                _ if answered => {}
                 None => {
                     if code >= 200 {
                         if let Some(i) = self.remote.iter().position(|m| *m == method) {
@@ -703,6 +705,31 @@ impl UaState {
         let cmd_id = early.cmd_id.clone();
         notify(effects, "update_sent", cmd_id.as_deref(), json!({"method": method}));
         Some(cmd_id)
+    }
+
+    /// Settles our 2xx to the incoming INVITE when the caller's ACK arrives before OpenSIPS
+    /// answered `ua_session_reply` (a real OpenSIPS 3.4.18 raised the ACK's UPDATED before its MI
+    /// reply when the phone acknowledged at once): the ACK proves the 2xx was sent, so `answered`
+    /// is said now and the MI reply settles nothing more. Nothing happens when no 2xx waits.
+    fn settle_answer(&mut self, effects: &mut Vec<Effect>) {
+        let early = self.requests.iter_mut().find(|r| {
+            !r.answered && matches!(&r.what, UaRequest::Reply { method, code } if method == "INVITE" && (200..300).contains(code))
+        });
+        let Some(early) = early else { return };
+        early.answered = true;
+        let cmd_id = early.cmd_id.clone();
+        let code = match early.what {
+            UaRequest::Reply { code, .. } => code,
+            _ => 200,
+        };
+        if let Some(i) = self.remote.iter().position(|m| m == "INVITE") {
+            self.remote.remove(i);
+            effects.push(Effect::CancelTimer { name: format!("{REPLY_TIMER}.INVITE") });
+        }
+        self.phase = UaPhase::Answered;
+        effects.push(Effect::CancelTimer { name: OFFER_TIMER.into() });
+        notify(effects, "answered", cmd_id.as_deref(), json!({"status": code}));
+        succeeded(effects, cmd_id.as_deref(), "ua.answer", json!({"method": "INVITE", "code": code}));
     }
 
     fn on_event(&mut self, e: &UaSession, ctx: &Ctx, effects: &mut Vec<Effect>) {
@@ -817,6 +844,9 @@ impl UaState {
                     return; // e.g. the ACK of our own negative answer
                 }
                 if e.method == "ACK" {
+                    if self.phase == UaPhase::Offered {
+                        self.settle_answer(effects);
+                    }
                     if self.phase == UaPhase::Answered {
                         self.phase = UaPhase::Confirmed;
                         notify(effects, "confirmed", None, json!({"body": body}));
