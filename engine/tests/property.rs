@@ -122,8 +122,14 @@ fn check_cases(
             let (after, effects) = outcome
                 .unwrap_or_else(|_| panic!("{name}: panic in case {case} (seed {case_seed}) at step {seq}: {input:?}"));
             for e in &effects {
-                if let Effect::Mi { request, .. } = e {
-                    requests.push(request.clone());
+                match e {
+                    Effect::Mi { request, .. } => requests.push(request.clone()),
+                    // Whatever the interleaving, only what docs/subjects.md lists is sent.
+                    Effect::Notify { event, data, .. } => {
+                        callbus_schemas::catalog::check_notification(after.kind(), event, data)
+                            .unwrap_or_else(|e| panic!("{name} case {case} (seed {case_seed}) step {seq}: {e}"));
+                    }
+                    _ => {}
                 }
             }
             records.push(Record {

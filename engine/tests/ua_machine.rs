@@ -50,7 +50,9 @@ impl Run {
         assert_eq!(self.state.step(&input, &ctx), (next.clone(), effects.clone()), "deterministic");
         self.state = next;
         for e in &effects {
-            if let Effect::Notify { event, cmd_id, .. } = e {
+            if let Effect::Notify { event, cmd_id, data } = e {
+                callbus_schemas::catalog::check_notification(self.state.kind(), event, data)
+                    .unwrap_or_else(|e| panic!("{e}"));
                 self.notifications.push((event.clone(), cmd_id.clone()));
             }
         }

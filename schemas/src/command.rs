@@ -322,6 +322,18 @@ pub enum CommandErrorCode {
 }
 
 impl CommandErrorCode {
+    /// Every code.
+    pub const ALL: [CommandErrorCode; 8] = [
+        CommandErrorCode::BadRequest,
+        CommandErrorCode::MissingField,
+        CommandErrorCode::WrongType,
+        CommandErrorCode::BadValue,
+        CommandErrorCode::UnknownCall,
+        CommandErrorCode::WrongState,
+        CommandErrorCode::Unsupported,
+        CommandErrorCode::Unavailable,
+    ];
+
     /// The code as it is on the wire (`unknown_call`).
     pub fn as_str(self) -> &'static str {
         match self {

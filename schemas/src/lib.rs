@@ -19,6 +19,7 @@
 mod string_enum;
 pub mod bus;
 pub mod callapi;
+pub mod catalog;
 pub mod clock;
 pub mod command;
 pub mod event;

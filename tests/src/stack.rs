@@ -59,7 +59,8 @@ pub fn logged_cmd_ids(data: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-/// Checks that every record of the log in `data` re-runs to the same state and effects
+/// Checks that every notification in the log in `data` is documented (`schemas::catalog`) and
+/// that every record re-runs to the same state and effects
 /// through today's machines, one record at a time (the engine's [`Replayer`]) and through
 /// `callbus replay check` (chunks of a few records, so calls span chunks); returns how many
 /// records there are.
@@ -69,12 +70,22 @@ pub fn assert_log_replays(data: &std::path::Path) -> usize {
     let reader = callbus_replay::LogReader::open(data).expect("open log");
     let mut n = 0;
     let mut replayer = callbus_engine::machines::Replayer::new(timeouts());
+    let mut undocumented = Vec::new();
     for record in callbus_engine::log::EventLog::records_from(reader.log(), 1) {
         let record = record.expect("readable");
+        // Every notification sent is one docs/subjects.md lists, with only the fields it lists.
+        for effect in &record.effects {
+            if let callbus_engine::machines::Effect::Notify { event, data, .. } = effect {
+                if let Err(e) = callbus_schemas::catalog::check_notification(record.after.kind(), event, data) {
+                    undocumented.push(format!("record {}: {e}", record.seq));
+                }
+            }
+        }
         let (after, effects) = replayer.recheck(&record);
         assert_eq!((&after, &effects), (&record.after, &record.effects), "record {} diverges", record.seq);
         n += 1;
     }
+    assert!(undocumented.is_empty(), "notifications docs/subjects.md does not list: {undocumented:#?}");
     let options = callbus_replay::CheckOptions { timeouts: timeouts(), chunk: 7, ..Default::default() };
     let report = callbus_replay::check(&reader, &options, &|state, input, ctx| state.step(input, ctx));
     assert!(report.divergences.is_empty(), "replay check: {:#?}", report.divergences);

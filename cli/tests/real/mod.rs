@@ -615,6 +615,28 @@ impl Tier {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        // Every notification a real OpenSIPS made callbus send is one docs/subjects.md lists.
+        let log = callbus_engine::log::SledLog::open(&self.data_dir()).expect("the log opens");
+        let undocumented: Vec<String> = callbus_engine::log::EventLog::records_from(&log, 1)
+            .filter_map(Result::ok)
+            .flat_map(|r| {
+                let kind = r.after.kind();
+                r.effects
+                    .iter()
+                    .filter_map(|e| match e {
+                        callbus_engine::machines::Effect::Notify { event, data, .. } => {
+                            callbus_schemas::catalog::check_notification(kind, event, data).err()
+                        }
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert!(
+            undocumented.is_empty(),
+            "{}: notifications docs/subjects.md does not list: {undocumented:#?}",
+            self.flow
+        );
         println!("FLOW|{}|{:.1} s|ok", self.flow, self.started.elapsed().as_secs_f64());
     }
 }
