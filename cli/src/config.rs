@@ -158,6 +158,9 @@ pub struct EngineSection {
     /// `fdatasync` the event log after each commit too: acknowledged inputs then survive a power
     /// cut, not only a crash of callbus (~0.08 ms more per commit on the test VM, docs/engine.md).
     pub sync_data: bool,
+    /// Free space kept on the data dir's disk (and held in `<data dir>/disk-reserve`): under it
+    /// the engine writes nothing and refuses commands until there is room; `0` turns it off.
+    pub disk_reserve: crate::size::Size,
 }
 
 impl Default for Config {
@@ -204,6 +207,7 @@ impl Default for EngineSection {
             reconcile_every: Dur(Duration::from_secs(300)),
             input_queue: 65_536,
             sync_data: false,
+            disk_reserve: crate::size::Size(callbus_engine::log::disk::DEFAULT_RESERVE),
         }
     }
 }
@@ -341,6 +345,24 @@ mod tests {
         let f = write("[bridge\nnode=");
         assert!(load(Some(f.path()), Overrides::default()).is_err(), "bad TOML");
         assert!(file(Some(Path::new("/nonexistent/callbus.toml"))).is_err());
+    }
+
+    #[test]
+    fn disk_reserve_is_a_size_from_the_file_or_the_flag() {
+        use crate::size::Size;
+        assert_eq!(load(None, Overrides::default()).expect("defaults").engine.disk_reserve, Size(64 << 20));
+        let f = write("[engine]\ndisk_reserve = \"1GiB\"\n");
+        assert_eq!(load(Some(f.path()), Overrides::default()).expect("valid").engine.disk_reserve, Size(1 << 30));
+        let f = write("[engine]\ndisk_reserve = 0\n");
+        assert_eq!(load(Some(f.path()), Overrides::default()).expect("off").engine.disk_reserve, Size(0));
+        let mut over = Overrides::default();
+        over.set("engine", "disk_reserve", Some(Size(8 << 20)));
+        assert_eq!(load(None, over).expect("flag").engine.disk_reserve, Size(8 << 20));
+        for (bad, says) in [("\"lots\"", "not a size"), ("\"5 parsecs\"", "unknown unit"), ("-3", "disk_reserve")] {
+            let f = write(&format!("[engine]\ndisk_reserve = {bad}\n"));
+            let e = format!("{:#}", load(Some(f.path()), Overrides::default()).expect_err(bad));
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -44,6 +44,11 @@ pub struct EngineFlags {
     /// survives a crash of callbus only). Single engine only: in cluster mode the log is JetStream's.
     #[arg(long, env = "CALLBUS_SYNC_DATA")]
     pub sync_data: bool,
+    /// Free space kept on the data dir's disk: under it the engine writes nothing and refuses
+    /// commands until there is room, so a full disk never costs the log; 0 turns it off
+    /// [default: 64MiB].
+    #[arg(long, env = "CALLBUS_DISK_RESERVE", value_parser = crate::size::parse)]
+    pub disk_reserve: Option<u64>,
 }
 
 /// Flags of cluster mode. Each overrides the configuration file's `[cluster]` key of the same
@@ -115,6 +120,7 @@ impl EngineFlags {
         o.set("engine", "reconcile_every", self.reconcile_every.map(Dur));
         o.set("engine", "input_queue", self.input_queue);
         o.set("engine", "sync_data", self.sync_data.then_some(true));
+        o.set("engine", "disk_reserve", self.disk_reserve.map(crate::size::Size));
     }
 }
 
@@ -129,6 +135,7 @@ pub fn engine_config(c: &EngineSection) -> EngineConfig {
         reconcile_every: Some(c.reconcile_every.0).filter(|d| !d.is_zero()),
         input_queue: c.input_queue,
         sync_data: c.sync_data,
+        disk_reserve: c.disk_reserve.0,
         ..EngineConfig::default()
     }
 }

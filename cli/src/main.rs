@@ -15,6 +15,7 @@ mod mi_cmd;
 mod nats;
 mod replay_cmd;
 mod sim_cmd;
+mod size;
 mod ua_cmd;
 
 use std::process::ExitCode;

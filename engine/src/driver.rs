@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::log::disk::DiskGuard;
 use crate::log::{EventLog, LogError, Record, RememberedCommand, SledLog, Snapshot, RECORD_FORMAT};
 use crate::machines::{call_of_request, BridgedState, CallState, Ctx, DialogState, Effect, Input, UaState};
 use crate::EngineConfig;
@@ -203,6 +204,8 @@ pub(crate) struct Owner {
     pending: VecDeque<Work>,
     /// Cluster mode: the partition this owner serves and its replicated log.
     pub(crate) part: Option<crate::cluster::PartCtx>,
+    /// Single engine: the free space of the data dir against the reserve (`log::disk`).
+    pub(crate) disk: Option<DiskGuard>,
 }
 
 /// Why the owner stopped before it was told to: the log failed. The inputs of the failed
@@ -802,7 +805,12 @@ impl Owner {
     /// append to its replicated log (the local copy is flushed by sled in the background).
     async fn commit_batch(&mut self) -> Result<(), LogError> {
         match &mut self.part {
-            None => self.log.commit().await,
+            None => {
+                if self.config.commit_faults.take_one() {
+                    self.log.fail_next_commits(1);
+                }
+                self.log.commit().await
+            }
             Some(part) => part.publish().await,
         }
     }
@@ -1183,6 +1191,7 @@ pub(crate) fn owner_on(
         metrics: EngineMetrics::new(),
         pending: VecDeque::new(),
         part: None,
+        disk: None,
     }
 }
 
@@ -1267,13 +1276,23 @@ impl Owner {
                             }
                         }
                     }
+                    // Nothing is staged under the disk reserve, a checkpoint neither.
+                    if let Err(low) = self.disk_check() {
+                        return Some(self.stop_for_disk(low, Vec::new(), rx).await);
+                    }
                     // Checkpoints are written between batches, so no input waits for one.
                     self.forget_old_commands(self.config.clock.now_ms());
                     if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY && self.checkpoint_due() {
                         match self.checkpoint() {
                             Ok(()) => {
-                                if let Err(e) = self.log.commit().await {
-                                    tracing::warn!(error = %e, "checkpoint not committed; the next one retries");
+                                if let Err(e) = self.commit_batch().await {
+                                    // Rolled back: the state in memory went ahead of the log, so
+                                    // the engine starts again from the log, as after a failed batch.
+                                    self.metrics.log_failures.increment(1);
+                                    tracing::error!(error = %e, "a checkpoint was not committed");
+                                    let _ = self.disk_check();
+                                    let pending = self.pending.drain(..).collect();
+                                    return Some(Stopped { error: e, pending, rx });
                                 }
                             }
                             Err(e) => tracing::warn!(error = %e, "checkpoint not written; the next one retries"),
@@ -1298,6 +1317,10 @@ impl Owner {
                         None => break,
                     },
                 }
+            }
+            // Under the disk reserve nothing is staged: sled must never meet a full disk.
+            if let Err(low) = self.disk_check() {
+                return Some(self.stop_for_disk(low, batch, rx).await);
             }
             let mut out = Outputs::default();
             let mut failed = None;
@@ -1345,6 +1368,9 @@ impl Owner {
                 Ok(()) => self.carry_out(out).await,
                 Err(e) => {
                     self.metrics.log_failures.increment(1);
+                    // A full disk despite the reserve (another program filled it): releasing
+                    // the reserve file gives sled room for what it flushes when the log closes.
+                    let _ = self.disk_check();
                     // Nothing of this batch is acknowledged: commands get an error, effects
                     // are not carried out, and the apps can retry. The state in memory went
                     // ahead of the log: the engine stops here and starts again from the log.
@@ -1366,7 +1392,13 @@ impl Owner {
                 }
             }
         }
-        // A clean stop leaves snapshots up to date, so the next start reads no tail.
+        // A clean stop leaves snapshots up to date, so the next start reads no tail (not
+        // under the disk reserve: the tail is read instead).
+        if let Err(low) = self.disk_check() {
+            tracing::warn!(%low, "no final checkpoint: the next start reads the log's tail");
+            let _ = tokio::time::timeout(SHUTDOWN_FLUSH, self.client.flush()).await;
+            return None;
+        }
         match self.checkpoint() {
             Ok(()) => {
                 if let Err(e) = self.log.commit().await {
@@ -1378,6 +1410,48 @@ impl Owner {
         let _ = tokio::time::timeout(SHUTDOWN_FLUSH, self.client.flush()).await;
         None
     }
+}
+
+impl Owner {
+    /// Whether the single engine may stage writes now (see `log::disk`).
+    fn disk_check(&self) -> Result<(), crate::log::disk::DiskLow> {
+        match (&self.disk, &self.part) {
+            (Some(disk), None) => disk.check(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops before staging anything because the disk is under the reserve: the commands of
+    /// `batch` are refused (the apps retry them), its other inputs are kept with the queue.
+    async fn stop_for_disk(
+        mut self,
+        low: crate::log::disk::DiskLow,
+        batch: Vec<Work>,
+        rx: mpsc::Receiver<Work>,
+    ) -> Stopped {
+        let error = LogError::DiskLow(low);
+        let refusal = log_down_refusal(&error);
+        let mut pending = Vec::with_capacity(batch.len() + self.pending.len());
+        for work in batch {
+            match work {
+                Work::Command { payload, reply: Some(reply), .. } => {
+                    let cmd_id = CommandRequest::cmd_id_of(&payload);
+                    let body = CommandReply::Refused { cmd_id, error: refusal.clone() }.to_bytes();
+                    let _ = self.client.publish(reply, Bytes::from(body)).await;
+                }
+                Work::Command { .. } => {}
+                other => pending.push(other),
+            }
+        }
+        pending.extend(self.pending.drain(..));
+        let _ = tokio::time::timeout(SHUTDOWN_FLUSH, self.client.flush()).await;
+        Stopped { error, pending, rx }
+    }
+}
+
+/// The answer to a command while the log cannot be written.
+fn log_down_refusal(error: &LogError) -> CommandError {
+    CommandError::new(CommandErrorCode::Unavailable, format!("the engine cannot write its log ({error}): retry later"))
 }
 
 /// Most inputs kept while the log cannot be written (events, MI replies, timers).
@@ -1403,19 +1477,18 @@ pub(crate) async fn supervise(
             data_dir = %config.data_dir.display(),
             "the event log cannot be written: commands are refused until it can (free space or fix the disk); OpenSIPS events are kept meanwhile"
         );
-        let refusal = CommandError::new(
-            CommandErrorCode::Unavailable,
-            format!("the engine cannot write its log ({error}): retry later"),
-        );
+        let refusal = log_down_refusal(&error);
+        let disk = DiskGuard::new(&config.data_dir, config.disk_reserve);
         let mut retry = tokio::time::interval(Duration::from_secs(1));
         let reopened = loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 w = rx.recv() => match w {
                     None => return,
-                    Some(Work::Command { reply, .. }) => {
+                    Some(Work::Command { reply, payload, .. }) => {
                         if let Some(reply) = reply {
-                            let body = CommandReply::Refused { cmd_id: None, error: refusal.clone() }.to_bytes();
+                            let cmd_id = CommandRequest::cmd_id_of(&payload);
+                            let body = CommandReply::Refused { cmd_id, error: refusal.clone() }.to_bytes();
                             let _ = client.publish(reply, Bytes::from(body)).await;
                         }
                     }
@@ -1423,6 +1496,10 @@ pub(crate) async fn supervise(
                     Some(_) => metrics::counter!("callbus_engine_inputs_dropped_total").increment(1),
                 },
                 _ = retry.tick() => {
+                    // Not reopened (which writes) before the disk has room again.
+                    if disk.resume().is_err() {
+                        continue;
+                    }
                     match SledLog::open_with(&config.data_dir, config.cache_bytes, config.sync_data) {
                         Ok(log) => {
                             // Writable again? A real write and flush says so.
@@ -1437,6 +1514,7 @@ pub(crate) async fn supervise(
             }
         };
         let mut next = owner_on(config.clone(), Arc::new(reopened), client.clone(), tx.clone());
+        next.disk = Some(disk);
         match recover(&mut next) {
             Ok((live, _)) => {
                 tracing::info!(live, kept = pending.len(), "the event log works again: calls rebuilt from it; going on")

@@ -49,6 +49,27 @@ impl WallClock {
     }
 }
 
+/// A count of commits the single engine fails on purpose, shared with a test that arms it.
+#[doc(hidden)]
+#[derive(Clone, Debug, Default)]
+pub struct CommitFaults(Arc<std::sync::atomic::AtomicUsize>);
+
+impl CommitFaults {
+    /// Makes the next `n` commits fail.
+    pub fn arm(&self, n: usize) {
+        self.0.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this commit is to fail (then one fewer is left).
+    pub(crate) fn take_one(&self) -> bool {
+        self.0
+            .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| {
+                n.checked_sub(1)
+            })
+            .is_ok()
+    }
+}
+
 /// How the engine is set up.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -79,6 +100,12 @@ pub struct EngineConfig {
     /// The most live calls; `call.start` and `ua.start` are refused beyond it (calls OpenSIPS
     /// reports are always followed: refusing them would lose them).
     pub max_live_calls: usize,
+    /// Bytes of free space kept in the data dir's file system (0: none): under it the single
+    /// engine writes nothing and refuses commands until there is room (see [`log::disk`]).
+    pub disk_reserve: u64,
+    /// Commits to fail on purpose, as a broken disk would (tests).
+    #[doc(hidden)]
+    pub commit_faults: CommitFaults,
     /// The wall clock (the system's).
     pub clock: WallClock,
     /// Inputs waiting for the engine at most; beyond it commands are refused as `unavailable`
@@ -162,6 +189,8 @@ impl Default for EngineConfig {
             cache_bytes: log::DEFAULT_CACHE_BYTES,
             sync_data: false,
             max_live_calls: 500_000,
+            disk_reserve: log::disk::DEFAULT_RESERVE,
+            commit_faults: CommitFaults::default(),
             clock: WallClock::default(),
             input_queue: 65_536,
             local: None,
@@ -212,6 +241,12 @@ impl Engine {
         log::EventLog::stage_timeouts(&*log, &config.timeouts)?;
         let (mut owner, rx) = driver::owner(config.clone(), Arc::clone(&log), client.clone());
         let (live, tail) = driver::recover(&mut owner)?;
+        let disk = log::disk::DiskGuard::new(&config.data_dir, config.disk_reserve);
+        disk.hold();
+        if let Err(low) = disk.check() {
+            tracing::error!(%low, "commands are refused until there is room");
+        }
+        owner.disk = Some(disk);
         tracing::info!(
             data_dir = %config.data_dir.display(),
             live,

@@ -288,3 +288,41 @@ async fn the_write_ahead_files_are_replaced_and_deleted_as_sled_catches_up() {
     assert_eq!(seqs.last(), Some(&384));
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
 }
+
+#[tokio::test]
+async fn a_failed_commit_leaves_no_trace_in_sled_nor_after_a_reopen() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = SledLog::open(dir.path()).expect("open");
+    log.stage(&record(1, "a")).expect("stage");
+    log.stage_snapshot(&snapshot(1, "a")).expect("snapshot");
+    log.stage_checkpoint(1).expect("checkpoint");
+    log.commit().await.expect("commit");
+
+    // A batch that overwrites a snapshot, adds records and moves the checkpoint, then fails.
+    log.stage(&record(2, "a")).expect("stage");
+    log.stage(&record(3, "b")).expect("stage");
+    log.stage_snapshot(&snapshot(3, "a")).expect("snapshot");
+    log.stage_snapshot(&snapshot(3, "b")).expect("snapshot");
+    log.stage_checkpoint(3).expect("checkpoint");
+    log.fail_next_commits(1);
+    let e = log.commit().await.expect_err("fails on purpose");
+    assert!(e.to_string().contains("on purpose"), "{e}");
+    // Taken back at once, in memory.
+    assert_eq!(log.next_seq(), 2);
+    assert!(log.raw_record(2).expect("read").is_none() && log.raw_record(3).expect("read").is_none());
+    assert_eq!(log.checkpoint().expect("checkpoint"), 1);
+    assert_eq!(log.snapshots().expect("snapshots"), vec![snapshot(1, "a")]);
+    assert_eq!(log.records_of_call("a").expect("history").len(), 1);
+
+    // The same log goes on: the next batch takes the sequences the failed one had.
+    log.stage(&record(2, "c")).expect("stage");
+    log.commit().await.expect("commit");
+    drop(log); // sled flushes what it holds
+
+    let log = reopen(dir.path());
+    let calls: Vec<String> =
+        log.records_from(1).map(|r| r.expect("readable")).map(|r| format!("{}:{}", r.seq, r.call_id)).collect();
+    assert_eq!(calls, ["1:a", "2:c"]);
+    assert_eq!(log.checkpoint().expect("checkpoint"), 1);
+    assert_eq!(log.snapshots().expect("snapshots"), vec![snapshot(1, "a")]);
+}

@@ -137,6 +137,8 @@ async fn a_full_disk_refuses_commands_keeps_events_and_recovers_when_space_retur
     s.start_engine_with(|c| {
         c.data_dir = data.clone();
         c.cache_bytes = 4 * 1024 * 1024;
+        // A reserve the size of this small disk allows (tests/tests/disk.rs tests the reserve).
+        c.disk_reserve = 1024 * 1024;
     })
     .await;
     s.confirmed_call(CallScript::default()).await;
@@ -210,4 +212,67 @@ async fn a_clock_jump_changes_recorded_times_only() {
     s.shutdown().await;
     callbus_tests::stack::assert_log_replays(s.data.path());
     println!("FAULT|wall clock stepped 1 h back mid-call|1 call, 1 transfer|0|timer fired in {} ms; log order and replay unchanged", waited.as_millis());
+}
+
+/// Every input the log at `data` holds: events by (node, the bridge's sequence, call), and
+/// commands by cmd_id; returns those held more than once.
+fn inputs_logged_twice(data: &std::path::Path) -> (usize, Vec<String>) {
+    use callbus_engine::machines::Input;
+    let log = callbus_engine::log::SledLog::open(data).expect("the log opens");
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for record in callbus_engine::log::EventLog::records_from(&log, 1) {
+        let record = record.expect("readable");
+        let key = match &record.input {
+            Input::Event { node, bridge_seq: Some(seq), .. } => format!("event {node}#{seq} of {}", record.call_id),
+            Input::Command { cmd_id, .. } => format!("command {cmd_id}"),
+            _ => continue,
+        };
+        *seen.entry(key).or_default() += 1;
+    }
+    let twice = seen.iter().filter(|(_, n)| **n > 1).map(|(k, n)| format!("{k}: {n} times")).collect();
+    (seen.len(), twice)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_leaves_no_trace_and_each_input_is_logged_once() {
+    let mut s = Stack::start_up(SimConfig::default()).await;
+    let faults = callbus_engine::CommitFaults::default();
+    let armed = faults.clone();
+    s.start_engine_with(move |c| c.commit_faults = armed).await;
+    s.confirmed_call(CallScript::default()).await;
+
+    // The next commit fails: its batch (events of calls being set up) was staged into sled
+    // already. The engine must take those changes back, start again from the log, and handle
+    // the batch again: once.
+    faults.arm(1);
+    let sips: Vec<String> = (0..5).map(|_| s.sim.proxied_call(CallScript::default())).collect();
+    let mut waiting: std::collections::HashSet<String> = sips.into_iter().collect();
+    while !waiting.is_empty() {
+        let notes = s.notes_until(|n| n.event == "confirmed").await;
+        if let Some(sip) = notes.last().and_then(|n| n.sip_call_id.as_ref()) {
+            waiting.remove(sip);
+        }
+    }
+    // A command whose commit fails is refused and not in the log; its retry is accepted once.
+    faults.arm(1);
+    let body = json!({"caller": "sip:alice@127.0.0.1", "callee": "sip:bob@127.0.0.1", "cmd_id": "after-fault"});
+    let first = s.cmd("call.start", body.clone()).await;
+    assert_eq!(callbus_tests::stack::refused(&first), callbus_schemas::command::CommandErrorCode::Unavailable);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let call_id = loop {
+        match s.cmd("call.start", body.clone()).await {
+            callbus_schemas::command::CommandReply::Accepted { call_id, .. } => break call_id,
+            other => assert!(Instant::now() < deadline, "the engine did not come back: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    s.notes_until(|n| n.call_id == call_id && n.event == "connected").await;
+    s.shutdown().await;
+
+    let data = s.data.path();
+    let (inputs, twice) = inputs_logged_twice(data);
+    assert!(twice.is_empty(), "inputs logged more than once after a failed commit: {twice:#?}");
+    assert!(inputs >= 20, "the log holds the traffic ({inputs} inputs)");
+    assert_eq!(callbus_tests::stack::logged_cmd_ids(data).iter().filter(|c| *c == "after-fault").count(), 1);
+    callbus_tests::stack::assert_log_replays(data);
 }

@@ -12,6 +12,7 @@
 //! with [`EventLog::stage_checkpoint`], and a restart reads the snapshots and then only the
 //! records after the checkpoint.
 
+pub mod disk;
 mod sled_log;
 mod wal;
 
@@ -88,6 +89,9 @@ pub enum LogError {
         /// The store's error.
         reason: String,
     },
+    /// Free space under the reserve: nothing is written until there is room again.
+    #[error("{0}")]
+    DiskLow(disk::DiskLow),
     /// Another process has the data dir open (sled locks it while open).
     #[error("the data dir {path} is in use by another process (another `callbus up` or `callbus engine`?): stop it, or give this one another --data-dir")]
     InUse {

@@ -61,6 +61,8 @@ pub struct SledLog {
     /// Per call, the sequences staged since the last checkpoint (not yet in `by_call`).
     unindexed: std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>,
     next_seq: AtomicU64,
+    /// `next_seq` after the last commit that succeeded.
+    committed_next_seq: AtomicU64,
     /// What makes commits durable (sled is flushed in the background).
     wal: Wal,
     /// `fdatasync` of sled's file with `sync_data`, else nothing.
@@ -109,7 +111,7 @@ impl SledLog {
         if SledLog::in_use(dir) {
             return Err(LogError::InUse { path: dir.display().to_string() });
         }
-        let store = |e: sled::Error| LogError::Store { path: dir.display().to_string(), reason: e.to_string() };
+        let store = |e: sled::Error| LogError::Store { path: dir.display().to_string(), reason: sled_words(&e) };
         let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).open().map_err(|e| match e {
             // Taken between the probe above and sled's own lock.
             sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
@@ -154,6 +156,7 @@ impl SledLog {
             meta,
             unindexed: Default::default(),
             next_seq: AtomicU64::new(last.map_or(1, |s| s + 1)),
+            committed_next_seq: AtomicU64::new(last.map_or(1, |s| s + 1)),
             wal,
             sync_db,
         };
@@ -186,13 +189,25 @@ impl SledLog {
         self.unindexed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn store_error(&self, e: impl std::fmt::Display) -> LogError {
-        LogError::Store { path: self.path.display().to_string(), reason: e.to_string() }
+    fn store_error(&self, e: sled::Error) -> LogError {
+        LogError::Store { path: self.path.display().to_string(), reason: sled_words(&e) }
     }
 
     /// Bytes the data dir takes on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0) + self.wal.size_on_disk()
+    }
+}
+
+/// sled's error in words (its own text of an I/O error is Rust's debug form).
+pub(crate) fn sled_words(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) => format!("I/O error: {io}"),
+        sled::Error::Corruption { .. } => {
+            "sled's files are corrupt (restore the data dir from a backup, or move it away to start an empty log)"
+                .into()
+        }
+        other => other.to_string(),
     }
 }
 
@@ -237,13 +252,19 @@ impl SledLog {
         self.records.get(seq.to_be_bytes()).map_err(|e| self.store_error(e))
     }
 
+    /// Makes the next `n` commits fail as a broken disk would, their changes rolled back
+    /// (tests: a store that fails on demand).
+    #[doc(hidden)]
+    pub fn fail_next_commits(&self, n: usize) {
+        self.wal.fail_commits(n);
+    }
+
     /// Adds a record already encoded (MessagePack, as [`encode`](super::encode) gives), not
     /// durable until [`EventLog::commit`].
     pub fn stage_raw(&self, seq: u64, call_id: &str, bytes: &[u8]) -> Result<(), LogError> {
         let key = seq.to_be_bytes();
-        self.wal.stage(RECORDS, &key, Some(bytes), || {
-            self.records.insert(key, bytes).map(drop).map_err(|e| self.store_error(e))
-        })?;
+        self.wal
+            .stage(RECORDS, &key, Some(bytes), || self.records.insert(key, bytes).map_err(|e| self.store_error(e)))?;
         self.unindexed().entry(call_id.to_owned()).or_default().push(seq);
         self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
         Ok(())
@@ -265,13 +286,13 @@ impl EventLog for SledLog {
             .map_err(|e| LogError::Encode { seq: snapshot.seq, reason: e.to_string() })?;
         let key = snapshot.call_id.as_bytes();
         self.wal.stage(SNAPSHOTS, key, Some(&bytes), || {
-            self.snapshots.insert(key, bytes.as_slice()).map(drop).map_err(|e| self.store_error(e))
+            self.snapshots.insert(key, bytes.as_slice()).map_err(|e| self.store_error(e))
         })
     }
 
     fn remove_snapshot(&self, call_id: &str) -> Result<(), LogError> {
         let key = call_id.as_bytes();
-        self.wal.stage(SNAPSHOTS, key, None, || self.snapshots.remove(key).map(drop).map_err(|e| self.store_error(e)))
+        self.wal.stage(SNAPSHOTS, key, None, || self.snapshots.remove(key).map_err(|e| self.store_error(e)))
     }
 
     fn stage_checkpoint(&self, seq: u64) -> Result<(), LogError> {
@@ -281,12 +302,12 @@ impl EventLog for SledLog {
             let value: Vec<u8> = seqs.iter().flat_map(|s| s.to_be_bytes()).collect();
             let key = call_key(&call_id, *first);
             self.wal.stage(BY_CALL, &key, Some(&value), || {
-                self.by_call.insert(key.as_slice(), value.as_slice()).map(drop).map_err(|e| self.store_error(e))
+                self.by_call.insert(key.as_slice(), value.as_slice()).map_err(|e| self.store_error(e))
             })?;
         }
         let value = seq.to_be_bytes();
         self.wal.stage(META, CHECKPOINT_KEY, Some(&value), || {
-            self.meta.insert(CHECKPOINT_KEY, &value).map(drop).map_err(|e| self.store_error(e))
+            self.meta.insert(CHECKPOINT_KEY, &value).map_err(|e| self.store_error(e))
         })
     }
 
@@ -299,7 +320,7 @@ impl EventLog for SledLog {
         let bytes =
             rmp_serde::to_vec_named(timeouts).map_err(|e| LogError::Encode { seq: 0, reason: e.to_string() })?;
         self.wal.stage(META, TIMEOUTS_KEY, Some(&bytes), || {
-            self.meta.insert(TIMEOUTS_KEY, bytes.as_slice()).map(drop).map_err(|e| self.store_error(e))
+            self.meta.insert(TIMEOUTS_KEY, bytes.as_slice()).map_err(|e| self.store_error(e))
         })
     }
 
@@ -315,13 +336,13 @@ impl EventLog for SledLog {
             rmp_serde::to_vec(command).map_err(|e| LogError::Encode { seq: command.seq, reason: e.to_string() })?;
         let key = command_key(cmd_id);
         self.wal.stage(META, &key, Some(&bytes), || {
-            self.meta.insert(key.as_slice(), bytes.as_slice()).map(drop).map_err(|e| self.store_error(e))
+            self.meta.insert(key.as_slice(), bytes.as_slice()).map_err(|e| self.store_error(e))
         })
     }
 
     fn remove_command(&self, cmd_id: &str) -> Result<(), LogError> {
         let key = command_key(cmd_id);
-        self.wal.stage(META, &key, None, || self.meta.remove(key.as_slice()).map(drop).map_err(|e| self.store_error(e)))
+        self.wal.stage(META, &key, None, || self.meta.remove(key.as_slice()).map_err(|e| self.store_error(e)))
     }
 
     fn commands(&self) -> Result<Vec<(String, RememberedCommand)>, LogError> {
@@ -336,7 +357,25 @@ impl EventLog for SledLog {
     }
 
     async fn commit(&self) -> Result<(), LogError> {
-        self.wal.commit().map_err(|e| self.store_error(format!("writing the write-ahead file failed: {e}")))
+        match self.wal.commit() {
+            Ok(()) => {
+                self.committed_next_seq.store(self.next_seq.load(Ordering::Relaxed), Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                // The staged changes were taken back out of sled: so are their sequences.
+                self.next_seq.store(self.committed_next_seq.load(Ordering::Relaxed), Ordering::Relaxed);
+                // A checkpoint among them took the unindexed sequences: read them again.
+                self.unindexed().clear();
+                if let Err(e) = self.index_tail() {
+                    tracing::error!(error = %e, "the log's tail could not be indexed again after a failed commit");
+                }
+                Err(LogError::Store {
+                    path: self.path.display().to_string(),
+                    reason: format!("writing the write-ahead file failed: {e}"),
+                })
+            }
+        }
     }
 
     fn snapshots(&self) -> Result<Vec<Snapshot>, LogError> {
@@ -372,7 +411,7 @@ impl EventLog for SledLog {
 impl Drop for SledLog {
     /// A clean close: sled flushed, the write-ahead files hold nothing it lacks.
     fn drop(&mut self) {
-        match self.db.flush().map_err(|e| e.to_string()).and_then(|_| (self.sync_db)().map_err(|e| e.to_string())) {
+        match self.db.flush().map_err(|e| sled_words(&e)).and_then(|_| (self.sync_db)().map_err(|e| e.to_string())) {
             Ok(()) => self.wal.remove_all(),
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "sled's last flush failed: the write-ahead files are applied again at the next open")
