@@ -170,6 +170,8 @@ pub struct Bridge {
     tasks: Vec<JoinHandle<()>>,
     publisher: Option<JoinHandle<()>>,
     manager: Option<JoinHandle<()>>,
+    /// The `callbus-bridge` NATS service.
+    service: Option<callbus_service::Service>,
 }
 
 fn unix_ms() -> u64 {
@@ -273,7 +275,7 @@ impl Bridge {
         };
         let manager = tokio::spawn(manager.run(config.events.clone(), intake_cancel.clone()));
 
-        let bridge = Bridge {
+        let mut bridge = Bridge {
             config,
             events_addr,
             socket_name,
@@ -286,11 +288,24 @@ impl Bridge {
             tasks,
             publisher: Some(publisher),
             manager: Some(manager),
+            service: None,
         };
+        let source = bridge.status_source();
+        let data: callbus_service::StatsData = Arc::new(move |endpoint: &str| {
+            (endpoint == "mi").then(|| serde_json::to_value(source.status()).ok()).flatten()
+        });
+        let service = callbus_service::Service::start_with_data(
+            &client,
+            bridge_service(&bridge.config.node, &mi_subject),
+            Some(data),
+        )
+        .await
+        .map_err(BridgeError::Nats)?;
+        bridge.mi.count_in(service.clone());
+        bridge.service = Some(service);
         let status_subject = subjects::status(&bridge.config.node).map_err(|e| BridgeError::Config(e.to_string()))?;
         let status_task =
             tokio::spawn(publish_status(bridge.status_source(), client, status_subject, bridge.cancel.clone()));
-        let mut bridge = bridge;
         bridge.tasks.push(status_task);
         tracing::info!(
             node = %bridge.config.node,
@@ -347,6 +362,9 @@ impl Bridge {
     /// (for at most the drain timeout) and stops.
     pub async fn shutdown(mut self) {
         tracing::info!(node = %self.config.node, "bridge shutting down");
+        if let Some(service) = self.service.take() {
+            service.stop();
+        }
         self.intake_cancel.cancel();
         if let Some(manager) = self.manager.take() {
             let _ = manager.await;
@@ -440,6 +458,36 @@ impl LocalMi {
     }
 }
 
+/// The `callbus-bridge` NATS service of `node`: its MI endpoint (STATS `data`: the bridge's
+/// status, as published on `opensips.<node>.status`).
+fn bridge_service(node: &str, mi_subject: &str) -> callbus_service::Spec {
+    let reply_schema = callbus_schemas::json_schema::all()
+        .into_iter()
+        .find(|(name, _)| *name == "bus_mi_reply")
+        .map(|(_, schema)| serde_json::to_string(&schema).unwrap_or_default())
+        .unwrap_or_default();
+    callbus_service::Spec {
+        name: "callbus-bridge".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        description: "OpenSIPS MI over NATS, and its events on opensips.<node>.event.<name> (docs/bridge.md)"
+            .to_owned(),
+        metadata: [("node".to_owned(), node.to_owned())].into(),
+        endpoints: vec![callbus_service::Endpoint {
+            name: "mi".to_owned(),
+            subject: mi_subject.to_owned(),
+            queue_group: format!("callbus-bridge-{node}"),
+            metadata: [
+                (
+                    "request".to_owned(),
+                    "opensips.<node>.mi.<command>: the command's params as a JSON object, or an empty body".to_owned(),
+                ),
+                ("response_schema".to_owned(), reply_schema),
+            ]
+            .into(),
+        }],
+    }
+}
+
 /// Serves `opensips.<node>.mi.*` until cancelled.
 async fn serve_mi(mut requests: async_nats::Subscriber, mi: MiClient, allow: AllowList, cancel: CancellationToken) {
     loop {
@@ -453,7 +501,7 @@ async fn serve_mi(mut requests: async_nats::Subscriber, mi: MiClient, allow: All
             continue;
         };
         let command = message.subject.rsplit('.').next().unwrap_or_default().to_owned();
-        let responder = mi::Responder::Nats(reply);
+        let responder = mi::Responder::Nats(reply, std::time::Instant::now());
         if !allow.allows(&command) {
             let detail = format!(
                 "{command} is not on this bridge's MI allow-list ({allow}); an operator can add it with --mi-allow=+{command}"

@@ -38,8 +38,8 @@ const SWEEP_EVERY: Duration = Duration::from_millis(20);
 
 /// Where an MI reply goes.
 pub(crate) enum Responder {
-    /// A NATS request's reply subject.
-    Nats(Subject),
+    /// A NATS request's reply subject, and when the request was taken.
+    Nats(Subject, Instant),
     /// A caller inside the bridge.
     Local(oneshot::Sender<MiBusReply>),
 }
@@ -112,6 +112,8 @@ struct Inner {
     max_in_flight: usize,
     nats: async_nats::Client,
     counters: Arc<Counters>,
+    /// The `callbus-bridge` NATS service, once started: its stats count MI requests from NATS.
+    service: std::sync::OnceLock<callbus_service::Service>,
 }
 
 /// What a datagram on the MI socket is, for the bridge.
@@ -163,6 +165,7 @@ impl MiClient {
                 max_in_flight,
                 nats,
                 counters,
+                service: std::sync::OnceLock::new(),
             }),
         };
         tokio::spawn(client.clone().read_replies(cancel.clone()));
@@ -249,6 +252,11 @@ impl MiClient {
         }
     }
 
+    /// Counts the MI requests from NATS in `service`'s stats from now on.
+    pub(crate) fn count_in(&self, service: callbus_service::Service) {
+        let _ = self.inner.service.set(service);
+    }
+
     /// Answers with a bridge error that never reached OpenSIPS.
     pub(crate) async fn refuse(&self, responder: Responder, command: &str, kind: BridgeErrorKind, detail: String) {
         self.inner.counters.mi_refused.fetch_add(1, Ordering::Relaxed);
@@ -274,7 +282,14 @@ impl MiClient {
             Responder::Local(tx) => {
                 let _ = tx.send(reply);
             }
-            Responder::Nats(subject) => {
+            Responder::Nats(subject, received) => {
+                if let Some(service) = self.inner.service.get() {
+                    let error = match &reply {
+                        MiBusReply::Result { .. } => None,
+                        MiBusReply::Error { error } => Some((u16::try_from(error.code).unwrap_or(500), outcome)),
+                    };
+                    service.record("mi", received.elapsed(), error);
+                }
                 if let Err(e) = self.inner.nats.publish(subject, Bytes::from(reply.to_bytes())).await {
                     tracing::warn!(error = %e, "MI reply could not be published on NATS");
                 }

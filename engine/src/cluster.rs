@@ -388,6 +388,8 @@ struct Shared {
     workers: Mutex<HashMap<String, Instant>>,
     /// When the heartbeat watch last showed this worker's own heartbeat (it is working).
     self_seen: Mutex<Option<Instant>>,
+    /// The `callbus` NATS service: its stats count the commands this worker's partitions answer.
+    service: callbus_service::Service,
 }
 
 impl Shared {
@@ -440,6 +442,9 @@ impl ClusterEngine {
             EngineError::Log(LogError::Store { path: config.data_dir.display().to_string(), reason: e.to_string() })
         })?;
         let (register, register_rx) = mpsc::unbounded_channel();
+        let service = callbus_service::Service::start(&client, crate::commands_service(Some(&cluster.worker)))
+            .await
+            .map_err(EngineError::Nats)?;
         let shared = Arc::new(Shared {
             config,
             cluster: cluster.clone(),
@@ -451,6 +456,7 @@ impl ClusterEngine {
             register,
             workers: Default::default(),
             self_seen: Default::default(),
+            service,
         });
         let cancel = CancellationToken::new();
         let commands = client
@@ -735,6 +741,7 @@ async fn acquire(shared: &Arc<Shared>, p: u16, value: Bytes) -> Result<Option<He
     // changed owner is in the input stream; what UDP lost before the bridge is not, and the
     // periodic list finds it.
     let (mut owner, rx) = driver::owner(config, Arc::clone(&log), shared.client.clone());
+    owner.service = Some(shared.service.clone());
     owner.part = Some(PartCtx {
         partition: p,
         worker: me.clone(),
@@ -768,6 +775,7 @@ async fn acquire(shared: &Arc<Shared>, p: u16, value: Bytes) -> Result<Option<He
         tx.clone(),
         shared.client.clone(),
         cancel.clone(),
+        Some(shared.service.clone()),
     ));
     let _ = shared.register.send(Register { partition: p, tx, done: position });
     let owner = tokio::spawn(owner.run(rx, cancel.clone()));

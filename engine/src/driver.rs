@@ -168,7 +168,8 @@ struct Outputs {
     remembered: Vec<(String, CommandReply, u64)>,
     staged: usize,
     /// Each command's verb, how it was answered, and when it came in (for metrics).
-    outcomes: Vec<(Verb, &'static str, Instant)>,
+    /// Each command answered: its verb, outcome, when it came, and its refusal's code.
+    outcomes: Vec<(Verb, &'static str, Instant, Option<CommandErrorCode>)>,
 }
 
 pub(crate) struct Owner {
@@ -206,6 +207,8 @@ pub(crate) struct Owner {
     pub(crate) part: Option<crate::cluster::PartCtx>,
     /// Single engine: the free space of the data dir against the reserve (`log::disk`).
     pub(crate) disk: Option<DiskGuard>,
+    /// The `callbus` NATS service whose stats count the commands answered here.
+    pub(crate) service: Option<callbus_service::Service>,
 }
 
 /// Why the owner stopped before it was told to: the log failed. The inputs of the failed
@@ -491,7 +494,7 @@ impl Owner {
         out: &mut Outputs,
     ) -> Result<(), LogError> {
         let refuse = |out: &mut Outputs, cmd_id: Option<String>, error: CommandError| {
-            out.outcomes.push((verb, "refused", received));
+            out.outcomes.push((verb, "refused", received, Some(error.code)));
             tracing::info!(verb = %verb, code = ?error.code, "command refused: {}", error.message);
             if let Some(r) = &reply {
                 out.replies.push((r.clone(), Bytes::from(CommandReply::Refused { cmd_id, error }.to_bytes())));
@@ -511,7 +514,7 @@ impl Owner {
         let _enter = span.enter();
         if let Some(previous) = self.remembered.get(&cmd_id) {
             tracing::info!("repeated cmd_id: answered with the first answer, not acted on again");
-            out.outcomes.push((verb, "repeated", received));
+            out.outcomes.push((verb, "repeated", received, None));
             if let Some(r) = &reply {
                 out.replies.push((r.clone(), Bytes::from(previous.to_bytes())));
             }
@@ -535,7 +538,7 @@ impl Owner {
                     .map(|(id, e)| self.summary(id, &e.state))
                     .collect();
                 if let Some(r) = &reply {
-                    out.outcomes.push((verb, "data", received));
+                    out.outcomes.push((verb, "data", received, None));
                     let answer = CommandReply::Data { cmd_id, result: json!({ "calls": calls }) };
                     out.replies.push((r.clone(), Bytes::from(answer.to_bytes())));
                 }
@@ -560,7 +563,7 @@ impl Owner {
                     json!({"call": summary})
                 };
                 if let Some(r) = &reply {
-                    out.outcomes.push((verb, "data", received));
+                    out.outcomes.push((verb, "data", received, None));
                     let answer = CommandReply::Data { cmd_id, result };
                     out.replies.push((r.clone(), Bytes::from(answer.to_bytes())));
                 }
@@ -599,7 +602,7 @@ impl Owner {
             if let Some(r) = &reply {
                 out.replies.push((r.clone(), Bytes::from(answer.to_bytes())));
             }
-            out.outcomes.push((verb, "accepted", received));
+            out.outcomes.push((verb, "accepted", received, None));
             out.remembered.push((cmd_id, answer, seq));
             return Ok(());
         }
@@ -631,7 +634,7 @@ impl Owner {
         if let Some(r) = &reply {
             out.replies.push((r.clone(), Bytes::from(answer.to_bytes())));
         }
-        out.outcomes.push((verb, "accepted", received));
+        out.outcomes.push((verb, "accepted", received, None));
         out.remembered.push((cmd_id, answer, seq));
         Ok(())
     }
@@ -781,11 +784,12 @@ impl Owner {
                 tracing::warn!(error = %e, "command reply not published");
             }
         }
-        for (verb, outcome, received) in out.outcomes {
+        for (verb, outcome, received, refused) in out.outcomes {
             metrics::counter!("callbus_engine_commands_total", "verb" => verb.as_str(), "outcome" => outcome)
                 .increment(1);
             metrics::histogram!("callbus_engine_command_duration_seconds", "verb" => verb.as_str())
                 .record(received.elapsed().as_secs_f64());
+            record_service(self.service.as_ref(), verb, received, refused);
         }
         for (subject, body) in out.notifications {
             if let Err(e) = self.client.publish(subject, body).await {
@@ -1192,6 +1196,7 @@ pub(crate) fn owner_on(
         pending: VecDeque::new(),
         part: None,
         disk: None,
+        service: None,
     }
 }
 
@@ -1434,10 +1439,11 @@ impl Owner {
         let mut pending = Vec::with_capacity(batch.len() + self.pending.len());
         for work in batch {
             match work {
-                Work::Command { payload, reply: Some(reply), .. } => {
+                Work::Command { verb, payload, reply: Some(reply), received } => {
                     let cmd_id = CommandRequest::cmd_id_of(&payload);
                     let body = CommandReply::Refused { cmd_id, error: refusal.clone() }.to_bytes();
                     let _ = self.client.publish(reply, Bytes::from(body)).await;
+                    record_service(self.service.as_ref(), verb, received, Some(refusal.code));
                 }
                 Work::Command { .. } => {}
                 other => pending.push(other),
@@ -1446,6 +1452,33 @@ impl Owner {
         pending.extend(self.pending.drain(..));
         let _ = tokio::time::timeout(SHUTDOWN_FLUSH, self.client.flush()).await;
         Stopped { error, pending, rx }
+    }
+}
+
+/// Counts a command answered (refused when `refused` has its code) in the `callbus` service's
+/// stats (`nats micro stats callbus`).
+pub(crate) fn record_service(
+    service: Option<&callbus_service::Service>,
+    verb: Verb,
+    received: Instant,
+    refused: Option<CommandErrorCode>,
+) {
+    if let Some(service) = service {
+        service.record(verb.as_str(), received.elapsed(), refused.map(|code| (service_code(code), code.as_str())));
+    }
+}
+
+/// The HTTP-like code the micro protocol reports a refusal with.
+fn service_code(code: CommandErrorCode) -> u16 {
+    match code {
+        CommandErrorCode::BadRequest
+        | CommandErrorCode::MissingField
+        | CommandErrorCode::WrongType
+        | CommandErrorCode::BadValue => 400,
+        CommandErrorCode::UnknownCall => 404,
+        CommandErrorCode::WrongState => 409,
+        CommandErrorCode::Unsupported => 501,
+        CommandErrorCode::Unavailable => 503,
     }
 }
 
@@ -1467,6 +1500,7 @@ pub(crate) async fn supervise(
     client: async_nats::Client,
 ) {
     let tx = owner.sender();
+    let service = owner.service.clone();
     loop {
         let Some(Stopped { error, mut pending, rx: back }) = owner.run(rx, cancel.clone()).await else { return };
         rx = back;
@@ -1485,7 +1519,8 @@ pub(crate) async fn supervise(
                 _ = cancel.cancelled() => return,
                 w = rx.recv() => match w {
                     None => return,
-                    Some(Work::Command { reply, payload, .. }) => {
+                    Some(Work::Command { verb, reply, payload, received }) => {
+                        record_service(service.as_ref(), verb, received, Some(refusal.code));
                         if let Some(reply) = reply {
                             let cmd_id = CommandRequest::cmd_id_of(&payload);
                             let body = CommandReply::Refused { cmd_id, error: refusal.clone() }.to_bytes();
@@ -1515,6 +1550,7 @@ pub(crate) async fn supervise(
         };
         let mut next = owner_on(config.clone(), Arc::new(reopened), client.clone(), tx.clone());
         next.disk = Some(disk);
+        next.service = service.clone();
         match recover(&mut next) {
             Ok((live, _)) => {
                 tracing::info!(live, kept = pending.len(), "the event log works again: calls rebuilt from it; going on")
@@ -1586,8 +1622,9 @@ pub(crate) async fn forward_commands(
     tx: mpsc::Sender<Work>,
     client: async_nats::Client,
     cancel: CancellationToken,
+    service: Option<callbus_service::Service>,
 ) {
-    forward_commands_from(sub, "callbus.cmd.".into(), tx, client, cancel).await
+    forward_commands_from(sub, "callbus.cmd.".into(), tx, client, cancel, service).await
 }
 
 /// Forwards commands whose subjects are `prefix` + verb to the owner; refuses them when it is
@@ -1598,6 +1635,7 @@ pub(crate) async fn forward_commands_from(
     tx: mpsc::Sender<Work>,
     client: async_nats::Client,
     cancel: CancellationToken,
+    service: Option<callbus_service::Service>,
 ) {
     loop {
         let msg = tokio::select! {
@@ -1621,9 +1659,11 @@ pub(crate) async fn forward_commands_from(
             }
         };
         let reply = msg.reply.clone();
+        let received = Instant::now();
         if let Err(mpsc::error::TrySendError::Full(_)) =
-            tx.try_send(Work::Command { verb, payload: msg.payload, reply, received: Instant::now() })
+            tx.try_send(Work::Command { verb, payload: msg.payload, reply, received })
         {
+            record_service(service.as_ref(), verb, received, Some(CommandErrorCode::Unavailable));
             if let Some(reply) = msg.reply {
                 let error = CommandError::new(CommandErrorCode::Unavailable, "the engine is overloaded: retry later");
                 let _ =

@@ -70,6 +70,47 @@ impl CommitFaults {
     }
 }
 
+/// The `callbus` NATS service: one endpoint per command verb (its subject, the engines' queue
+/// group, and in its metadata the request's fields, what it does and the reply's JSON Schema);
+/// `worker` names the cluster worker it runs in.
+pub fn commands_service(worker: Option<&str>) -> callbus_service::Spec {
+    use callbus_schemas::catalog::COMMANDS;
+    let reply_schema = callbus_schemas::json_schema::all()
+        .into_iter()
+        .find(|(name, _)| *name == "command_reply")
+        .map(|(_, schema)| serde_json::to_string(&schema).unwrap_or_default())
+        .unwrap_or_default();
+    let endpoints = COMMANDS
+        .iter()
+        .map(|c| callbus_service::Endpoint {
+            name: c.verb.as_str().to_owned(),
+            subject: callbus_schemas::subjects::cmd(c.verb),
+            queue_group: "callbus-engine".to_owned(),
+            metadata: [
+                ("request".to_owned(), c.body.to_owned()),
+                ("does".to_owned(), c.does.to_owned()),
+                ("response_schema".to_owned(), reply_schema.clone()),
+            ]
+            .into(),
+        })
+        .collect();
+    let mut metadata = std::collections::BTreeMap::from([(
+        "mode".to_owned(),
+        if worker.is_some() { "cluster" } else { "single" }.to_owned(),
+    )]);
+    if let Some(worker) = worker {
+        metadata.insert("worker".to_owned(), worker.to_owned());
+    }
+    callbus_service::Spec {
+        name: "callbus".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        description: "callbus commands: originate, answer, hold, transfer and end calls on OpenSIPS (docs/subjects.md)"
+            .to_owned(),
+        metadata,
+        endpoints,
+    }
+}
+
 /// How the engine is set up.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -215,6 +256,8 @@ pub struct Engine {
     owner: Option<JoinHandle<()>>,
     forwarders: Vec<JoinHandle<()>>,
     recovered_live: usize,
+    /// The `callbus` NATS service (`nats micro info callbus`).
+    service: callbus_service::Service,
 }
 
 impl Engine {
@@ -268,9 +311,18 @@ impl Engine {
             .queue_subscribe("callbus.cmd.>", "callbus-engine".into())
             .await
             .map_err(|e| EngineError::Nats(format!("cannot subscribe to callbus.cmd.>: {e}")))?;
+        let service =
+            callbus_service::Service::start(&client, commands_service(None)).await.map_err(EngineError::Nats)?;
+        owner.service = Some(service.clone());
         let forwarders = vec![
             tokio::spawn(driver::forward_events(events, local_node, tx.clone(), cancel.clone())),
-            tokio::spawn(driver::forward_commands(commands, tx.clone(), client.clone(), cancel.clone())),
+            tokio::spawn(driver::forward_commands(
+                commands,
+                tx.clone(),
+                client.clone(),
+                cancel.clone(),
+                Some(service.clone()),
+            )),
         ];
         if config.reconcile {
             let mut nodes = config.nodes.clone();
@@ -287,7 +339,7 @@ impl Engine {
             ));
         }
         let owner = tokio::spawn(driver::supervise(owner, rx, cancel.clone(), config.clone(), client.clone()));
-        Ok(Engine { cancel, owner: Some(owner), forwarders, recovered_live })
+        Ok(Engine { cancel, owner: Some(owner), forwarders, recovered_live, service })
     }
 
     /// Live calls found in the log at start.
@@ -297,6 +349,7 @@ impl Engine {
 
     /// Stops taking new work, finishes and commits what is in flight, and stops.
     pub async fn shutdown(mut self) {
+        self.service.stop();
         self.cancel.cancel();
         for f in self.forwarders.drain(..) {
             let _ = f.await;
@@ -308,6 +361,7 @@ impl Engine {
 
     /// Stops at once, as a crash would (nothing more is committed or carried out).
     pub fn abort(mut self) {
+        self.service.stop();
         for f in self.forwarders.drain(..) {
             f.abort();
         }

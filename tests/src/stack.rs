@@ -189,6 +189,8 @@ impl Stack {
             timeouts: timeouts(),
             nodes: vec![NODE.into()],
             mi_timeout: Duration::from_secs(3),
+            // Many stacks run at once: each holds a small reserve (tests/tests/disk.rs tests it).
+            disk_reserve: 8 << 20,
             ..EngineConfig::default()
         };
         tweak(&mut config);

@@ -67,6 +67,20 @@ async fn a_crashed_worker_s_calls_continue_on_the_others_and_the_log_holds_each_
         workers.push(Some(worker(&nats, &format!("w{i}"), dir.path()).await));
     }
     let owners = settled(&client, PARTITIONS, &["w0", "w1", "w2"], Duration::from_secs(30)).await;
+    // Each worker is an instance of the `callbus` NATS service (`nats micro info callbus`).
+    let inbox = client.new_inbox();
+    let mut infos = client.subscribe(inbox.clone()).await.expect("sub");
+    client.publish_with_reply("$SRV.INFO.callbus", inbox, "".into()).await.expect("pub");
+    let mut workers_seen = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), futures::StreamExt::next(&mut infos)).await
+    {
+        let info: async_nats::service::Info = serde_json::from_slice(&m.payload).expect("an info answer");
+        assert_eq!(info.metadata.get("mode").map(String::as_str), Some("cluster"));
+        assert_eq!(info.endpoints.len(), callbus_schemas::subjects::Verb::ALL.len());
+        workers_seen.push(info.metadata.get("worker").cloned().unwrap_or_default());
+    }
+    workers_seen.sort();
+    assert_eq!(workers_seen, ["w0", "w1", "w2"]);
     // Bad commands get the precise error wherever they arrive (the router forwards them to a
     // partition's owner, whose parser answers).
     let refusal = |reply: CommandReply| match reply {
