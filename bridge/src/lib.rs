@@ -479,7 +479,8 @@ fn bridge_service(node: &str, mi_subject: &str) -> callbus_service::Spec {
             metadata: [
                 (
                     "request".to_owned(),
-                    "opensips.<node>.mi.<command>: the command's params as a JSON object, or an empty body".to_owned(),
+                    "the params of the MI command the subject's last token names, as a JSON object, or an empty body"
+                        .to_owned(),
                 ),
                 ("response_schema".to_owned(), reply_schema),
             ]

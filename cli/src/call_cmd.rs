@@ -226,9 +226,9 @@ pub async fn follow(
         format!("cli-{nanos:x}")
     });
     body["cmd_id"] = json!(cmd_id);
-    let mut notes = client.subscribe("callbus.call.>").await?;
+    let mut notes = client.subscribe(subjects::ALL_CALL_NOTIFICATIONS).await?;
     client.flush().await?;
-    let subject = format!("callbus.cmd.{verb}");
+    let subject = format!("{}{verb}", subjects::CMD_PREFIX);
     let ask = client.request(subject.clone(), Bytes::from(body.to_string()));
     let reply = tokio::time::timeout(timeout, ask)
         .await
@@ -276,7 +276,7 @@ pub async fn run(args: CallArgs) -> anyhow::Result<ExitCode> {
         // Subscribed before the command goes: its outcome may come right after the answer.
         return follow(&client, verb, body, flags.cmd_id.clone(), flags.timeout, flags.timeout, until_outcome).await;
     }
-    let subject = format!("callbus.cmd.{verb}");
+    let subject = format!("{}{verb}", subjects::CMD_PREFIX);
     let ask = client.request(subject.clone(), Bytes::from(body.to_string()));
     let reply = tokio::time::timeout(flags.timeout, ask)
         .await
@@ -365,7 +365,7 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
     } else {
         match &args.call {
             Some(call) => subjects::all_call_notifications(call)?,
-            None => "callbus.call.>".to_owned(),
+            None => subjects::ALL_CALL_NOTIFICATIONS.to_owned(),
         }
     };
     let client = nats::connect_client(&args.nats, &args.nats_auth).await?;

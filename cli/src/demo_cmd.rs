@@ -11,6 +11,7 @@ use bytes::Bytes;
 use callbus_bridge::{Bridge, BridgeConfig};
 use callbus_engine::{Engine, EngineConfig};
 use callbus_schemas::command::{CallNotification, CommandReply};
+use callbus_schemas::subjects;
 use futures::StreamExt;
 use opensips_sim::{Sim, SimConfig};
 use serde_json::{json, Value};
@@ -62,7 +63,7 @@ impl Demo {
         println!("\n{title}  ({verb} {body})");
         let reply = tokio::time::timeout(
             Duration::from_secs(5),
-            self.client.request(format!("callbus.cmd.{verb}"), Bytes::from(body.to_string())),
+            self.client.request(format!("{}{verb}", subjects::CMD_PREFIX), Bytes::from(body.to_string())),
         )
         .await
         .context("the engine did not answer within 5 s")??;
@@ -131,7 +132,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let notes = client.subscribe("callbus.call.>").await?;
+    let notes = client.subscribe(subjects::ALL_CALL_NOTIFICATIONS).await?;
     client.flush().await?;
     let mut demo = Demo { client: client.clone(), notes, started: Instant::now() };
     let outcome = async {

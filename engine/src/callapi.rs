@@ -205,7 +205,7 @@ async fn connection(
 async fn command(client: &async_nats::Client, verb: &str, body: Value) -> Result<CommandReply, String> {
     let reply = tokio::time::timeout(
         Duration::from_secs(10),
-        client.request(format!("callbus.cmd.{verb}"), Bytes::from(body.to_string())),
+        client.request(format!("{}{verb}", callbus_schemas::subjects::CMD_PREFIX), Bytes::from(body.to_string())),
     )
     .await
     .map_err(|_| "the engine did not answer within 10 s".to_owned())?
@@ -324,7 +324,11 @@ async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<Str
             Ok(CommandReply::Data { .. }) => return fail("unexpected answer from the engine".into()).await,
             Err(reason) => return fail(reason).await,
         };
-        match client.subscribe(format!("callbus.call.{call_id}.>")).await {
+        let subject = match callbus_schemas::subjects::all_call_notifications(&call_id) {
+            Ok(subject) => subject,
+            Err(e) => return fail(format!("cannot follow the call: {e}")).await,
+        };
+        match client.subscribe(subject).await {
             Ok(s) => s,
             Err(e) => return fail(format!("cannot follow the call: {e}")).await,
         }
@@ -350,7 +354,12 @@ async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<Str
             },
         };
         let notes = match &call_id {
-            Some(id) => match client.subscribe(format!("callbus.call.{id}.>")).await {
+            Some(id) => match async {
+                let subject = callbus_schemas::subjects::all_call_notifications(id).map_err(|e| e.to_string())?;
+                client.subscribe(subject).await.map_err(|e| e.to_string())
+            }
+            .await
+            {
                 Ok(s) => Some(s),
                 Err(e) => {
                     send(callapi::started(&request.id, &cmd_id)).await;

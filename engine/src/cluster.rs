@@ -29,7 +29,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use callbus_schemas::command::{CommandError, CommandErrorCode, CommandReply, CommandRequest};
 use callbus_schemas::event::{Event, UaEventType};
-use callbus_schemas::subjects::Verb;
+use callbus_schemas::subjects::{self, Verb};
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -128,12 +128,12 @@ pub fn partition_of_call_id(id: &str, partitions: u16) -> u16 {
 
 /// The log subject of a partition.
 pub fn log_subject(partition: u16) -> String {
-    format!("callbus.log.{partition}")
+    subjects::partition_log(partition)
 }
 
 /// The subject a partition's owner takes commands on (`<verb>` appended).
 pub fn partition_cmd_prefix(partition: u16) -> String {
-    format!("callbus.part.{partition}.cmd.")
+    subjects::partition_cmd_prefix(partition)
 }
 
 fn lease_key(partition: u16) -> String {
@@ -307,7 +307,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &ClusterConfig) -> 
     let streams = [
         stream::Config {
             name: LOG_STREAM.into(),
-            subjects: vec!["callbus.log.>".into()],
+            subjects: vec![subjects::ALL_PARTITION_LOGS.into()],
             storage: stream::StorageType::File,
             num_replicas: config.replicas,
             allow_direct: true,
@@ -460,9 +460,9 @@ impl ClusterEngine {
         });
         let cancel = CancellationToken::new();
         let commands = client
-            .queue_subscribe("callbus.cmd.>", "callbus-engine".into())
+            .queue_subscribe(subjects::ALL_COMMANDS, subjects::ENGINE_QUEUE.into())
             .await
-            .map_err(|e| EngineError::Nats(format!("cannot subscribe to callbus.cmd.>: {e}")))?;
+            .map_err(|e| EngineError::Nats(format!("cannot subscribe to {}: {e}", subjects::ALL_COMMANDS)))?;
         let tasks = vec![
             tokio::spawn(read_events(Arc::clone(&shared), register_rx, cancel.clone())),
             tokio::spawn(route_commands(Arc::clone(&shared), commands, cancel.clone())),
@@ -884,7 +884,7 @@ pub async fn read_partition(
     read_log(js, p, until, |m| {
         position = position.max(m.input_seq.unwrap_or(0));
         for (rseq, call_id, bytes) in
-            split_records(&m.payload).map_err(|e| format!("callbus.log.{p} #{}: {e}", m.seq))?
+            split_records(&m.payload).map_err(|e| format!("{} #{}: {e}", subjects::partition_log(p), m.seq))?
         {
             each(rseq, &call_id, bytes)?;
         }
@@ -1238,7 +1238,7 @@ async fn route_commands(shared: Arc<Shared>, mut sub: async_nats::Subscriber, ca
 
 async fn route_command(shared: &Shared, msg: async_nats::Message) {
     let Some(reply) = msg.reply.clone() else { return };
-    let verb = msg.subject.as_str().strip_prefix("callbus.cmd.").unwrap_or_default().to_owned();
+    let verb = msg.subject.as_str().strip_prefix(subjects::CMD_PREFIX).unwrap_or_default().to_owned();
     if Verb::from_name(&verb).is_none() {
         let error =
             refusal(CommandErrorCode::Unsupported, format!("{} is not a command subject", msg.subject), &msg.payload);

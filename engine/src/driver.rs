@@ -1624,7 +1624,7 @@ pub(crate) async fn forward_commands(
     cancel: CancellationToken,
     service: Option<callbus_service::Service>,
 ) {
-    forward_commands_from(sub, "callbus.cmd.".into(), tx, client, cancel, service).await
+    forward_commands_from(sub, subjects::CMD_PREFIX.into(), tx, client, cancel, service).await
 }
 
 /// Forwards commands whose subjects are `prefix` + verb to the owner; refuses them when it is

@@ -85,7 +85,7 @@ pub fn commands_service(worker: Option<&str>) -> callbus_service::Spec {
         .map(|c| callbus_service::Endpoint {
             name: c.verb.as_str().to_owned(),
             subject: callbus_schemas::subjects::cmd(c.verb),
-            queue_group: "callbus-engine".to_owned(),
+            queue_group: callbus_schemas::subjects::ENGINE_QUEUE.to_owned(),
             metadata: [
                 ("request".to_owned(), c.body.to_owned()),
                 ("does".to_owned(), c.does.to_owned()),
@@ -308,9 +308,11 @@ impl Engine {
             .await
             .map_err(|e| EngineError::Nats(format!("cannot subscribe to {}: {e}", subjects::ALL_NODES_EVENTS)))?;
         let commands = client
-            .queue_subscribe("callbus.cmd.>", "callbus-engine".into())
+            .queue_subscribe(callbus_schemas::subjects::ALL_COMMANDS, callbus_schemas::subjects::ENGINE_QUEUE.into())
             .await
-            .map_err(|e| EngineError::Nats(format!("cannot subscribe to callbus.cmd.>: {e}")))?;
+            .map_err(|e| {
+                EngineError::Nats(format!("cannot subscribe to {}: {e}", callbus_schemas::subjects::ALL_COMMANDS))
+            })?;
         let service =
             callbus_service::Service::start(&client, commands_service(None)).await.map_err(EngineError::Nats)?;
         owner.service = Some(service.clone());

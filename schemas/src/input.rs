@@ -13,7 +13,7 @@ use crate::subjects::{self, SubjectError};
 /// The JetStream stream of every node's input batches (subjects `callbus.input.>`).
 pub const STREAM: &str = "CALLBUS_EVENTS";
 /// The subjects of [`STREAM`].
-pub const STREAM_SUBJECTS: &str = "callbus.input.>";
+pub const STREAM_SUBJECTS: &str = subjects::ALL_INPUTS;
 
 /// Header of an input batch: the bridge run that wrote it.
 pub const HEADER_INPUT_RUN: &str = "Callbus-Input-Run";
@@ -36,7 +36,7 @@ pub fn subject(node: &str) -> Result<String, SubjectError> {
 
 /// The node of an input subject.
 pub fn node_of(subject: &str) -> Option<&str> {
-    subject.strip_prefix("callbus.input.").filter(|n| !n.is_empty() && !n.contains('.'))
+    subject.strip_prefix(subjects::INPUT_PREFIX).filter(|n| !n.is_empty() && !n.contains('.'))
 }
 
 /// Encodes datagrams (bridge sequence, bytes) as one batch.

@@ -292,6 +292,44 @@ pub fn all_call_notifications(call_id: &str) -> Result<String, SubjectError> {
     Ok(format!("{CALLBUS}.call.{call_id}.>"))
 }
 
+/// `callbus.cmd.`: what every command subject starts with (the verb follows).
+pub const CMD_PREFIX: &str = "callbus.cmd.";
+
+/// `callbus.cmd.>`: every command (what the engines subscribe to).
+pub const ALL_COMMANDS: &str = "callbus.cmd.>";
+
+/// The queue group the engines share for commands: each command is taken by one of them.
+pub const ENGINE_QUEUE: &str = "callbus-engine";
+
+/// `callbus.cmd.<verb>` for a verb given by its name (as the Call API door and the CLI take
+/// it); None when it is not a verb.
+pub fn cmd_named(verb: &str) -> Option<String> {
+    Verb::from_name(verb).map(cmd)
+}
+
+/// `callbus.call.>`: every notification of every call.
+pub const ALL_CALL_NOTIFICATIONS: &str = "callbus.call.>";
+
+/// `callbus.input.>`: every node's input batches (cluster mode, `callbus_schemas::input`).
+pub const ALL_INPUTS: &str = "callbus.input.>";
+
+/// `callbus.input.`: what every input subject starts with (the node follows).
+pub const INPUT_PREFIX: &str = "callbus.input.";
+
+/// `callbus.log.<partition>`: a cluster partition's replicated log.
+pub fn partition_log(partition: u16) -> String {
+    format!("{CALLBUS}.log.{partition}")
+}
+
+/// `callbus.log.>`: every partition's log (the subjects of the log stream).
+pub const ALL_PARTITION_LOGS: &str = "callbus.log.>";
+
+/// `callbus.part.<partition>.cmd.`: where a cluster worker forwards a command to the owner of
+/// its call's partition (the verb follows).
+pub fn partition_cmd_prefix(partition: u16) -> String {
+    format!("{CALLBUS}.part.{partition}.cmd.")
+}
+
 fn build(subject: Subject) -> Result<String, SubjectError> {
     subject.validate()?;
     Ok(subject.to_string())
