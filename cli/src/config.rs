@@ -314,6 +314,59 @@ mod tests {
         f
     }
 
+    /// The commented default configuration the Debian package installs as
+    /// /etc/callbus/callbus.toml.
+    fn packaged() -> (std::path::PathBuf, String) {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/callbus.toml");
+        let text = std::fs::read_to_string(&path).expect("deploy/callbus.toml");
+        (path, text)
+    }
+
+    #[test]
+    fn the_packaged_configuration_is_the_defaults_with_its_data_dir() {
+        let (path, text) = packaged();
+        let config = load(Some(&path), Overrides::default()).expect("it loads");
+        let expected = Config {
+            engine: EngineSection { data_dir: "/var/lib/callbus/data".into(), ..EngineSection::default() },
+            ..Config::default()
+        };
+        assert_eq!(config, expected);
+        // Every key it shows commented out is a key, with a value of the right type.
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest)
+                    if rest
+                        .split_once(" = ")
+                        .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_')) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let f = write(&uncommented);
+        load(Some(f.path()), Overrides::default())
+            .unwrap_or_else(|e| panic!("deploy/callbus.toml, uncommented: {e:#}"));
+        // And it shows every key there is.
+        let shown = toml::Value::try_from(Config::default()).expect("the defaults as TOML");
+        let mut keys = Vec::new();
+        for (section, value) in shown.as_table().expect("a table") {
+            match value.as_table() {
+                Some(t) => keys.extend(t.keys().map(|k| format!("{section}.{k}"))),
+                None => keys.push(section.clone()),
+            }
+        }
+        for key in keys {
+            let name = key.rsplit('.').next().unwrap_or(&key);
+            assert!(
+                text.lines().any(|l| l.trim_start_matches('#').starts_with(&format!("{name} = "))),
+                "deploy/callbus.toml does not show {key}"
+            );
+        }
+    }
+
     #[test]
     fn layers_apply_in_order() {
         let f = write("nats = \"nats://file:4222\"\n[bridge]\nnode = \"edge1\"\nmi_timeout = \"2s\"\n[engine]\nnodes = [\"edge1\", \"edge2\"]\n");

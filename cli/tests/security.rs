@@ -251,5 +251,21 @@ fn the_documented_subject_permissions_let_each_role_do_its_work_and_no_more() {
         let said = std::fs::read_to_string(log).expect("log");
         assert!(!said.contains("refused an operation"), "{who} under the shipped permissions:\n{said}");
     }
+    // An operator's `nats micro info` reaches both services, and nothing else.
+    rt.block_on(async {
+        let ops = async_nats::ConnectOptions::with_user_and_password("ops".into(), "ops-pw".into())
+            .connect(url.as_str())
+            .await
+            .expect("ops connects");
+        for (service, endpoint) in [("callbus", "call.start"), ("callbus-bridge", "mi")] {
+            let info = ops.request(format!("$SRV.INFO.{service}"), "".into()).await.expect("a service answers ops");
+            let info: serde_json::Value = serde_json::from_slice(&info.payload).expect("info");
+            let names: Vec<&str> =
+                info["endpoints"].as_array().expect("endpoints").iter().filter_map(|e| e["name"].as_str()).collect();
+            assert!(names.contains(&endpoint), "{service}: {names:?}");
+        }
+        let refused = ops.request("callbus.cmd.call.list", "{}".into()).await;
+        assert!(refused.is_err(), "ops may not send commands: {refused:?}");
+    });
     drop(sim);
 }
