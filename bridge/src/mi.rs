@@ -114,7 +114,13 @@ struct Inner {
     counters: Arc<Counters>,
     /// The `callbus-bridge` NATS service, once started: its stats count MI requests from NATS.
     service: std::sync::OnceLock<callbus_service::Service>,
+    /// When a timeout was last said as a warning, and how many were kept quiet since.
+    timeouts_said: Mutex<(Option<Instant>, u64)>,
 }
+
+/// While OpenSIPS does not answer, a timeout is said as a warning at most this often (each
+/// request's own reply still names it; the rest go to debug).
+const TIMEOUT_WARNING_EVERY: Duration = Duration::from_secs(30);
 
 /// What a datagram on the MI socket is, for the bridge.
 enum Incoming {
@@ -166,6 +172,7 @@ impl MiClient {
                 nats,
                 counters,
                 service: std::sync::OnceLock::new(),
+                timeouts_said: Mutex::new((None, 0)),
             }),
         };
         tokio::spawn(client.clone().read_replies(cancel.clone()));
@@ -250,6 +257,24 @@ impl MiClient {
                 }
             }
         }
+    }
+
+    /// Says a timeout as a warning, or at debug level when one was said less than
+    /// [`TIMEOUT_WARNING_EVERY`] ago (then the next warning counts those kept quiet).
+    fn warn_timeout(&self, detail: &str) {
+        let mut said = self.inner.timeouts_said.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, quiet) = &mut *said;
+        if last.is_some_and(|t| t.elapsed() < TIMEOUT_WARNING_EVERY) {
+            *quiet += 1;
+            tracing::debug!("{detail}");
+            return;
+        }
+        match *quiet {
+            0 => tracing::warn!("{detail}"),
+            n => tracing::warn!(more_since_last_warning = n, "{detail}"),
+        }
+        *last = Some(Instant::now());
+        *quiet = 0;
     }
 
     /// Counts the MI requests from NATS in `service`'s stats from now on.
@@ -394,7 +419,7 @@ impl MiClient {
                     "OpenSIPS at {} did not answer {} within {:?}: check that it runs and that mi_datagram listens there",
                     self.inner.mi_addr, w.command, self.inner.timeout
                 );
-                tracing::warn!("{detail}");
+                self.warn_timeout(&detail);
                 let reply = MiBusReply::bridge_error(BridgeErrorKind::Timeout, detail);
                 self.respond(w.responder, &w.command, Some(w.started), reply).await;
             }

@@ -178,7 +178,11 @@ impl Manager {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            self.check_health().await;
+            // A stop does not wait out an MI request OpenSIPS may never answer.
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.check_health() => {}
+            }
             let due: Vec<String> = {
                 let health = self.lock();
                 if !health.reachable {

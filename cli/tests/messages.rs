@@ -184,3 +184,70 @@ fn host_names_are_addresses_and_a_taken_port_is_said_once() {
     assert_eq!(said.matches("in use").count(), 1, "said once:\n{said}");
     assert_in_words(&said);
 }
+
+#[test]
+fn an_opensips_that_does_not_answer_is_said_once_not_every_second() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().expect("tmp");
+    let log = data.path().join("up.log");
+    // A UDP port where nothing answers MI: each health check times out.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let mi = silent.local_addr().expect("addr").to_string();
+    let up = Killed(
+        callbus()
+            .args(["up", "--nats", &nats.url(), "--mi", &mi, "--mi-timeout", "300ms"])
+            .args(["--events-listen", &format!("127.0.0.1:{}", free_port())])
+            .arg("--data-dir")
+            .arg(data.path().join("log"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("up starts"),
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    drop(up);
+    let said = std::fs::read_to_string(&log).expect("log");
+    // Five health checks time out: each thing is said once.
+    let warned = |what: &str| said.lines().filter(|l| l.contains("WARN") && l.contains(what)).count();
+    assert_eq!(warned("callbus_bridge::mi: OpenSIPS at"), 1, "the MI timeouts:\n{said}");
+    assert_eq!(warned("does not answer MI `uptime`"), 1, "no events until it answers:\n{said}");
+    assert_eq!(warned("cannot reconcile with OpenSIPS yet"), 1, "the engine's start-up reconciliation:\n{said}");
+    assert_in_words(&said);
+}
+
+#[test]
+fn a_stop_does_not_wait_for_an_opensips_that_does_not_answer() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().expect("tmp");
+    let log = data.path().join("up.log");
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let mi = silent.local_addr().expect("addr").to_string();
+    let mut up = callbus()
+        .args(["up", "--nats", &nats.url(), "--mi", &mi, "--mi-timeout", "60s"])
+        .args(["--events-listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(data.path().join("log"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("up starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !run(&["call", "--nats", &nats.url(), "--timeout", "1s", "list"]).status.success() {
+        assert!(Instant::now() < deadline, "up never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its first `uptime` waits for OpenSIPS (60 s at most); SIGTERM must not wait with it.
+    let stopping = Instant::now();
+    Command::new("kill").args(["-TERM", &up.id().to_string()]).status().expect("kill");
+    let mut stopped = None;
+    while stopping.elapsed() < Duration::from_secs(30) {
+        if let Some(status) = up.try_wait().expect("wait") {
+            stopped = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = up.kill();
+    let status = stopped.expect("up stopped on SIGTERM instead of waiting for the MI timeout");
+    assert!(status.success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+}

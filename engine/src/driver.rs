@@ -1043,6 +1043,9 @@ pub(crate) async fn list_ua_keys(client: &MiRoute, node: &str, timeout: Duration
     }
 }
 
+/// How many times a reconciliation lists a node before it gives up until the next one.
+const RECONCILE_ATTEMPTS: u32 = 5;
+
 /// Lists each node's dialogs and UA sessions (retrying a few times) and hands them to the
 /// owner, which may close only `candidates`: calls it knew before the lists were taken.
 pub(crate) async fn reconcile_nodes(
@@ -1054,7 +1057,7 @@ pub(crate) async fn reconcile_nodes(
     periodic: bool,
 ) {
     for node in nodes {
-        for attempt in 1..=5u32 {
+        for attempt in 1..=RECONCILE_ATTEMPTS {
             match list_dialogs(&client, &node, timeout).await {
                 Ok(dialogs) => {
                     let ua_keys = match list_ua_keys(&client, &node, timeout).await {
@@ -1074,10 +1077,20 @@ pub(crate) async fn reconcile_nodes(
                     let _ = tx.send(work).await;
                     break;
                 }
-                Err(e) => {
-                    tracing::warn!(%node, attempt, error = %e, "cannot reconcile with OpenSIPS yet");
+                // Said once as a warning, then once more if it gives up (not at every attempt).
+                Err(e) if attempt == 1 => {
+                    tracing::warn!(%node, error = %e, "cannot reconcile with OpenSIPS yet: retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) if attempt < RECONCILE_ATTEMPTS => {
+                    tracing::debug!(%node, attempt, error = %e, "cannot reconcile with OpenSIPS yet");
                     tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
                 }
+                Err(e) => tracing::warn!(
+                    %node,
+                    error = %e,
+                    "gave up reconciling with OpenSIPS after {RECONCILE_ATTEMPTS} attempts: the periodic reconciliation (engine.reconcile_every) or OpenSIPS coming back tries again"
+                ),
             }
         }
     }
