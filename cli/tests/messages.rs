@@ -248,6 +248,7 @@ fn a_stop_does_not_wait_for_an_opensips_that_does_not_answer() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = up.kill();
+    let _ = up.wait();
     let status = stopped.expect("up stopped on SIGTERM instead of waiting for the MI timeout");
     assert!(status.success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
 }
