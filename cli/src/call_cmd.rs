@@ -3,8 +3,6 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use bytes::Bytes;
 use callbus_schemas::command::{CallNotification, CommandErrorCode, CommandReply};
 use callbus_schemas::subjects;
 use futures::StreamExt;
@@ -209,8 +207,8 @@ fn print_note(note: &CallNotification) {
 }
 
 /// Sends a command that may create a call and prints the call's notifications as they come
-/// until `stop` says so. Notifications are subscribed to before the command is sent, so the
-/// first ones (published with the reply) are not missed.
+/// until `stop` says so. The client subscribes to the notifications before the command is
+/// sent, so the first ones (published with the reply) are not missed.
 pub async fn follow(
     client: &async_nats::Client,
     verb: &str,
@@ -220,47 +218,30 @@ pub async fn follow(
     wait: Duration,
     stop: Stop,
 ) -> anyhow::Result<ExitCode> {
-    let cmd_id = cmd_id.unwrap_or_else(|| {
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        format!("cli-{nanos:x}")
-    });
-    body["cmd_id"] = json!(cmd_id);
-    let mut notes = client.subscribe(subjects::ALL_CALL_NOTIFICATIONS).await?;
-    client.flush().await?;
-    let subject = format!("{}{verb}", subjects::CMD_PREFIX);
-    let ask = client.request(subject.clone(), Bytes::from(body.to_string()));
-    let reply = tokio::time::timeout(timeout, ask)
-        .await
-        .with_context(|| format!("no answer on {subject} within {timeout:?}: is an engine running?"))?
-        .with_context(|| format!("{subject} failed: is an engine running (callbus up / callbus engine)?"))?;
-    let call_id = match serde_json::from_slice::<CommandReply>(&reply.payload).context("unexpected reply")? {
-        CommandReply::Accepted { call_id, .. } => call_id,
-        CommandReply::Refused { error, .. } => {
+    let client = callbus_client::Client::new(client.clone()).with_timeout(timeout);
+    if let Some(cmd_id) = cmd_id {
+        body["cmd_id"] = json!(cmd_id);
+    }
+    let mut call = match client.track(verb, body).await {
+        Ok(call) => call,
+        Err(callbus_client::ClientError::Refused { error, .. }) => {
             print_refusal(verb, &error, None);
             return Ok(ExitCode::FAILURE);
         }
-        CommandReply::Data { result, .. } => {
-            println!("{result}");
-            return Ok(ExitCode::SUCCESS);
-        }
+        Err(e) => return Err(e.into()),
     };
-    println!("accepted: call {call_id}, cmd_id {cmd_id}");
+    println!("accepted: call {}, cmd_id {}", call.call_id, call.cmd_id);
     let outcome = tokio::time::timeout(wait, async {
-        while let Some(msg) = notes.next().await {
-            let Ok(note) = serde_json::from_slice::<CallNotification>(&msg.payload) else { continue };
-            if note.call_id != call_id {
-                continue;
-            }
+        while let Some(note) = call.notes.next().await {
             print_note(&note);
-            if let Some(code) = stop(&note, &cmd_id) {
+            if let Some(code) = stop(&note, &call.cmd_id) {
                 return code;
             }
         }
         ExitCode::FAILURE
     })
     .await;
-    outcome.map_err(|_| anyhow::anyhow!("no outcome within {wait:?} (see `callbus events --call {call_id}`)"))
+    outcome.map_err(|_| anyhow::anyhow!("no outcome within {wait:?} (see `callbus events --call {}`)", call.call_id))
 }
 
 /// `callbus call …`.
@@ -276,14 +257,8 @@ pub async fn run(args: CallArgs) -> anyhow::Result<ExitCode> {
         // Subscribed before the command goes: its outcome may come right after the answer.
         return follow(&client, verb, body, flags.cmd_id.clone(), flags.timeout, flags.timeout, until_outcome).await;
     }
-    let subject = format!("{}{verb}", subjects::CMD_PREFIX);
-    let ask = client.request(subject.clone(), Bytes::from(body.to_string()));
-    let reply = tokio::time::timeout(flags.timeout, ask)
-        .await
-        .with_context(|| format!("no answer on {subject} within {:?}: is an engine running?", flags.timeout))?
-        .with_context(|| format!("{subject} failed: is an engine running (callbus up / callbus engine)?"))?;
-    let reply: CommandReply = serde_json::from_slice(&reply.payload).context("unexpected reply from the engine")?;
-    match reply {
+    let client = callbus_client::Client::new(client).with_timeout(flags.timeout);
+    match client.request(verb, &body).await? {
         CommandReply::Data { result, .. } => {
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(ExitCode::SUCCESS)

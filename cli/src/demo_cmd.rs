@@ -7,12 +7,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bytes::Bytes;
 use callbus_bridge::{Bridge, BridgeConfig};
 use callbus_engine::{Engine, EngineConfig};
-use callbus_schemas::command::{CallNotification, CommandReply};
-use callbus_schemas::subjects;
-use futures::StreamExt;
+use callbus_schemas::command::CallNotification;
 use opensips_sim::{Sim, SimConfig};
 use serde_json::{json, Value};
 
@@ -52,8 +49,7 @@ fn print_note(started: Instant, note: &CallNotification) {
 }
 
 struct Demo {
-    client: async_nats::Client,
-    notes: async_nats::Subscriber,
+    client: callbus_client::Client,
     started: Instant,
 }
 
@@ -61,35 +57,11 @@ impl Demo {
     /// Sends a command and prints the call's notifications until the command's outcome.
     async fn step(&mut self, title: &str, verb: &str, body: Value) -> anyhow::Result<String> {
         println!("\n{title}  ({verb} {body})");
-        let reply = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.client.request(format!("{}{verb}", subjects::CMD_PREFIX), Bytes::from(body.to_string())),
-        )
-        .await
-        .context("the engine did not answer within 5 s")??;
-        let (call_id, cmd_id) = match serde_json::from_slice::<CommandReply>(&reply.payload)? {
-            CommandReply::Accepted { call_id, cmd_id, .. } => (call_id, cmd_id),
-            other => bail!("{verb} was not accepted: {other:?}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let msg = tokio::time::timeout(left, self.notes.next())
-                .await
-                .with_context(|| format!("no outcome for {verb} within 15 s"))?
-                .context("the notification stream closed")?;
-            let note: CallNotification = serde_json::from_slice(&msg.payload)?;
-            if note.call_id != call_id {
-                continue;
-            }
-            print_note(self.started, &note);
-            if note.cmd_id.as_deref() == Some(cmd_id.as_str()) {
-                match note.event.as_str() {
-                    "command_succeeded" => return Ok(call_id),
-                    "command_failed" => bail!("{verb} failed: {}", note.data["reason"]),
-                    _ => {}
-                }
-            }
+        let mut call = self.client.track(verb, body).await?;
+        let started = self.started;
+        match call.notes.outcome(&call.cmd_id, Duration::from_secs(15), |note| print_note(started, note)).await? {
+            callbus_client::Outcome::Succeeded(_) => Ok(call.call_id),
+            callbus_client::Outcome::Failed(reason) => bail!("{verb} failed: {reason}"),
         }
     }
 }
@@ -132,9 +104,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let notes = client.subscribe(subjects::ALL_CALL_NOTIFICATIONS).await?;
-    client.flush().await?;
-    let mut demo = Demo { client: client.clone(), notes, started: Instant::now() };
+    let client =
+        callbus_client::Client::new(client.clone()).with_timeout(Duration::from_secs(5)).with_cmd_prefix("demo");
+    let mut demo = Demo { client, started: Instant::now() };
     let outcome = async {
         let call_id = demo
             .step(
@@ -152,14 +124,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     engine.shutdown().await;
     bridge.shutdown().await;
     sim.stop().await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), demo.client.nats().flush()).await;
     let call_id = outcome?;
     println!("\nThe call's timeline, read back from the log (callbus replay timeline --call {call_id}):\n");
     let reader = callbus_replay::LogReader::open(data.path())?;
     crate::replay_cmd::print_timeline(&reader, &call_id, false, false)?;
     println!("\nDone: every step above was logged before it was acted on, and replays the same.");
     drop(demo);
-    drop(client);
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(local);
     Ok(ExitCode::SUCCESS)

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use callbus_engine::callapi::CallApiDoor;
+use callbus_door::CallApiDoor;
 use callbus_engine::{ClusterConfig, ClusterEngine, Engine, EngineConfig};
 
 use crate::config::{self, ClusterSection, Dur, EngineSection, Overrides};
@@ -214,7 +214,7 @@ pub async fn start_kind(
         None => None,
     };
     if let Some(door) = &door {
-        println!("Call API door: ws://{}{}", door.local_addr(), callbus_engine::callapi::PATH);
+        println!("Call API door: ws://{}{}", door.local_addr(), callbus_door::PATH);
     }
     Ok(Running { engine, door })
 }

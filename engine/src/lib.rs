@@ -4,11 +4,9 @@
 //! - [`log`]: the append-only event log (sled), with group commit.
 //! - [`machines`]: pure per-call state machines.
 //! - `driver`: the I/O around them: NATS in, log, effects out.
-//! - [`callapi`]: the OpenSIPS Call API compatibility door (WebSocket).
 //! - [`cluster`]: many engines on NATS JetStream: partitions, leases, a replicated log.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod callapi;
 pub mod cluster;
 mod driver;
 pub mod log;

@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use callbus_bridge::{Bridge, BridgeConfig};
 use callbus_engine::cluster;
 use callbus_engine::log::Record;
@@ -71,15 +70,11 @@ pub async fn settled(
 
 /// Sends a command to the cluster and returns the answer (waits up to 15 s).
 pub async fn cmd(client: &async_nats::Client, verb: &str, body: serde_json::Value) -> CommandReply {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(15),
-        client.request(format!("callbus.cmd.{verb}"), Bytes::from(body.to_string())),
-    )
-    .await
-    .expect("the cluster answers")
-    .expect("request");
-    serde_json::from_slice(&reply.payload)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&reply.payload)))
+    callbus_client::Client::new(client.clone())
+        .with_timeout(Duration::from_secs(15))
+        .request(verb, &body)
+        .await
+        .unwrap_or_else(|e| panic!("{verb}: {e}"))
 }
 
 /// How many live calls the cluster lists in `state` (every partition answering).

@@ -210,17 +210,13 @@ impl Stack {
         self.client.flush().await.expect("flush");
     }
 
-    /// Sends a command and returns the engine's reply.
+    /// Sends a command and returns the engine's reply (the client every app uses; 5 s).
     pub async fn cmd(&self, verb: &str, body: Value) -> CommandReply {
-        let reply = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.client.request(format!("callbus.cmd.{verb}"), Bytes::from(body.to_string())),
-        )
-        .await
-        .expect("the engine answers")
-        .expect("request");
-        serde_json::from_slice(&reply.payload)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&reply.payload)))
+        callbus_client::Client::new(self.client.clone())
+            .with_timeout(Duration::from_secs(5))
+            .request(verb, &body)
+            .await
+            .unwrap_or_else(|e| panic!("{verb}: {e}"))
     }
 
     /// Notifications until one matches `until` (included), or panics after 10 s.

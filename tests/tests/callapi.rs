@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use callbus_engine::callapi::CallApiDoor;
+use callbus_door::CallApiDoor;
 use callbus_tests::stack::Stack;
 use futures::{SinkExt, StreamExt};
 use opensips_sim::CallScript;

@@ -121,9 +121,8 @@ async fn through_door(ws: &mut Ws, method: &str, sip_call_id: &str) -> f64 {
 
 /// `n` hold/unhold pairs of one proxied call through the door and over NATS, interleaved.
 async fn door_against_nats(s: &mut Stack, n: usize) -> (Vec<f64>, Vec<f64>) {
-    let door = callbus_engine::callapi::CallApiDoor::start("127.0.0.1:0".parse().expect("addr"), s.client.clone())
-        .await
-        .expect("door");
+    let door =
+        callbus_door::CallApiDoor::start("127.0.0.1:0".parse().expect("addr"), s.client.clone()).await.expect("door");
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/call-api", door.local_addr())).await.expect("connect");
     let (call_id, sip) = s.confirmed_call(opensips_sim::CallScript::default()).await;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use callbus_client::Client;
 use callbus_schemas::callapi::{self, Method, Request};
 use callbus_schemas::command::{CallNotification, CommandReply};
 use futures::{SinkExt, StreamExt};
@@ -71,6 +72,7 @@ impl CallApiDoor {
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
         let token: Option<Arc<str>> = token.map(Arc::from);
+        let client = Client::new(client).with_timeout(Duration::from_secs(10)).with_cmd_prefix("callapi");
         let task = tokio::spawn(accept(listener, client, token, cancel.clone()));
         tracing::info!(%addr, path = PATH, "Call API door listening");
         Ok(CallApiDoor { addr, cancel, task })
@@ -88,7 +90,7 @@ impl CallApiDoor {
     }
 }
 
-async fn accept(listener: TcpListener, client: async_nats::Client, token: Option<Arc<str>>, cancel: CancellationToken) {
+async fn accept(listener: TcpListener, client: Client, token: Option<Arc<str>>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -147,7 +149,7 @@ fn check_handshake(request: &HttpRequest, response: Response, token: Option<&str
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
-    client: async_nats::Client,
+    client: Client,
     token: Option<Arc<str>>,
     cancel: CancellationToken,
 ) {
@@ -202,15 +204,8 @@ async fn connection(
     tracing::info!(%peer, "Call API client gone");
 }
 
-async fn command(client: &async_nats::Client, verb: &str, body: Value) -> Result<CommandReply, String> {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request(format!("{}{verb}", callbus_schemas::subjects::CMD_PREFIX), Bytes::from(body.to_string())),
-    )
-    .await
-    .map_err(|_| "the engine did not answer within 10 s".to_owned())?
-    .map_err(|e| format!("the engine is not reachable: {e}"))?;
-    serde_json::from_slice(&reply.payload).map_err(|e| format!("unexpected reply from the engine: {e}"))
+async fn command(client: &Client, verb: &str, body: Value) -> Result<CommandReply, String> {
+    client.request(verb, &body).await.map_err(|e| e.to_string())
 }
 
 /// The callbus command for a Call API request, and the SIP Call-ID of the call it acts on.
@@ -291,13 +286,9 @@ fn translate(request: &Request, note: &CallNotification) -> Option<(&'static str
     })
 }
 
-async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<String>, known: KnownCalls) {
+async fn run(request: Request, client: Client, out: mpsc::Sender<String>, known: KnownCalls) {
     let method = request.method;
-    let cmd_id = request.cmd_id.clone().unwrap_or_else(|| {
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        format!("callapi-{nanos:x}")
-    });
+    let cmd_id = request.cmd_id.clone().unwrap_or_else(|| client.new_cmd_id());
     let send = |frame: String| {
         let out = out.clone();
         async move {
@@ -324,13 +315,9 @@ async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<Str
             Ok(CommandReply::Data { .. }) => return fail("unexpected answer from the engine".into()).await,
             Err(reason) => return fail(reason).await,
         };
-        let subject = match callbus_schemas::subjects::all_call_notifications(&call_id) {
-            Ok(subject) => subject,
-            Err(e) => return fail(format!("cannot follow the call: {e}")).await,
-        };
-        match client.subscribe(subject).await {
-            Ok(s) => s,
-            Err(e) => return fail(format!("cannot follow the call: {e}")).await,
+        match client.follow(&call_id).await {
+            Ok(notes) => notes,
+            Err(e) => return fail(e.to_string()).await,
         }
     } else {
         let Some((verb, body, sip_call_id)) = as_command(&request, &cmd_id) else { return };
@@ -354,16 +341,11 @@ async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<Str
             },
         };
         let notes = match &call_id {
-            Some(id) => match async {
-                let subject = callbus_schemas::subjects::all_call_notifications(id).map_err(|e| e.to_string())?;
-                client.subscribe(subject).await.map_err(|e| e.to_string())
-            }
-            .await
-            {
-                Ok(s) => Some(s),
+            Some(id) => match client.follow(id).await {
+                Ok(notes) => Some(notes),
                 Err(e) => {
                     send(callapi::started(&request.id, &cmd_id)).await;
-                    fail(format!("cannot follow the call: {e}")).await;
+                    fail(e.to_string()).await;
                     return;
                 }
             },
@@ -394,8 +376,7 @@ async fn run(request: Request, client: async_nats::Client, out: mpsc::Sender<Str
     };
     let mut announced = false;
     let outcome = tokio::time::timeout(OUTCOME_TIMEOUT, async {
-        while let Some(msg) = notes.next().await {
-            let Ok(note) = serde_json::from_slice::<CallNotification>(&msg.payload) else { continue };
+        while let Some(note) = notes.next().await {
             if note.cmd_id.as_deref() != Some(cmd_id.as_str()) {
                 continue;
             }
