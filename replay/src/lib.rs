@@ -10,8 +10,11 @@
 
 mod check;
 mod export;
+mod replayer;
 mod republish;
 mod skim;
+
+pub use replayer::Replayer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -65,11 +65,11 @@ pub fn logged_cmd_ids(data: &std::path::Path) -> Vec<String> {
 /// `callbus replay check` (chunks of a few records, so calls span chunks); returns how many
 /// records there are.
 ///
-/// [`Replayer`]: callbus_engine::machines::Replayer
+/// [`Replayer`]: callbus_replay::Replayer
 pub fn assert_log_replays(data: &std::path::Path) -> usize {
     let reader = callbus_replay::LogReader::open(data).expect("open log");
     let mut n = 0;
-    let mut replayer = callbus_engine::machines::Replayer::new(timeouts());
+    let mut replayer = callbus_replay::Replayer::new(timeouts());
     let mut undocumented = Vec::new();
     for record in callbus_engine::log::EventLog::records_from(reader.log(), 1) {
         let record = record.expect("readable");

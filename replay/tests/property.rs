@@ -9,7 +9,8 @@
 use std::path::PathBuf;
 
 use callbus_engine::log::{Record, RECORD_FORMAT};
-use callbus_engine::machines::{BridgedState, CallState, Ctx, DialogState, Effect, Input, Replayer, Timeouts, UaState};
+use callbus_engine::machines::{BridgedState, CallState, Ctx, DialogState, Effect, Input, Timeouts, UaState};
+use callbus_replay::Replayer;
 use callbus_schemas::bus::MiBusReply;
 use callbus_schemas::command::{Body, CallTarget, Command, Header, LegName, Payload};
 use callbus_schemas::mi::MiError;
