@@ -127,29 +127,6 @@ fn bridge_config(c: &BridgeSection) -> anyhow::Result<BridgeConfig> {
     })
 }
 
-/// Waits for SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-}
-
 /// `callbus bridge`.
 pub async fn bridge(args: BridgeArgs, file: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     let mut o = Overrides::default();
@@ -166,9 +143,9 @@ pub async fn bridge(args: BridgeArgs, file: Option<&std::path::Path>) -> anyhow:
         "callbus bridge: node {node} | OpenSIPS MI {} | events on {} | NATS {} | Ctrl-C to stop",
         config.bridge.mi,
         bridge.events_addr(),
-        config::mask_url(&config.nats)
+        crate::nats::mask_url(&config.nats)
     );
-    shutdown_signal().await;
+    crate::signals::shutdown_signal().await;
     bridge.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     Ok(ExitCode::SUCCESS)
@@ -180,7 +157,7 @@ pub async fn up(args: UpArgs, file: Option<&std::path::Path>) -> anyhow::Result<
     let url = config.nats.clone();
     let local = tokio::task::spawn_blocking(move || nats::ensure_local(&url)).await??;
     if local.is_some() {
-        println!("callbus up: started nats-server at {} (stopped on exit)", config::mask_url(&config.nats));
+        println!("callbus up: started nats-server at {} (stopped on exit)", crate::nats::mask_url(&config.nats));
     }
     // Before the bridge subscribes anything: a data dir another callbus holds stops `up` here.
     if callbus_engine::log::SledLog::in_use(&config.engine.data_dir) {
@@ -207,10 +184,10 @@ pub async fn up(args: UpArgs, file: Option<&std::path::Path>) -> anyhow::Result<
         "callbus up: node {node} | OpenSIPS MI {} | events on {} | NATS {} | log in {} | Ctrl-C to stop",
         config.bridge.mi,
         bridge.events_addr(),
-        config::mask_url(&config.nats),
+        crate::nats::mask_url(&config.nats),
         config.engine.data_dir.display()
     );
-    shutdown_signal().await;
+    crate::signals::shutdown_signal().await;
     engine.shutdown().await;
     bridge.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;

@@ -349,7 +349,7 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
     let stop = async {
         match args.duration {
             Some(d) => tokio::time::sleep(d).await,
-            None => crate::bridge_cmd::shutdown_signal().await,
+            None => crate::signals::shutdown_signal().await,
         }
     };
     tokio::pin!(stop);

@@ -268,30 +268,10 @@ pub fn load(file: Option<&Path>, overrides: Overrides) -> anyhow::Result<Config>
     })
 }
 
-/// `nats://user:secret@host` → `nats://user:***@host` (each URL of a comma-separated list).
-pub fn mask_url(url: &str) -> String {
-    if url.contains(',') {
-        return url.split(',').map(mask_url).collect::<Vec<_>>().join(",");
-    }
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}")
-            } else {
-                // A bare token in the user part is a secret too.
-                format!("{scheme}://***@{host}")
-            }
-        }
-        None => url.to_owned(),
-    }
-}
-
 /// The effective configuration as TOML, secrets masked.
 pub fn show(config: &Config, file: Option<&Path>) -> anyhow::Result<String> {
     let mut shown = config.clone();
-    shown.nats = mask_url(&shown.nats);
+    shown.nats = crate::nats::mask_url(&shown.nats);
     shown.nats_auth = shown.nats_auth.masked();
     if shown.engine.callapi_token.is_some() {
         shown.engine.callapi_token = Some("***".into());
@@ -433,10 +413,13 @@ mod tests {
 
     #[test]
     fn secrets_are_masked() {
-        assert_eq!(mask_url("nats://alice:s3cret@bus:4222"), "nats://alice:***@bus:4222");
-        assert_eq!(mask_url("nats://t0ken@bus:4222"), "nats://***@bus:4222");
-        assert_eq!(mask_url("nats://bus:4222"), "nats://bus:4222");
-        assert_eq!(mask_url("nats://a:x@b1:4222,nats://a:y@b2:4222"), "nats://a:***@b1:4222,nats://a:***@b2:4222");
+        assert_eq!(crate::nats::mask_url("nats://alice:s3cret@bus:4222"), "nats://alice:***@bus:4222");
+        assert_eq!(crate::nats::mask_url("nats://t0ken@bus:4222"), "nats://***@bus:4222");
+        assert_eq!(crate::nats::mask_url("nats://bus:4222"), "nats://bus:4222");
+        assert_eq!(
+            crate::nats::mask_url("nats://a:x@b1:4222,nats://a:y@b2:4222"),
+            "nats://a:***@b1:4222,nats://a:***@b2:4222"
+        );
         let mut config = Config { nats: "nats://a:b@h:1".into(), ..Config::default() };
         config.nats_auth.password = Some("hunter2".into());
         config.nats_auth.user = Some("svc".into());

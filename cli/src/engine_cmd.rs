@@ -8,7 +8,7 @@ use callbus_door::CallApiDoor;
 use callbus_engine::{ClusterConfig, ClusterEngine, Engine, EngineConfig};
 
 use crate::config::{self, ClusterSection, Dur, EngineSection, Overrides};
-use crate::{bridge_cmd, duration, nats};
+use crate::{duration, nats};
 
 /// Flags of the engine. Each overrides the configuration file's `[engine]` key of the same
 /// name.
@@ -237,10 +237,10 @@ pub async fn run(args: EngineArgs, file: Option<&std::path::Path>) -> anyhow::Re
     println!(
         "callbus engine: log in {} | NATS {} | {} | Ctrl-C to stop",
         config.engine.data_dir.display(),
-        config::mask_url(&config.nats),
+        crate::nats::mask_url(&config.nats),
         engine.describe()
     );
-    bridge_cmd::shutdown_signal().await;
+    crate::signals::shutdown_signal().await;
     engine.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     Ok(ExitCode::SUCCESS)

@@ -14,6 +14,7 @@ mod metrics_http;
 mod mi_cmd;
 mod nats;
 mod replay_cmd;
+mod signals;
 mod sim_cmd;
 mod size;
 mod ua_cmd;

@@ -192,14 +192,14 @@ pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
     urls.split(',')
         .map(str::trim)
         .filter(|u| !u.is_empty())
-        .map(|u| u.parse().with_context(|| format!("bad NATS URL {}", crate::config::mask_url(u))))
+        .map(|u| u.parse().with_context(|| format!("bad NATS URL {}", mask_url(u))))
         .collect()
 }
 
 /// Connects to NATS, retrying in the background if it is down (the bridge keeps working and
 /// buffers meanwhile).
 pub async fn connect(url: &str, name: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::Client> {
-    let url_for_log = crate::config::mask_url(url);
+    let url_for_log = mask_url(url);
     // Retrying forever makes sense for a NATS server that is down, not for another program on
     // its port: say that at once (one server named; a cluster's list is not probed).
     if !url.contains(',') {
@@ -241,7 +241,7 @@ pub async fn connect(url: &str, name: &str, auth: &NatsAuth) -> anyhow::Result<a
         })
         .connect(server_addrs(url)?)
         .await
-        .with_context(|| format!("cannot connect to NATS at {}", crate::config::mask_url(url)))
+        .with_context(|| format!("cannot connect to NATS at {}", mask_url(url)))
 }
 
 /// Set when this process is stopping: the nats-server it started goes away on purpose.
@@ -255,8 +255,28 @@ pub fn closing() {
 /// Connects to NATS for a client command, failing fast when nothing answers.
 pub async fn connect_client(url: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::Client> {
     let options = auth.apply(async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(3))).await?;
-    let shown = crate::config::mask_url(url);
+    let shown = mask_url(url);
     options.connect(server_addrs(url)?).await.with_context(|| {
         format!("cannot connect to NATS at {shown}: is it running, and are the credentials right? (--nats, --nats-*)")
     })
+}
+
+/// `nats://user:secret@host` → `nats://user:***@host` (each URL of a comma-separated list).
+pub fn mask_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(mask_url).collect::<Vec<_>>().join(",");
+    }
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}")
+            } else {
+                // A bare token in the user part is a secret too.
+                format!("{scheme}://***@{host}")
+            }
+        }
+        None => url.to_owned(),
+    }
 }

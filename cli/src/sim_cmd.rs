@@ -51,7 +51,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         // Calls are only worth placing once someone listens to their events.
         while sim.live_subscriptions().is_empty() {
             tokio::select! {
-                _ = crate::bridge_cmd::shutdown_signal() => return Ok(ExitCode::SUCCESS),
+                _ = crate::signals::shutdown_signal() => return Ok(ExitCode::SUCCESS),
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
@@ -66,7 +66,7 @@ pub async fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    crate::bridge_cmd::shutdown_signal().await;
+    crate::signals::shutdown_signal().await;
     sim.stop().await;
     Ok(ExitCode::SUCCESS)
 }
