@@ -158,6 +158,9 @@ pub struct EngineSection {
     /// `fdatasync` the event log after each commit too: acknowledged inputs then survive a power
     /// cut, not only a crash of callbus (~0.08 ms more per commit on the test VM, docs/engine.md).
     pub sync_data: bool,
+    /// How long an ended call stays in the log: a call whose every record is older is removed
+    /// whole (live calls never); `0` keeps everything.
+    pub retention: Dur,
     /// Free space kept on the data dir's disk (and held in `<data dir>/disk-reserve`): under it
     /// the engine writes nothing and refuses commands until there is room; `0` turns it off.
     pub disk_reserve: crate::size::Size,
@@ -208,6 +211,7 @@ impl Default for EngineSection {
             input_queue: 65_536,
             sync_data: false,
             disk_reserve: crate::size::Size(callbus_engine::log::disk::DEFAULT_RESERVE),
+            retention: Dur(Duration::from_secs(30 * 86_400)),
         }
     }
 }

@@ -49,6 +49,10 @@ pub struct EngineFlags {
     /// [default: 64MiB].
     #[arg(long, env = "CALLBUS_DISK_RESERVE", value_parser = crate::size::parse)]
     pub disk_reserve: Option<u64>,
+    /// How long an ended call stays in the event log (removed whole once every record of it is
+    /// older; live calls never); 0 keeps everything [default: 30d].
+    #[arg(long, env = "CALLBUS_RETENTION", value_parser = duration::parse)]
+    pub retention: Option<Duration>,
 }
 
 /// Flags of cluster mode. Each overrides the configuration file's `[cluster]` key of the same
@@ -121,6 +125,7 @@ impl EngineFlags {
         o.set("engine", "input_queue", self.input_queue);
         o.set("engine", "sync_data", self.sync_data.then_some(true));
         o.set("engine", "disk_reserve", self.disk_reserve.map(crate::size::Size));
+        o.set("engine", "retention", self.retention.map(Dur));
     }
 }
 
@@ -136,6 +141,7 @@ pub fn engine_config(c: &EngineSection) -> EngineConfig {
         input_queue: c.input_queue,
         sync_data: c.sync_data,
         disk_reserve: c.disk_reserve.0,
+        retention: Some(c.retention.0).filter(|d| !d.is_zero()),
         ..EngineConfig::default()
     }
 }

@@ -122,6 +122,8 @@ impl CallEntry {
 
 /// How often the snapshots of the calls touched since are written.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// A retention pass starts at most this often (or every retention, when shorter).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// The engine's metric handles (looked up once; each update is an atomic operation).
 pub(crate) struct EngineMetrics {
@@ -200,6 +202,9 @@ pub(crate) struct Owner {
     /// Calls changed since the last checkpoint.
     dirty: std::collections::HashSet<String>,
     last_checkpoint: Instant,
+    /// Retention: where its scan goes on (1: a new pass), and when the last pass ended.
+    prune_from: u64,
+    last_prune: Instant,
     metrics: EngineMetrics,
     /// Inputs to handle before the queue: a failed batch's, after the log works again.
     pending: VecDeque<Work>,
@@ -1205,6 +1210,8 @@ pub(crate) fn owner_on(
         tx,
         dirty: Default::default(),
         last_checkpoint: Instant::now(),
+        prune_from: 1,
+        last_prune: Instant::now(),
         metrics: EngineMetrics::new(),
         pending: VecDeque::new(),
         part: None,
@@ -1297,6 +1304,14 @@ impl Owner {
                     // Nothing is staged under the disk reserve, a checkpoint neither.
                     if let Err(low) = self.disk_check() {
                         return Some(self.stop_for_disk(low, Vec::new(), rx).await);
+                    }
+                    // Retention: a step of at most PRUNE_BUDGET records, between batches.
+                    if let Err(e) = self.prune_step().await {
+                        self.metrics.log_failures.increment(1);
+                        tracing::error!(error = %e, "removing old calls from the log failed");
+                        let _ = self.disk_check();
+                        let pending = self.pending.drain(..).collect();
+                        return Some(Stopped { error: e, pending, rx });
                     }
                     // Checkpoints are written between batches, so no input waits for one.
                     self.forget_old_commands(self.config.clock.now_ms());
@@ -1430,7 +1445,42 @@ impl Owner {
     }
 }
 
+/// Records a retention step looks at, at most (a few milliseconds of the owner's time).
+const PRUNE_BUDGET: usize = 20_000;
+
 impl Owner {
+    /// One step of retention (`engine.retention`, single engine): removes from the log the
+    /// calls whose whole history is older than the retention and that memory no longer holds,
+    /// then commits. A pass starts at most every minute (or every retention, when shorter)
+    /// and goes on a step per second until it reaches young records.
+    async fn prune_step(&mut self) -> Result<(), LogError> {
+        let Some(retention) = self.config.retention.filter(|r| !r.is_zero()) else { return Ok(()) };
+        if self.part.is_some() || (self.prune_from == 1 && self.last_prune.elapsed() < retention.min(PRUNE_EVERY)) {
+            return Ok(());
+        }
+        let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+        let cutoff = self.config.clock.now_ms().saturating_sub(retention_ms);
+        let keep: std::collections::HashSet<String> = self.calls.keys().cloned().collect();
+        let step = self.log.prune(self.prune_from, cutoff, &keep, PRUNE_BUDGET)?;
+        match step.next {
+            Some(next) => self.prune_from = next,
+            None => {
+                self.prune_from = 1;
+                self.last_prune = Instant::now();
+            }
+        }
+        if step.records > 0 {
+            self.commit_batch().await?;
+            metrics::counter!("callbus_engine_retention_removed_records_total").increment(step.records as u64);
+            tracing::info!(
+                calls = step.calls,
+                records = step.records,
+                "calls older than the retention removed from the log"
+            );
+        }
+        Ok(())
+    }
+
     /// Whether the single engine may stage writes now (see `log::disk`).
     fn disk_check(&self) -> Result<(), crate::log::disk::DiskLow> {
         match (&self.disk, &self.part) {

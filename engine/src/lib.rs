@@ -142,6 +142,9 @@ pub struct EngineConfig {
     /// Bytes of free space kept in the data dir's file system (0: none): under it the single
     /// engine writes nothing and refuses commands until there is room (see [`log::disk`]).
     pub disk_reserve: u64,
+    /// How long an ended call's records are kept in the log (`None` or zero: for ever); a
+    /// call is removed whole once its last record is older, unless it is still in memory.
+    pub retention: Option<Duration>,
     /// Commits to fail on purpose, as a broken disk would (tests).
     #[doc(hidden)]
     pub commit_faults: CommitFaults,
@@ -230,6 +233,7 @@ impl Default for EngineConfig {
             max_live_calls: 500_000,
             disk_reserve: log::disk::DEFAULT_RESERVE,
             commit_faults: CommitFaults::default(),
+            retention: None,
             clock: WallClock::default(),
             input_queue: 65_536,
             local: None,

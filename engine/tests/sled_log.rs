@@ -326,3 +326,37 @@ async fn a_failed_commit_leaves_no_trace_in_sled_nor_after_a_reopen() {
     assert_eq!(log.checkpoint().expect("checkpoint"), 1);
     assert_eq!(log.snapshots().expect("snapshots"), vec![snapshot(1, "a")]);
 }
+
+#[tokio::test]
+async fn retention_removes_whole_calls_older_than_the_cutoff_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = SledLog::open(dir.path()).expect("open");
+    // time_ms is 1000 + seq: calls a (1, 4), b (2, 9: its last record is young), live (3), c (5, 6).
+    for (seq, call) in [(1, "a"), (2, "b"), (3, "live"), (4, "a"), (5, "c"), (6, "c"), (9, "b")] {
+        log.stage(&record(seq, call)).expect("stage");
+    }
+    log.stage_checkpoint(9).expect("checkpoint");
+    log.commit().await.expect("commit");
+    let keep: std::collections::HashSet<String> = ["live".to_owned()].into();
+    // Cutoff at time 1008: a and c are older; b's last record (1009) is not.
+    let first = log.prune(1, 1008, &keep, 3).expect("prune");
+    assert_eq!((first.scanned, first.next), (3, Some(4)), "a budget of 3 records");
+    let rest = log.prune(first.next.expect("more"), 1008, &keep, 100).expect("prune");
+    assert_eq!(rest.next, None, "reached a young record");
+    log.commit().await.expect("commit");
+    assert_eq!((first.calls + rest.calls, first.records + rest.records), (2, 4));
+    let left: Vec<u64> = log.records_from(1).map(|r| r.expect("readable").seq).collect();
+    assert_eq!(left, [2, 3, 9]);
+    assert!(log.seqs_of_call("a").expect("index").is_empty() && log.seqs_of_call("c").expect("index").is_empty());
+    assert_eq!(log.seqs_of_call("b").expect("index"), [2, 9]);
+    // Nothing past the last checkpoint goes, however old.
+    log.stage(&record(10, "d")).expect("stage");
+    log.commit().await.expect("commit");
+    let past = log.prune(1, u64::MAX, &keep, 100).expect("prune");
+    log.commit().await.expect("commit");
+    assert!(log.records_of_call("d").expect("read").len() == 1, "{past:?}");
+    drop(log);
+    let log = reopen(dir.path());
+    let left: Vec<u64> = log.records_from(1).map(|r| r.expect("readable").seq).collect();
+    assert_eq!(left, [3, 10], "durable: b went with the last prune (every record older), live and d stay");
+}

@@ -389,3 +389,32 @@ async fn a_cmd_id_older_than_the_window_is_a_new_command() {
     let kept = SledLog::open(s.data.path()).expect("log").commands().expect("kept cmd_ids");
     assert!(kept.iter().all(|(_, c)| c.call_id != first), "the old one is removed from the log: {kept:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_older_than_the_retention_leave_the_log_whole_and_the_others_stay() {
+    let mut s = Stack::start().await;
+    s.start_engine_with(|c| {
+        c.retention = Some(Duration::from_millis(1500));
+        c.ended_retention = Duration::from_millis(200);
+    })
+    .await;
+    let script = CallScript { hangup_after: Some(Duration::from_millis(200)), ..Default::default() };
+    let (gone, _) = s.confirmed_call(script).await;
+    s.notes_until(|n| n.call_id == gone && n.event == "ended").await;
+    let (live, _) = s.confirmed_call(CallScript::default()).await;
+    // The live call's first records are as old as the ended call's: they stay.
+    tokio::time::sleep(Duration::from_millis(5_000)).await;
+    let (young, _) = s.confirmed_call(CallScript::default()).await;
+    accepted(&s.cmd("call.end", json!({"call_id": young})).await);
+    s.notes_until(|n| n.call_id == young && n.event == "ended").await;
+    s.shutdown().await;
+
+    let log = SledLog::open(s.data.path()).expect("open");
+    assert!(log.records_of_call(&gone).expect("read").is_empty(), "the old ended call is gone");
+    assert!(log.seqs_of_call(&gone).expect("index").is_empty(), "its index too");
+    assert!(!log.records_of_call(&live).expect("read").is_empty(), "a live call stays, however old");
+    assert!(!log.records_of_call(&young).expect("read").is_empty(), "a call younger than the retention stays");
+    drop(log);
+    // What stays replays as it did: calls are removed whole.
+    assert_log_replays(s.data.path());
+}

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::machines::{CallState, Effect, Input};
 
-pub use sled_log::{RawRecord, SledLog, DEFAULT_CACHE_BYTES};
+pub use sled_log::{Pruned, RawRecord, SledLog, DEFAULT_CACHE_BYTES};
 
 /// The version of [`Record`]'s encoding; bumped when it changes incompatibly (2: enums
 /// externally tagged, which MessagePack decodes without buffering).

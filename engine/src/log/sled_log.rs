@@ -229,6 +229,114 @@ impl SledLog {
     }
 }
 
+/// What one [`SledLog::prune`] step did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Records looked at (the oldest first).
+    pub scanned: usize,
+    /// Records removed.
+    pub records: usize,
+    /// Calls whose whole history was removed.
+    pub calls: usize,
+    /// Where the next step starts: the first sequence not looked at (None: the scan reached
+    /// records too young to go, or the end).
+    pub next: Option<u64>,
+}
+
+impl SledLog {
+    /// One step of retention: looks at up to `budget` records from sequence `from` on (the
+    /// oldest first) and stages the removal of every call whose whole history is older than
+    /// `cutoff_ms`, is covered by the last checkpoint, and is not in `keep` (live calls); its
+    /// per-call index goes with it. A call is removed whole or not at all, so what stays
+    /// replays as it did. Durable with the next commit.
+    pub fn prune(
+        &self,
+        from: u64,
+        cutoff_ms: u64,
+        keep: &std::collections::HashSet<String>,
+        budget: usize,
+    ) -> Result<Pruned, LogError> {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            seq: u64,
+            time_ms: u64,
+            call_id: String,
+        }
+        let checkpoint = self.checkpoint()?;
+        let mut out = Pruned::default();
+        let mut decided: std::collections::HashMap<String, bool> = Default::default();
+        for item in self.records.range(from.to_be_bytes()..) {
+            if out.scanned >= budget {
+                break;
+            }
+            let (_, v) = item.map_err(|e| self.store_error(e))?;
+            let Ok(head) = rmp_serde::from_slice::<Head>(&v) else {
+                out.scanned += 1;
+                continue; // an unreadable record is kept for `replay check` to report
+            };
+            if head.time_ms >= cutoff_ms || head.seq > checkpoint {
+                out.next = None;
+                return Ok(out);
+            }
+            out.scanned += 1;
+            out.next = Some(head.seq + 1);
+            if keep.contains(&head.call_id) {
+                continue;
+            }
+            if decided.contains_key(&head.call_id) {
+                continue;
+            }
+            // A call goes whole: every record of it (later ones too) and its index, at once.
+            let seqs = self.seqs_of_call(&head.call_id)?;
+            let prunable = self.call_is_older_than(&seqs, cutoff_ms, checkpoint)?;
+            decided.insert(head.call_id.clone(), prunable);
+            if prunable {
+                for seq in seqs {
+                    let key = seq.to_be_bytes();
+                    self.wal
+                        .stage(RECORDS, &key, None, || self.records.remove(key).map_err(|e| self.store_error(e)))?;
+                    out.records += 1;
+                }
+                self.remove_call_index(&head.call_id)?;
+                out.calls += 1;
+            }
+        }
+        if out.scanned < budget {
+            out.next = None;
+        }
+        Ok(out)
+    }
+
+    /// Whether every record of a call (its sequences `seqs`) is older than `cutoff_ms` and
+    /// covered by `checkpoint`.
+    fn call_is_older_than(&self, seqs: &[u64], cutoff_ms: u64, checkpoint: u64) -> Result<bool, LogError> {
+        let Some(last) = seqs.last().copied() else { return Ok(false) };
+        if last > checkpoint {
+            return Ok(false);
+        }
+        #[derive(serde::Deserialize)]
+        struct Time {
+            time_ms: u64,
+        }
+        let Some(bytes) = self.records.get(last.to_be_bytes()).map_err(|e| self.store_error(e))? else {
+            return Ok(false);
+        };
+        Ok(rmp_serde::from_slice::<Time>(&bytes).is_ok_and(|t| t.time_ms < cutoff_ms))
+    }
+
+    /// Stages the removal of a call's per-call index.
+    fn remove_call_index(&self, call_id: &str) -> Result<(), LogError> {
+        let mut prefix = call_id.as_bytes().to_vec();
+        prefix.push(0);
+        let keys: Vec<sled::IVec> =
+            self.by_call.scan_prefix(&prefix).keys().collect::<Result<_, _>>().map_err(|e| self.store_error(e))?;
+        for key in keys {
+            self.wal.stage(BY_CALL, &key, None, || self.by_call.remove(&key).map_err(|e| self.store_error(e)))?;
+        }
+        Ok(())
+    }
+}
+
 impl SledLog {
     /// The sequences of a call's records, in order (from the per-call index).
     pub fn seqs_of_call(&self, call_id: &str) -> Result<Vec<u64>, LogError> {
