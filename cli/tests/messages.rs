@@ -185,25 +185,32 @@ fn host_names_are_addresses_and_a_taken_port_is_said_once() {
     assert_in_words(&said);
 }
 
-#[test]
-fn an_opensips_that_does_not_answer_is_said_once_not_every_second() {
+/// `callbus up` whose OpenSIPS never answers MI (a UDP port nobody reads), with
+/// `mi_timeout`; its stderr file. The nats-server and temp dir live as long as the returns.
+fn up_without_opensips(
+    mi_timeout: &str,
+) -> (NatsServer, tempfile::TempDir, std::net::UdpSocket, std::process::Child, std::path::PathBuf) {
     let nats = NatsServer::start();
     let data = tempfile::tempdir().expect("tmp");
     let log = data.path().join("up.log");
-    // A UDP port where nothing answers MI: each health check times out.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     let mi = silent.local_addr().expect("addr").to_string();
-    let up = Killed(
-        callbus()
-            .args(["up", "--nats", &nats.url(), "--mi", &mi, "--mi-timeout", "300ms"])
-            .args(["--events-listen", &format!("127.0.0.1:{}", free_port())])
-            .arg("--data-dir")
-            .arg(data.path().join("log"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("up starts"),
-    );
+    let up = callbus()
+        .args(["up", "--nats", &nats.url(), "--mi", &mi, "--mi-timeout", mi_timeout])
+        .args(["--events-listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(data.path().join("log"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("up starts");
+    (nats, data, silent, up, log)
+}
+
+#[test]
+fn an_opensips_that_does_not_answer_is_said_once_not_every_second() {
+    let (_nats, _data, _silent, up, log) = up_without_opensips("300ms");
+    let up = Killed(up);
     std::thread::sleep(Duration::from_secs(5));
     drop(up);
     let said = std::fs::read_to_string(&log).expect("log");
@@ -217,20 +224,7 @@ fn an_opensips_that_does_not_answer_is_said_once_not_every_second() {
 
 #[test]
 fn a_stop_does_not_wait_for_an_opensips_that_does_not_answer() {
-    let nats = NatsServer::start();
-    let data = tempfile::tempdir().expect("tmp");
-    let log = data.path().join("up.log");
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let mi = silent.local_addr().expect("addr").to_string();
-    let mut up = callbus()
-        .args(["up", "--nats", &nats.url(), "--mi", &mi, "--mi-timeout", "60s"])
-        .args(["--events-listen", &format!("127.0.0.1:{}", free_port())])
-        .arg("--data-dir")
-        .arg(data.path().join("log"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("up starts");
+    let (nats, _data, _silent, mut up, log) = up_without_opensips("60s");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !run(&["call", "--nats", &nats.url(), "--timeout", "1s", "list"]).status.success() {
         assert!(Instant::now() < deadline, "up never answered");

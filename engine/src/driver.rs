@@ -1307,11 +1307,7 @@ impl Owner {
                     }
                     // Retention: a step of at most PRUNE_BUDGET records, between batches.
                     if let Err(e) = self.prune_step().await {
-                        self.metrics.log_failures.increment(1);
-                        tracing::error!(error = %e, "removing old calls from the log failed");
-                        let _ = self.disk_check();
-                        let pending = self.pending.drain(..).collect();
-                        return Some(Stopped { error: e, pending, rx });
+                        return Some(self.stop_between_batches(e, "removing old calls from the log failed", rx));
                     }
                     // Checkpoints are written between batches, so no input waits for one.
                     self.forget_old_commands(self.config.clock.now_ms());
@@ -1319,13 +1315,7 @@ impl Owner {
                         match self.checkpoint() {
                             Ok(()) => {
                                 if let Err(e) = self.commit_batch().await {
-                                    // Rolled back: the state in memory went ahead of the log, so
-                                    // the engine starts again from the log, as after a failed batch.
-                                    self.metrics.log_failures.increment(1);
-                                    tracing::error!(error = %e, "a checkpoint was not committed");
-                                    let _ = self.disk_check();
-                                    let pending = self.pending.drain(..).collect();
-                                    return Some(Stopped { error: e, pending, rx });
+                                    return Some(self.stop_between_batches(e, "a checkpoint was not committed", rx));
                                 }
                             }
                             Err(e) => tracing::warn!(error = %e, "checkpoint not written; the next one retries"),
@@ -1479,6 +1469,17 @@ impl Owner {
             );
         }
         Ok(())
+    }
+
+    /// Stops after a write between batches (a checkpoint, retention) failed: it was rolled
+    /// back, but the state in memory went ahead of the log, so the engine starts again from the
+    /// log, as after a failed batch; the queue is kept.
+    fn stop_between_batches(&mut self, error: LogError, what: &str, rx: mpsc::Receiver<Work>) -> Stopped {
+        self.metrics.log_failures.increment(1);
+        tracing::error!(%error, "{what}");
+        // A full disk despite the reserve: the reserve file is released for sled's last flush.
+        let _ = self.disk_check();
+        Stopped { error, pending: self.pending.drain(..).collect(), rx }
     }
 
     /// Whether the single engine may stage writes now (see `log::disk`).

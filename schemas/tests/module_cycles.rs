@@ -5,24 +5,12 @@
 //! core's reshaping; the test also fails when it is gone, so the list stays true).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+mod common;
 
 const CRATES: &[&str] = &["schemas", "service", "client", "door", "bridge", "engine", "replay", "sim", "cli"];
 
 /// Cycles still there: (crate, modules).
 const KNOWN: &[(&str, &[&str])] = &[("engine", &["cluster", "driver"])];
-
-fn files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
 
 /// The top-level modules `text` names as `crate::<module>` (also inside `use crate::{…}`),
 /// up to its `#[cfg(test)]` module.
@@ -96,12 +84,11 @@ fn cycles(edges: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
 
 #[test]
 fn no_module_depends_on_one_that_depends_back() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = common::root();
     let mut found = Vec::new();
     for krate in CRATES {
         let src = root.join(krate).join("src");
-        let mut all = Vec::new();
-        files(&src, &mut all);
+        let all = common::rust_files(&src);
         assert!(!all.is_empty(), "{krate}: no source found");
         let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for file in all {

@@ -3,7 +3,9 @@
 //! `"opensips.…"`, `"$SRV.…"` outside the service crate) appears in the source of any other
 //! crate, so the contract has one spelling.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 /// The source dirs of the crates that ship in `callbus` (the tests and benchmarks, `tests/`,
 /// are the contract's clients and name its subjects to check them).
@@ -12,18 +14,6 @@ const SOURCE_DIRS: &[&str] =
 
 /// Files allowed to spell subjects: where they are built.
 const BUILDERS: &[&str] = &["schemas/src/subjects.rs", "service/src/lib.rs"];
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
 
 /// The places in `text` where a string literal starts with a subject, as `line: literal start`;
 /// comments and `#[cfg(test)]` modules are skipped.
@@ -53,11 +43,8 @@ fn subject_literals(text: &str) -> Vec<String> {
 
 #[test]
 fn subjects_are_spelled_only_where_they_are_built() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut files = Vec::new();
-    for dir in SOURCE_DIRS {
-        rust_files(&root.join(dir), &mut files);
-    }
+    let root = common::root();
+    let files: Vec<PathBuf> = SOURCE_DIRS.iter().flat_map(|dir| common::rust_files(&root.join(dir))).collect();
     assert!(files.len() > 30, "the source was found ({} files)", files.len());
     let mut spelled = Vec::new();
     for file in files {
