@@ -75,8 +75,9 @@ impl std::fmt::Debug for Service {
     }
 }
 
+/// What every answer starts with (a PING answer is only this).
 #[derive(Serialize)]
-struct Ping<'a> {
+struct Head<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     name: &'a str,
@@ -95,13 +96,9 @@ struct EndpointInfo<'a> {
 
 #[derive(Serialize)]
 struct Info<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    name: &'a str,
-    id: &'a str,
+    #[serde(flatten)]
+    head: Head<'a>,
     description: &'a str,
-    version: &'a str,
-    metadata: &'a BTreeMap<String, String>,
     endpoints: Vec<EndpointInfo<'a>>,
 }
 
@@ -123,12 +120,8 @@ struct EndpointStats<'a> {
 
 #[derive(Serialize)]
 struct Stats<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    name: &'a str,
-    id: &'a str,
-    version: &'a str,
-    metadata: &'a BTreeMap<String, String>,
+    #[serde(flatten)]
+    head: Head<'a>,
     started: &'a str,
     endpoints: Vec<EndpointStats<'a>>,
 }
@@ -213,21 +206,12 @@ impl Service {
     fn answer(&self, verb: &str) -> Vec<u8> {
         let s = &self.0.spec;
         let id = self.0.id.as_str();
+        let head = |kind| Head { kind, name: &s.name, id, version: &s.version, metadata: &s.metadata };
         let json = match verb {
-            "PING" => serde_json::to_vec(&Ping {
-                kind: "io.nats.micro.v1.ping_response",
-                name: &s.name,
-                id,
-                version: &s.version,
-                metadata: &s.metadata,
-            }),
+            "PING" => serde_json::to_vec(&head("io.nats.micro.v1.ping_response")),
             "INFO" => serde_json::to_vec(&Info {
-                kind: "io.nats.micro.v1.info_response",
-                name: &s.name,
-                id,
+                head: head("io.nats.micro.v1.info_response"),
                 description: &s.description,
-                version: &s.version,
-                metadata: &s.metadata,
                 endpoints: s
                     .endpoints
                     .iter()
@@ -242,11 +226,7 @@ impl Service {
             _ => {
                 let counters = self.0.counters.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 serde_json::to_vec(&Stats {
-                    kind: "io.nats.micro.v1.stats_response",
-                    name: &s.name,
-                    id,
-                    version: &s.version,
-                    metadata: &s.metadata,
+                    head: head("io.nats.micro.v1.stats_response"),
                     started: &self.0.started,
                     endpoints: s
                         .endpoints
