@@ -383,7 +383,9 @@ struct Shared {
     dispatch: Mutex<Dispatch>,
     /// Partitions taken, for the event reader to feed (it registers them itself, in its own
     /// order, so it never announces a position past events a new partition has not seen).
-    register: mpsc::UnboundedSender<Register>,
+    /// Bounded by the partition count: each partition taken registers once, and the reader
+    /// takes registrations between input batches, so a full queue only makes a taker wait.
+    register: mpsc::Sender<Register>,
     /// Live workers other than this one, by when their heartbeat was last seen.
     workers: Mutex<HashMap<String, Instant>>,
     /// When the heartbeat watch last showed this worker's own heartbeat (it is working).
@@ -441,7 +443,7 @@ impl ClusterEngine {
         std::fs::create_dir_all(config.data_dir.join("partitions")).map_err(|e| {
             EngineError::Log(LogError::Store { path: config.data_dir.display().to_string(), reason: e.to_string() })
         })?;
-        let (register, register_rx) = mpsc::unbounded_channel();
+        let (register, register_rx) = mpsc::channel(usize::from(cluster.partitions.max(1)));
         let service = callbus_service::Service::start(&client, crate::commands_service(Some(&cluster.worker)))
             .await
             .map_err(EngineError::Nats)?;
@@ -777,7 +779,7 @@ async fn acquire(shared: &Arc<Shared>, p: u16, value: Bytes) -> Result<Option<He
         cancel.clone(),
         Some(shared.service.clone()),
     ));
-    let _ = shared.register.send(Register { partition: p, tx, done: position });
+    let _ = shared.register.send(Register { partition: p, tx, done: position }).await;
     let owner = tokio::spawn(owner.run(rx, cancel.clone()));
     metrics::gauge!("callbus_cluster_partitions_owned").increment(1.0);
     tracing::info!(
@@ -1001,7 +1003,7 @@ pub fn position(stream_seq: u64, index: usize) -> u64 {
 
 /// Reads the input stream from the lowest position an owned partition needs and hands each
 /// event to its partition's owner (once per partition).
-async fn read_events(shared: Arc<Shared>, mut register: mpsc::UnboundedReceiver<Register>, cancel: CancellationToken) {
+async fn read_events(shared: Arc<Shared>, mut register: mpsc::Receiver<Register>, cancel: CancellationToken) {
     // Registers a partition; the batch to read from again when it needs earlier events.
     let add = |r: Register| -> u64 {
         let from = (r.done + 1) >> 16;
