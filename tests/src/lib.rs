@@ -137,8 +137,17 @@ impl Drop for NatsServer {
     }
 }
 
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tails(60));
+        }
+    }
+}
+
 /// A cluster of `nats-server`s with JetStream on loopback: cluster routes between all of
-/// them, each with its own store; killed when dropped.
+/// them, each with its own store and log file; killed when dropped. A test that panics prints
+/// the end of each server's log (leader elections, lost routes) as it unwinds.
 pub struct NatsCluster {
     /// The servers, in order.
     pub servers: Vec<NatsServer>,
@@ -154,7 +163,8 @@ impl NatsCluster {
                 let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temporary dir: {e}"));
                 let store = dir.path().join("js");
                 let text = format!(
-                    "server_name: n{i}\njetstream {{ store_dir: \"{}\" }}\ncluster {{\n  name: callbus\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    "server_name: n{i}\nlog_file: \"{}\"\njetstream {{ store_dir: \"{}\" }}\ncluster {{\n  name: callbus\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    dir.path().join("nats.log").display(),
                     store.display(),
                     routes[i],
                     route_urls.join(", ")
@@ -168,6 +178,22 @@ impl NatsCluster {
             })
             .collect();
         NatsCluster { servers }
+    }
+
+    /// The last `lines` lines of each server's log.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for (i, server) in self.servers.iter().enumerate() {
+            let Some((dir, _)) = &server.config else { continue };
+            let text = std::fs::read_to_string(dir.path().join("nats.log")).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- nats-server n{i} (port {}), last {lines} lines:\n", server.port));
+            for line in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Every client URL, comma-separated (what `async_nats::connect` and `--nats` take).

@@ -81,6 +81,8 @@ async fn a_crashed_worker_s_calls_continue_on_the_others_and_the_log_holds_each_
     }
     workers_seen.sort();
     assert_eq!(workers_seen, ["w0", "w1", "w2"]);
+    // The servers' logs are kept, for a failure to show them.
+    assert_eq!(nats.log_tails(1_000).matches("Server is ready").count(), 3, "{}", nats.log_tails(5));
     // Bad commands get the precise error wherever they arrive (the router forwards them to a
     // partition's owner, whose parser answers).
     let refusal = |reply: CommandReply| match reply {
