@@ -114,13 +114,13 @@ struct Inner {
     counters: Arc<Counters>,
     /// The `callbus-bridge` NATS service, once started: its stats count MI requests from NATS.
     service: std::sync::OnceLock<callbus_service::Service>,
-    /// When a timeout was last said as a warning, and how many were kept quiet since.
-    timeouts_said: Mutex<(Option<Instant>, u64)>,
+    /// When OpenSIPS's absence was last said as a warning, and how many were kept quiet since.
+    away_said: Mutex<(Option<Instant>, u64)>,
 }
 
-/// While OpenSIPS does not answer, a timeout is said as a warning at most this often (each
-/// request's own reply still names it; the rest go to debug).
-const TIMEOUT_WARNING_EVERY: Duration = Duration::from_secs(30);
+/// While OpenSIPS does not answer (timeouts, nothing listening), it is said as a warning at
+/// most this often (each request's own reply still names it; the rest go to debug).
+const AWAY_WARNING_EVERY: Duration = Duration::from_secs(30);
 
 /// What a datagram on the MI socket is, for the bridge.
 enum Incoming {
@@ -172,7 +172,7 @@ impl MiClient {
                 nats,
                 counters,
                 service: std::sync::OnceLock::new(),
-                timeouts_said: Mutex::new((None, 0)),
+                away_said: Mutex::new((None, 0)),
             }),
         };
         tokio::spawn(client.clone().read_replies(cancel.clone()));
@@ -259,12 +259,13 @@ impl MiClient {
         }
     }
 
-    /// Says a timeout as a warning, or at debug level when one was said less than
-    /// [`TIMEOUT_WARNING_EVERY`] ago (then the next warning counts those kept quiet).
-    fn warn_timeout(&self, detail: &str) {
-        let mut said = self.inner.timeouts_said.lock().unwrap_or_else(|p| p.into_inner());
+    /// Says that OpenSIPS did not answer (a timeout, or nothing listening) as a warning, or at
+    /// debug level when one was said less than [`AWAY_WARNING_EVERY`] ago (then the next
+    /// warning counts those kept quiet).
+    fn warn_away(&self, detail: &str) {
+        let mut said = self.inner.away_said.lock().unwrap_or_else(|p| p.into_inner());
         let (last, quiet) = &mut *said;
-        if last.is_some_and(|t| t.elapsed() < TIMEOUT_WARNING_EVERY) {
+        if last.is_some_and(|t| t.elapsed() < AWAY_WARNING_EVERY) {
             *quiet += 1;
             tracing::debug!("{detail}");
             return;
@@ -285,7 +286,11 @@ impl MiClient {
     /// Answers with a bridge error that never reached OpenSIPS.
     pub(crate) async fn refuse(&self, responder: Responder, command: &str, kind: BridgeErrorKind, detail: String) {
         self.inner.counters.mi_refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(code = kind.code(), "{detail}");
+        match kind {
+            // OpenSIPS away: said at most every 30 s, not at every health check.
+            BridgeErrorKind::Unreachable => self.warn_away(&detail),
+            _ => tracing::warn!(code = kind.code(), "{detail}"),
+        }
         self.respond(responder, command, None, MiBusReply::bridge_error(kind, detail)).await;
     }
 
@@ -419,7 +424,7 @@ impl MiClient {
                     "OpenSIPS at {} did not answer {} within {:?}: check that it runs and that mi_datagram listens there",
                     self.inner.mi_addr, w.command, self.inner.timeout
                 );
-                self.warn_timeout(&detail);
+                self.warn_away(&detail);
                 let reply = MiBusReply::bridge_error(BridgeErrorKind::Timeout, detail);
                 self.respond(w.responder, &w.command, Some(w.started), reply).await;
             }

@@ -185,16 +185,24 @@ fn host_names_are_addresses_and_a_taken_port_is_said_once() {
     assert_in_words(&said);
 }
 
-/// `callbus up` whose OpenSIPS never answers MI (a UDP port nobody reads), with
-/// `mi_timeout`; its stderr file. The nats-server and temp dir live as long as the returns.
+/// `callbus up` whose OpenSIPS never answers MI, with `mi_timeout`: a UDP port nobody reads
+/// (every request times out), or with `closed` one where nothing listens (refused at once); its
+/// stderr file. The nats-server, temp dir and socket live as long as the returns.
 fn up_without_opensips(
     mi_timeout: &str,
-) -> (NatsServer, tempfile::TempDir, std::net::UdpSocket, std::process::Child, std::path::PathBuf) {
+    closed: bool,
+) -> (NatsServer, tempfile::TempDir, Option<std::net::UdpSocket>, std::process::Child, std::path::PathBuf) {
     let nats = NatsServer::start();
     let data = tempfile::tempdir().expect("tmp");
     let log = data.path().join("up.log");
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let mi = silent.local_addr().expect("addr").to_string();
+    let (silent, mi) = match closed {
+        true => (None, format!("127.0.0.1:{}", free_port())),
+        false => {
+            let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            let mi = silent.local_addr().expect("addr").to_string();
+            (Some(silent), mi)
+        }
+    };
     let up = callbus()
         .args(["up", "--nats", &nats.url(), "--mi", &mi, "--mi-timeout", mi_timeout])
         .args(["--events-listen", &format!("127.0.0.1:{}", free_port())])
@@ -209,7 +217,7 @@ fn up_without_opensips(
 
 #[test]
 fn an_opensips_that_does_not_answer_is_said_once_not_every_second() {
-    let (_nats, _data, _silent, up, log) = up_without_opensips("300ms");
+    let (_nats, _data, _silent, up, log) = up_without_opensips("300ms", false);
     let up = Killed(up);
     std::thread::sleep(Duration::from_secs(5));
     drop(up);
@@ -223,8 +231,21 @@ fn an_opensips_that_does_not_answer_is_said_once_not_every_second() {
 }
 
 #[test]
+fn an_opensips_that_is_not_running_is_said_once_not_every_second() {
+    let (_nats, _data, _socket, up, log) = up_without_opensips("5s", true);
+    let up = Killed(up);
+    std::thread::sleep(Duration::from_secs(5));
+    drop(up);
+    let said = std::fs::read_to_string(&log).expect("log");
+    // Each health check and reconciliation attempt is refused at once: said once.
+    let warned = |what: &str| said.lines().filter(|l| l.contains("WARN") && l.contains(what)).count();
+    assert_eq!(warned("callbus_bridge::mi: nothing answers MI at"), 1, "MI refused:\n{said}");
+    assert_in_words(&said);
+}
+
+#[test]
 fn a_stop_does_not_wait_for_an_opensips_that_does_not_answer() {
-    let (nats, _data, _silent, mut up, log) = up_without_opensips("60s");
+    let (nats, _data, _silent, mut up, log) = up_without_opensips("60s", false);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !run(&["call", "--nats", &nats.url(), "--timeout", "1s", "list"]).status.success() {
         assert!(Instant::now() < deadline, "up never answered");
