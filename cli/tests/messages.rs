@@ -215,32 +215,33 @@ fn up_without_opensips(
     (nats, data, silent, up, log)
 }
 
-#[test]
-fn an_opensips_that_does_not_answer_is_said_once_not_every_second() {
-    let (_nats, _data, _silent, up, log) = up_without_opensips("300ms", false);
+/// What `up` without OpenSIPS (see [`up_without_opensips`]) logs in its first 5 s, and how
+/// many of its warning lines contain a text.
+fn five_seconds_without_opensips(mi_timeout: &str, closed: bool) -> (String, impl Fn(&str) -> usize) {
+    let (_nats, _data, _socket, up, log) = up_without_opensips(mi_timeout, closed);
     let up = Killed(up);
     std::thread::sleep(Duration::from_secs(5));
     drop(up);
     let said = std::fs::read_to_string(&log).expect("log");
+    assert_in_words(&said);
+    let lines = said.clone();
+    (said, move |what: &str| lines.lines().filter(|l| l.contains("WARN") && l.contains(what)).count())
+}
+
+#[test]
+fn an_opensips_that_does_not_answer_is_said_once_not_every_second() {
     // Five health checks time out: each thing is said once.
-    let warned = |what: &str| said.lines().filter(|l| l.contains("WARN") && l.contains(what)).count();
+    let (said, warned) = five_seconds_without_opensips("300ms", false);
     assert_eq!(warned("callbus_bridge::mi: OpenSIPS at"), 1, "the MI timeouts:\n{said}");
     assert_eq!(warned("does not answer MI `uptime`"), 1, "no events until it answers:\n{said}");
     assert_eq!(warned("cannot reconcile with OpenSIPS yet"), 1, "the engine's start-up reconciliation:\n{said}");
-    assert_in_words(&said);
 }
 
 #[test]
 fn an_opensips_that_is_not_running_is_said_once_not_every_second() {
-    let (_nats, _data, _socket, up, log) = up_without_opensips("5s", true);
-    let up = Killed(up);
-    std::thread::sleep(Duration::from_secs(5));
-    drop(up);
-    let said = std::fs::read_to_string(&log).expect("log");
     // Each health check and reconciliation attempt is refused at once: said once.
-    let warned = |what: &str| said.lines().filter(|l| l.contains("WARN") && l.contains(what)).count();
+    let (said, warned) = five_seconds_without_opensips("5s", true);
     assert_eq!(warned("callbus_bridge::mi: nothing answers MI at"), 1, "MI refused:\n{said}");
-    assert_in_words(&said);
 }
 
 #[test]

@@ -1450,8 +1450,8 @@ impl Owner {
         }
         let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let cutoff = self.config.clock.now_ms().saturating_sub(retention_ms);
-        let keep: std::collections::HashSet<String> = self.calls.keys().cloned().collect();
-        let step = self.log.prune(self.prune_from, cutoff, &keep, PRUNE_BUDGET)?;
+        let calls = &self.calls;
+        let step = self.log.prune(self.prune_from, cutoff, |id| calls.contains_key(id), PRUNE_BUDGET)?;
         match step.next {
             Some(next) => self.prune_from = next,
             None => {

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 
-/// One endpoint: a request subject and what it is.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One endpoint: a request subject and what it is (serialized as INFO lists it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
     /// Its name (a command verb, `mi`, ...).
     pub name: String,
@@ -87,19 +87,11 @@ struct Head<'a> {
 }
 
 #[derive(Serialize)]
-struct EndpointInfo<'a> {
-    name: &'a str,
-    subject: &'a str,
-    queue_group: &'a str,
-    metadata: &'a BTreeMap<String, String>,
-}
-
-#[derive(Serialize)]
 struct Info<'a> {
     #[serde(flatten)]
     head: Head<'a>,
     description: &'a str,
-    endpoints: Vec<EndpointInfo<'a>>,
+    endpoints: &'a [Endpoint],
 }
 
 #[derive(Serialize)]
@@ -212,16 +204,7 @@ impl Service {
             "INFO" => serde_json::to_vec(&Info {
                 head: head("io.nats.micro.v1.info_response"),
                 description: &s.description,
-                endpoints: s
-                    .endpoints
-                    .iter()
-                    .map(|e| EndpointInfo {
-                        name: &e.name,
-                        subject: &e.subject,
-                        queue_group: &e.queue_group,
-                        metadata: &e.metadata,
-                    })
-                    .collect(),
+                endpoints: &s.endpoints,
             }),
             _ => {
                 let counters = self.0.counters.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -73,14 +73,7 @@ pub fn assert_log_replays(data: &std::path::Path) -> usize {
     let mut undocumented = Vec::new();
     for record in callbus_engine::log::EventLog::records_from(reader.log(), 1) {
         let record = record.expect("readable");
-        // Every notification sent is one docs/subjects.md lists, with only the fields it lists.
-        for effect in &record.effects {
-            if let callbus_engine::machines::Effect::Notify { event, data, .. } = effect {
-                if let Err(e) = callbus_schemas::catalog::check_notification(record.after.kind(), event, data) {
-                    undocumented.push(format!("record {}: {e}", record.seq));
-                }
-            }
-        }
+        undocumented.extend(undocumented_notifications(&record));
         let (after, effects) = replayer.recheck(&record);
         assert_eq!((&after, &effects), (&record.after, &record.effects), "record {} diverges", record.seq);
         n += 1;
@@ -92,6 +85,23 @@ pub fn assert_log_replays(data: &std::path::Path) -> usize {
     assert!(report.unreadable.is_empty(), "replay check: {:?}", report.unreadable);
     assert_eq!(report.records, n as u64, "replay check sees every record");
     n
+}
+
+/// The notifications of `record` that docs/subjects.md does not list, or sends with fields it
+/// does not list (`schemas::catalog`), in words.
+pub fn undocumented_notifications(record: &callbus_engine::log::Record) -> Vec<String> {
+    record
+        .effects
+        .iter()
+        .filter_map(|effect| match effect {
+            callbus_engine::machines::Effect::Notify { event, data, .. } => {
+                callbus_schemas::catalog::check_notification(record.after.kind(), event, data)
+                    .err()
+                    .map(|e| format!("record {}: {e}", record.seq))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// `callbus up`'s wiring of an engine to `bridge` (started with the tap whose receiving end is

@@ -619,18 +619,7 @@ impl Tier {
         let log = callbus_engine::log::SledLog::open(&self.data_dir()).expect("the log opens");
         let undocumented: Vec<String> = callbus_engine::log::EventLog::records_from(&log, 1)
             .filter_map(Result::ok)
-            .flat_map(|r| {
-                let kind = r.after.kind();
-                r.effects
-                    .iter()
-                    .filter_map(|e| match e {
-                        callbus_engine::machines::Effect::Notify { event, data, .. } => {
-                            callbus_schemas::catalog::check_notification(kind, event, data).err()
-                        }
-                        _ => None,
-                    })
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(|r| callbus_tests::stack::undocumented_notifications(&r))
             .collect();
         assert!(
             undocumented.is_empty(),

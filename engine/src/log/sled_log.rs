@@ -246,14 +246,14 @@ pub struct Pruned {
 impl SledLog {
     /// One step of retention: looks at up to `budget` records from sequence `from` on (the
     /// oldest first) and stages the removal of every call whose whole history is older than
-    /// `cutoff_ms`, is covered by the last checkpoint, and is not in `keep` (live calls); its
+    /// `cutoff_ms`, is covered by the last checkpoint, and is not kept by `keep` (live calls); its
     /// per-call index goes with it. A call is removed whole or not at all, so what stays
     /// replays as it did. Durable with the next commit.
     pub fn prune(
         &self,
         from: u64,
         cutoff_ms: u64,
-        keep: &std::collections::HashSet<String>,
+        keep: impl Fn(&str) -> bool,
         budget: usize,
     ) -> Result<Pruned, LogError> {
         #[derive(serde::Deserialize)]
@@ -280,7 +280,7 @@ impl SledLog {
             }
             out.scanned += 1;
             out.next = Some(head.seq + 1);
-            if keep.contains(&head.call_id) {
+            if keep(&head.call_id) {
                 continue;
             }
             if decided.contains_key(&head.call_id) {
