@@ -1,17 +1,24 @@
 //! The callbus engine: turns OpenSIPS events and app commands into a durable, replayable
 //! history per call, and drives OpenSIPS through the bridge.
 //!
-//! - [`log`]: the append-only event log (sled), with group commit.
 //! - [`machines`]: pure per-call state machines.
-//! - `driver`: the I/O around them: NATS in, log, effects out.
+//! - [`core`]: the engine's decisions without I/O (which call an input is for, dedupe, queries,
+//!   parking, reconciliation, timers, checkpoints, recovery), driven by inputs and the time.
+//! - `driver`: the I/O around the core: NATS in, the store, effects out.
+//! - [`log`]: the append-only event log (sled), with group commit; `store`: the contract the
+//!   driver writes through, with the sled and the JetStream back ends.
+//! - [`placement`]: which partition a call is in and which worker a partition is on.
 //! - [`cluster`]: many engines on NATS JetStream: partitions, leases, a replicated log.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cluster;
+pub mod core;
 mod driver;
 pub mod log;
 pub mod machines;
+pub mod placement;
 mod restarts;
+mod store;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -241,6 +248,20 @@ impl Default for EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// What the core is told of this set-up (`placement`: the partition, in a cluster).
+    pub fn core(&self, placement: Option<placement::Placement>) -> core::CoreConfig {
+        core::CoreConfig {
+            timeouts: self.timeouts,
+            nodes: self.nodes.clone(),
+            max_live_calls: self.max_live_calls,
+            cmd_id_window: self.cmd_id_window,
+            ended_retention: self.ended_retention,
+            placement,
+        }
+    }
+}
+
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -284,8 +305,11 @@ impl Engine {
         let log = Arc::new(SledLog::open_with(&config.data_dir, config.cache_bytes, config.sync_data)?);
         let opened = started.elapsed();
         log::EventLog::stage_timeouts(&*log, &config.timeouts)?;
-        let (mut owner, rx) = driver::owner(config.clone(), Arc::clone(&log), client.clone());
-        let (live, tail) = driver::recover(&mut owner)?;
+        let store = store::SledStore::new(Arc::clone(&log), config.commit_faults.clone());
+        let (core, restored) = driver::recover(&config, &store)?;
+        let (live, tail) = (restored.live, restored.tail);
+        let mut owner = driver::Owner::new(config.clone(), core, store, client.clone(), true);
+        let (tx, rx) = tokio::sync::mpsc::channel(config.input_queue.max(1));
         let disk = log::disk::DiskGuard::new(&config.data_dir, config.disk_reserve);
         disk.hold();
         if let Err(low) = disk.check() {
@@ -296,15 +320,13 @@ impl Engine {
             data_dir = %config.data_dir.display(),
             live,
             tail_records = tail,
-            next_seq = log::EventLog::next_seq(&*log),
+            next_seq = owner.core().next_seq(),
             open_ms = opened.as_millis() as u64,
             recover_ms = (started.elapsed() - opened).as_millis() as u64,
             "engine recovered its calls"
         );
-        let candidates = owner.live_call_ids();
-        let recovered_live = candidates.len();
+        let recovered_live = live;
         let cancel = CancellationToken::new();
-        let tx = owner.sender();
         let events = client
             .subscribe(subjects::ALL_NODES_EVENTS)
             .await
@@ -328,20 +350,6 @@ impl Engine {
                 Some(service.clone()),
             )),
         ];
-        if config.reconcile {
-            let mut nodes = config.nodes.clone();
-            nodes.extend(owner.live_nodes());
-            nodes.sort();
-            nodes.dedup();
-            tokio::spawn(driver::reconcile_nodes(
-                driver::MiRoute::new(client.clone(), &config),
-                nodes,
-                candidates,
-                config.mi_timeout,
-                tx.clone(),
-                false,
-            ));
-        }
         let owner = tokio::spawn(driver::supervise(owner, rx, cancel.clone(), config.clone(), client.clone()));
         Ok(Engine { cancel, owner: Some(owner), forwarders, recovered_live, service })
     }

@@ -21,6 +21,7 @@ pub mod bus;
 pub mod callapi;
 pub mod catalog;
 pub mod clock;
+pub mod cluster;
 pub mod command;
 pub mod event;
 pub mod input;

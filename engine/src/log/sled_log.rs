@@ -108,6 +108,17 @@ impl SledLog {
     /// `sync_data`, every commit also `fdatasync`s sled's file (see [`SledLog`]'s durability
     /// note).
     pub fn open_with(dir: &Path, cache_bytes: u64, sync_data: bool) -> Result<SledLog, LogError> {
+        SledLog::open_journaled(dir, cache_bytes, sync_data, true)
+    }
+
+    /// Opens (or creates) a copy of a log whose durability is elsewhere (a cluster partition's
+    /// JetStream log, from which it is rebuilt): no write-ahead file; staged changes go to sled
+    /// alone, which flushes them in the background, and a commit writes nothing.
+    pub fn open_copy(dir: &Path, cache_bytes: u64) -> Result<SledLog, LogError> {
+        SledLog::open_journaled(dir, cache_bytes, false, false)
+    }
+
+    fn open_journaled(dir: &Path, cache_bytes: u64, sync_data: bool, journal: bool) -> Result<SledLog, LogError> {
         if SledLog::in_use(dir) {
             return Err(LogError::InUse { path: dir.display().to_string() });
         }
@@ -136,8 +147,10 @@ impl SledLog {
         let snapshots = db.open_tree(super::wal::TREES[SNAPSHOTS as usize]).map_err(store)?;
         let meta = db.open_tree(super::wal::TREES[META as usize]).map_err(store)?;
         let trees = [records.clone(), by_call.clone(), snapshots.clone(), meta.clone()];
-        let (wal, recovered) = Wal::recover(&dir.join("wal"), &db, &trees, sync_data, std::sync::Arc::clone(&sync_db))
-            .map_err(|reason| LogError::Store { path: dir.display().to_string(), reason })?;
+        let (mut wal, recovered) =
+            Wal::recover(&dir.join("wal"), &db, &trees, sync_data, std::sync::Arc::clone(&sync_db))
+                .map_err(|reason| LogError::Store { path: dir.display().to_string(), reason })?;
+        wal.journal = journal;
         if recovered.changes > 0 {
             tracing::info!(
                 path = %dir.display(),

@@ -185,6 +185,10 @@ pub(crate) struct Wal {
     state: Mutex<State>,
     /// A rotation's background flush is running.
     rotating: Arc<AtomicBool>,
+    /// Whether changes are framed here at all: off for a copy whose durability is elsewhere
+    /// (a cluster partition's local copy of its JetStream log), where staging only applies the
+    /// change to sled and a commit has nothing to write.
+    pub(crate) journal: bool,
 }
 
 impl Wal {
@@ -236,6 +240,7 @@ impl Wal {
             }
         }
         let wal = Wal {
+            journal: true,
             dir: dir.to_owned(),
             sync_data,
             db: db.clone(),
@@ -267,6 +272,9 @@ impl Wal {
         value: Option<&[u8]>,
         apply: impl FnOnce() -> Result<Option<sled::IVec>, E>,
     ) -> Result<(), E> {
+        if !self.journal {
+            return apply().map(drop);
+        }
         let mut state = self.state();
         let before = apply()?;
         frame(&mut state.pending, tree, key, value);
