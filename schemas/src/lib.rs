@@ -4,6 +4,7 @@
 //!   real OpenSIPS 3.4 sends, including its two plain-text replies).
 //! - [`event`]: OpenSIPS event datagrams (`event_datagram` JSON-RPC notifications), typed for
 //!   the events callbus uses and kept intact for every other one.
+//! - [`mi_call`]: the MI commands callbus sends, with typed params.
 //! - [`bus`]: what the bridge publishes besides raw events: MI replies, its errors, its status.
 //! - [`callapi`]: the OpenSIPS Call API's own protocol, for the compatibility door.
 //! - [`command`]: app commands, their replies, and per-call notifications.
@@ -27,6 +28,7 @@ pub mod event;
 pub mod input;
 pub mod json_schema;
 pub mod mi;
+pub mod mi_call;
 pub mod subjects;
 
 /// The largest UDP payload (IPv4): nothing bigger can arrive as one datagram.

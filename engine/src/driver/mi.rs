@@ -6,8 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use callbus_schemas::bus::{BridgeErrorKind, MiBusReply};
 use callbus_schemas::mi::DlgListPage;
+use callbus_schemas::mi_call::{DlgList, MiCall};
 use callbus_schemas::subjects;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::core::Reconciled;
 use crate::EngineConfig;
@@ -63,6 +64,11 @@ pub(crate) async fn mi_request(
     }
 }
 
+/// Runs a typed MI command through the node's bridge.
+async fn mi_call(route: &MiRoute, node: &str, call: MiCall, timeout: Duration) -> MiBusReply {
+    mi_request(route, node, call.command(), call.params(), timeout).await
+}
+
 /// Reads every dialog OpenSIPS has on `node`, page by page.
 pub(crate) async fn list_dialogs(
     client: &MiRoute,
@@ -73,7 +79,7 @@ pub(crate) async fn list_dialogs(
     let mut out = Vec::new();
     let mut index = 0u64;
     loop {
-        let reply = mi_request(client, node, "dlg_list", json!({"index": index, "counter": PAGE}), timeout).await;
+        let reply = mi_call(client, node, MiCall::DlgList(DlgList { index, counter: PAGE }), timeout).await;
         let page: DlgListPage = match reply {
             MiBusReply::Result { result } => {
                 serde_json::from_value(result).map_err(|e| format!("unexpected dlg_list result: {e}"))?
@@ -92,7 +98,7 @@ pub(crate) async fn list_dialogs(
 /// The keys of every UA session OpenSIPS has on `node` (`ua_session_list` items carry no key:
 /// a client session's key is its Call-ID, a server session's its To-tag; both are returned).
 pub(crate) async fn list_ua_keys(client: &MiRoute, node: &str, timeout: Duration) -> Result<Vec<String>, String> {
-    match mi_request(client, node, "ua_session_list", json!({}), timeout).await {
+    match mi_call(client, node, MiCall::UaSessionList, timeout).await {
         MiBusReply::Result { result: Value::Array(items) } => Ok(items
             .iter()
             .flat_map(|i| [i.get("callid"), i.get("to_tag")])

@@ -23,8 +23,9 @@
 //! replaces and reconnects the staying leg with it (steps 3–5). A failure on one leg ends the
 //! other cleanly; every step, failure and who hung up is notified.
 
+use callbus_schemas::mi_call::{ClientStart, MiCall, SessionKey, SessionUpdate, SipPayload};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use callbus_schemas::bus::MiBusReply;
 use callbus_schemas::command::{Command, CommandError, LegName};
@@ -385,31 +386,19 @@ impl BridgedState {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn mi(
-        &mut self,
-        ctx: &Ctx,
-        n: &mut usize,
-        slot: Slot,
-        what: BRequest,
-        command: &str,
-        params: Map<String, Value>,
-        effects: &mut Vec<Effect>,
-    ) {
+    fn mi(&mut self, ctx: &Ctx, n: &mut usize, slot: Slot, what: BRequest, call: MiCall, effects: &mut Vec<Effect>) {
         let request = ctx.request_id(*n);
         *n += 1;
-        effects.push(Effect::Mi {
-            request: request.clone(),
-            node: self.node.clone(),
-            command: command.into(),
-            params: Value::Object(params),
-        });
+        effects.push(Effect::mi(request.clone(), self.node.clone(), call));
         self.requests.push(BPending { request, slot, what });
     }
 
-    fn key_params(&self, slot: Slot) -> Map<String, Value> {
-        let mut p = Map::new();
-        p.insert("key".into(), json!(self.leg(slot).and_then(|l| l.key.clone())));
-        p
+    fn key_of(&self, slot: Slot) -> Option<String> {
+        self.leg(slot).and_then(|l| l.key.clone())
+    }
+
+    fn terminate_call(&self, slot: Slot) -> MiCall {
+        MiCall::UaSessionTerminate(SessionKey { key: self.key_of(slot) })
     }
 
     /// Calls `slot`'s party (its leg must be set).
@@ -417,12 +406,15 @@ impl BridgedState {
         let Some(leg) = self.leg_mut(slot) else { return };
         leg.status = LegStatus::Dialing;
         let uri = leg.uri.clone();
-        let mut p = Map::new();
-        p.insert("ruri".into(), json!(uri));
-        p.insert("to".into(), json!(uri));
-        p.insert("from".into(), json!(from));
-        p.insert("flags".into(), json!(FLAGS));
-        self.mi(ctx, n, slot, BRequest::Start, "ua_session_client_start", p, effects);
+        let call = MiCall::UaSessionClientStart(ClientStart {
+            ruri: uri.clone(),
+            to: uri.clone(),
+            from: from.to_owned(),
+            proxy: None,
+            payload: SipPayload::default(),
+            flags: FLAGS.to_owned(),
+        });
+        self.mi(ctx, n, slot, BRequest::Start, call, effects);
         effects.push(Effect::StartTimer { name: ring_timer(slot), after_ms: ctx.timeouts.ring_ms });
         notify(effects, "dialing", self.start_or_transfer_cmd(slot), json!({"leg": slot.name(), "uri": uri}));
     }
@@ -443,13 +435,17 @@ impl BridgedState {
         n: &mut usize,
         effects: &mut Vec<Effect>,
     ) {
-        let mut p = self.key_params(slot);
-        p.insert("method".into(), json!(if what == BRequest::Ack { "ACK" } else { "INVITE" }));
-        if let Some(body) = body {
-            p.insert("body".into(), json!(body));
-            p.insert("content_type".into(), json!("Content-Type: application/sdp\r\n"));
-        }
-        self.mi(ctx, n, slot, what, "ua_session_update", p, effects);
+        let payload = match body {
+            Some(body) => SipPayload {
+                body: Some(body),
+                content_type: Some("Content-Type: application/sdp\r\n".into()),
+                extra_headers: None,
+            },
+            None => SipPayload::default(),
+        };
+        let method = if what == BRequest::Ack { "ACK" } else { "INVITE" };
+        let call = MiCall::UaSessionUpdate(SessionUpdate { key: self.key_of(slot), method: method.into(), payload });
+        self.mi(ctx, n, slot, what, call, effects);
     }
 
     fn terminate_leg(&mut self, slot: Slot, ctx: &Ctx, n: &mut usize, effects: &mut Vec<Effect>) {
@@ -462,8 +458,8 @@ impl BridgedState {
         effects.push(Effect::CancelTimer { name: ring_timer(slot) });
         effects.push(Effect::CancelTimer { name: reinvite_timer(slot) });
         if had_key {
-            let p = self.key_params(slot);
-            self.mi(ctx, n, slot, BRequest::Terminate, "ua_session_terminate", p, effects);
+            let call = self.terminate_call(slot);
+            self.mi(ctx, n, slot, BRequest::Terminate, call, effects);
         }
         // Without a key the start reply is still to come: it is terminated when it does.
     }
@@ -593,8 +589,8 @@ impl BridgedState {
                         if let Some(leg) = self.leg_mut(slot) {
                             leg.key = Some(key);
                         }
-                        let p = self.key_params(slot);
-                        self.mi(ctx, n, slot, BRequest::Terminate, "ua_session_terminate", p, effects);
+                        let call = self.terminate_call(slot);
+                        self.mi(ctx, n, slot, BRequest::Terminate, call, effects);
                     }
                     Some(key) => {
                         if let Some(leg) = self.leg_mut(slot) {

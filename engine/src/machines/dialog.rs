@@ -13,6 +13,7 @@
 //! - a leg that refused the hold re-INVITE still counts as held in OpenSIPS (so `unhold`
 //!   re-INVITEs it too).
 
+use callbus_schemas::mi_call::{CallTransfer, DialogCallId, DlgEndDlg, MiCall};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -541,12 +542,11 @@ impl DialogState {
     }
 
     fn end_request(&self, request: &str) -> Effect {
-        Effect::Mi {
-            request: request.to_owned(),
-            node: self.node.clone(),
-            command: "dlg_end_dlg".into(),
-            params: json!({"dialog_id": self.sip_call_id}),
-        }
+        Effect::mi(
+            request.to_owned(),
+            self.node.clone(),
+            MiCall::DlgEndDlg(DlgEndDlg { dialog_id: self.sip_call_id.clone() }),
+        )
     }
 
     fn on_command(&mut self, cmd_id: &str, command: &Command, ctx: &Ctx, effects: &mut Vec<Effect>) {
@@ -555,12 +555,8 @@ impl DialogState {
             return;
         }
         let request = ctx.request_id(0);
-        let mi = |command: &str, params: Value| Effect::Mi {
-            request: request.clone(),
-            node: self.node.clone(),
-            command: command.to_owned(),
-            params,
-        };
+        let mi = |call: MiCall| Effect::mi(request.clone(), self.node.clone(), call);
+        let callid = self.sip_call_id.clone();
         match command {
             Command::End { .. } => {
                 effects.push(self.end_request(&request));
@@ -570,15 +566,19 @@ impl DialogState {
             }
             Command::Hold { .. } | Command::Unhold { .. } => {
                 let hold = matches!(command, Command::Hold { .. });
-                effects.push(mi(if hold { "call_hold" } else { "call_unhold" }, json!({"callid": self.sip_call_id})));
+                let on = DialogCallId { callid };
+                effects.push(mi(if hold { MiCall::CallHold(on) } else { MiCall::CallUnhold(on) }));
                 effects.push(Effect::StartTimer { name: HOLD_TIMER.into(), after_ms: ctx.timeouts.reinvite_ms });
                 self.hold_op = Some(HoldOp { cmd_id: cmd_id.to_owned(), hold, request, accepted: false });
             }
             Command::TransferBlind { leg, destination, .. } => {
-                effects.push(mi(
-                    "call_transfer",
-                    json!({"callid": self.sip_call_id, "leg": leg.as_str(), "destination": destination}),
-                ));
+                effects.push(mi(MiCall::CallTransfer(CallTransfer {
+                    callid,
+                    leg: leg.as_str().into(),
+                    destination: Some(destination.clone()),
+                    transfer_callid: None,
+                    transfer_leg: None,
+                })));
                 let kind = TransferKind::Blind { leg: *leg, destination: destination.clone() };
                 self.transfer = Transfer::Requested { cmd_id: cmd_id.to_owned(), kind, request };
             }
@@ -587,10 +587,13 @@ impl DialogState {
                     failed(effects, cmd_id, command_verb(command), "the other call has no SIP Call-ID");
                     return;
                 };
-                effects.push(mi(
-                    "call_transfer",
-                    json!({"callid": self.sip_call_id, "leg": leg.as_str(), "transfer_callid": other, "transfer_leg": transfer_leg.as_str()}),
-                ));
+                effects.push(mi(MiCall::CallTransfer(CallTransfer {
+                    callid,
+                    leg: leg.as_str().into(),
+                    destination: None,
+                    transfer_callid: Some(other.clone()),
+                    transfer_leg: Some(transfer_leg.as_str().into()),
+                })));
                 let kind = TransferKind::Attended { leg: *leg, other: other.clone(), other_leg: *transfer_leg };
                 self.transfer = Transfer::Requested { cmd_id: cmd_id.to_owned(), kind, request };
             }

@@ -116,6 +116,13 @@ pub enum Effect {
     },
 }
 
+impl Effect {
+    /// The effect that runs `call` on `node`.
+    pub fn mi(request: String, node: String, call: callbus_schemas::mi_call::MiCall) -> Effect {
+        Effect::Mi { request, node, command: call.command().to_owned(), params: call.params() }
+    }
+}
+
 /// A call's state, by kind.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

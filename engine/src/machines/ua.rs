@@ -20,8 +20,9 @@
 //! - `content_type` is raw header text, and extra headers without a body are sent as garbage:
 //!   callbus writes the full `Content-Type:` line and always sends a body with headers.
 
+use callbus_schemas::mi_call::{ClientStart, MiCall, SessionKey, SessionReply, SessionUpdate, SipPayload};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use callbus_schemas::bus::MiBusReply;
 use callbus_schemas::command::{Command, CommandError, Payload};
@@ -196,22 +197,14 @@ pub(crate) fn wrong_state(state: &str, message: impl Into<String>) -> CommandErr
 /// Body, `content_type` and `extra_headers` params for a UA MI command, worked around
 /// OpenSIPS 3.4's header bugs: `content_type` is a whole header line, and extra headers always
 /// travel with a body (empty if need be).
-pub(crate) fn payload_params(params: &mut Map<String, Value>, payload: &Payload) {
+pub(crate) fn sip_payload(payload: &Payload) -> SipPayload {
     let headers: String = payload.headers.iter().map(|h| format!("{}: {}\r\n", h.name, h.value)).collect();
-    match &payload.body {
-        Some(body) => {
-            params.insert("body".into(), Value::String(body.text.clone()));
-            params.insert("content_type".into(), Value::String(format!("Content-Type: {}\r\n", body.content_type)));
-        }
-        None if !headers.is_empty() => {
-            params.insert("body".into(), Value::String(String::new()));
-            params.insert("content_type".into(), Value::String(String::new()));
-        }
-        None => {}
-    }
-    if !headers.is_empty() {
-        params.insert("extra_headers".into(), Value::String(headers));
-    }
+    let (body, content_type) = match &payload.body {
+        Some(body) => (Some(body.text.clone()), Some(format!("Content-Type: {}\r\n", body.content_type))),
+        None if !headers.is_empty() => (Some(String::new()), Some(String::new())),
+        None => (None, None),
+    };
+    SipPayload { body, content_type, extra_headers: (!headers.is_empty()).then_some(headers) }
 }
 
 /// A header's value in a CRLF-separated header block (case-insensitive, compact forms too).
@@ -433,25 +426,27 @@ impl UaState {
         n: &mut usize,
         what: UaRequest,
         cmd_id: Option<&str>,
-        command: &str,
-        params: Map<String, Value>,
+        call: MiCall,
         effects: &mut Vec<Effect>,
     ) {
         let request = ctx.request_id(*n);
         *n += 1;
-        effects.push(Effect::Mi {
-            request: request.clone(),
-            node: self.node.clone(),
-            command: command.into(),
-            params: Value::Object(params),
-        });
+        effects.push(Effect::mi(request.clone(), self.node.clone(), call));
         self.requests.push(PendingMi { request, what, cmd_id: cmd_id.map(str::to_owned), answered: false });
     }
 
-    fn key_params(&self) -> Map<String, Value> {
-        let mut p = Map::new();
-        p.insert("key".into(), json!(self.key));
-        p
+    fn terminate_call(&self) -> MiCall {
+        MiCall::UaSessionTerminate(SessionKey { key: self.key.clone() })
+    }
+
+    fn reply_call(&self, method: &str, code: u16, reason: &str, payload: SipPayload) -> MiCall {
+        MiCall::UaSessionReply(SessionReply {
+            key: self.key.clone(),
+            method: method.into(),
+            code,
+            reason: reason.into(),
+            payload,
+        })
     }
 
     fn end(&mut self, by: &str, reason: &str, status: Option<i64>, effects: &mut Vec<Effect>) {
@@ -486,16 +481,13 @@ impl UaState {
             self.reply_invite(ctx, n, 603, "Decline", effects);
             return;
         }
-        let p = self.key_params();
-        self.mi(ctx, n, UaRequest::Terminate, cmd_id, "ua_session_terminate", p, effects);
+        let call = self.terminate_call();
+        self.mi(ctx, n, UaRequest::Terminate, cmd_id, call, effects);
     }
 
     fn reply_invite(&mut self, ctx: &Ctx, n: &mut usize, code: u16, reason: &str, effects: &mut Vec<Effect>) {
-        let mut p = self.key_params();
-        p.insert("method".into(), json!("INVITE"));
-        p.insert("code".into(), json!(code));
-        p.insert("reason".into(), json!(reason));
-        self.mi(ctx, n, UaRequest::Reply { method: "INVITE".into(), code }, None, "ua_session_reply", p, effects);
+        let call = self.reply_call("INVITE", code, reason, SipPayload::default());
+        self.mi(ctx, n, UaRequest::Reply { method: "INVITE".into(), code }, None, call, effects);
     }
 
     fn on_command(&mut self, cmd_id: &str, command: &Command, ctx: &Ctx, effects: &mut Vec<Effect>) {
@@ -521,50 +513,31 @@ impl UaState {
                     flags.push_str(&format!("t{}", max + 10));
                     effects.push(Effect::StartTimer { name: MAX_TIMER.into(), after_ms: max * 1000 });
                 }
-                let mut p = Map::new();
                 let ruri = ruri.clone().unwrap_or_else(|| uri_of(to.rsplit(',').next().unwrap_or(to)).to_owned());
-                p.insert("ruri".into(), json!(ruri));
-                p.insert("to".into(), json!(to));
-                p.insert("from".into(), json!(from));
-                if let Some(proxy) = proxy {
-                    p.insert("proxy".into(), json!(proxy));
-                }
-                payload_params(&mut p, payload);
-                p.insert("flags".into(), json!(flags));
-                self.mi(ctx, &mut n, UaRequest::Start, Some(cmd_id), "ua_session_client_start", p, effects);
+                let call = MiCall::UaSessionClientStart(ClientStart {
+                    ruri: ruri.clone(),
+                    to: to.clone(),
+                    from: from.clone(),
+                    proxy: proxy.clone(),
+                    payload: sip_payload(payload),
+                    flags,
+                });
+                self.mi(ctx, &mut n, UaRequest::Start, Some(cmd_id), call, effects);
                 effects.push(Effect::StartTimer { name: RING_TIMER.into(), after_ms: ctx.timeouts.ring_ms });
                 notify(effects, "starting", Some(cmd_id), json!({"to": to, "from": from, "ruri": ruri}));
             }
             Command::UaAnswer { code, reason, method, payload, .. } => {
                 let method = method.clone().unwrap_or_else(|| self.remote[0].clone());
-                let mut p = self.key_params();
-                p.insert("method".into(), json!(method));
-                p.insert("code".into(), json!(code));
-                p.insert("reason".into(), json!(reason));
-                payload_params(&mut p, payload);
-                self.mi(
-                    ctx,
-                    &mut n,
-                    UaRequest::Reply { method, code: *code },
-                    Some(cmd_id),
-                    "ua_session_reply",
-                    p,
-                    effects,
-                );
+                let call = self.reply_call(&method, *code, reason, sip_payload(payload));
+                self.mi(ctx, &mut n, UaRequest::Reply { method, code: *code }, Some(cmd_id), call, effects);
             }
             Command::UaUpdate { method, payload, .. } => {
-                let mut p = self.key_params();
-                p.insert("method".into(), json!(method));
-                payload_params(&mut p, payload);
-                self.mi(
-                    ctx,
-                    &mut n,
-                    UaRequest::Update { method: method.clone() },
-                    Some(cmd_id),
-                    "ua_session_update",
-                    p,
-                    effects,
-                );
+                let call = MiCall::UaSessionUpdate(SessionUpdate {
+                    key: self.key.clone(),
+                    method: method.clone(),
+                    payload: sip_payload(payload),
+                });
+                self.mi(ctx, &mut n, UaRequest::Update { method: method.clone() }, Some(cmd_id), call, effects);
             }
             Command::End { .. } | Command::UaTerminate { .. } => {
                 self.ending_cmd = Some(cmd_id.to_owned());
@@ -583,9 +556,9 @@ impl UaState {
         if declined && self.role == UaRole::Server && !self.freed {
             // Sequenced after the reply: OpenSIPS refuses to terminate an unanswered session.
             self.freed = true;
-            let p = self.key_params();
+            let call = self.terminate_call();
             let by_command = self.ending_cmd.clone();
-            self.mi(ctx, &mut n, UaRequest::Terminate, by_command.as_deref(), "ua_session_terminate", p, effects);
+            self.mi(ctx, &mut n, UaRequest::Terminate, by_command.as_deref(), call, effects);
         }
         if self.phase == UaPhase::Ended && what != UaRequest::Start {
             return; // clean-up after the end (487, terminate): nothing left to report
@@ -598,8 +571,8 @@ impl UaState {
                     if self.phase == UaPhase::Ended {
                         // Ended meanwhile (a timer): the session OpenSIPS made must not linger.
                         self.key = Some(key.clone());
-                        let p = self.key_params();
-                        self.mi(ctx, &mut n, UaRequest::Terminate, None, "ua_session_terminate", p, effects);
+                        let call = self.terminate_call();
+                        self.mi(ctx, &mut n, UaRequest::Terminate, None, call, effects);
                         return;
                     }
                     self.key = Some(key.clone());
@@ -891,8 +864,8 @@ impl UaState {
         match name {
             RING_TIMER if matches!(self.phase, UaPhase::Starting | UaPhase::Calling | UaPhase::Early) => {
                 if self.key.is_some() {
-                    let p = self.key_params();
-                    self.mi(ctx, &mut n, UaRequest::Terminate, None, "ua_session_terminate", p, effects);
+                    let call = self.terminate_call();
+                    self.mi(ctx, &mut n, UaRequest::Terminate, None, call, effects);
                 }
                 self.end("engine", "no_answer", None, effects);
             }
@@ -901,9 +874,12 @@ impl UaState {
                 notify(effects, "offer_expired", None, json!({"after_ms": ctx.timeouts.offer_ms}));
             }
             ACK_TIMER if self.phase == UaPhase::Answered => {
-                let mut p = self.key_params();
-                p.insert("method".into(), json!("ACK"));
-                self.mi(ctx, &mut n, UaRequest::Update { method: "ACK".into() }, None, "ua_session_update", p, effects);
+                let call = MiCall::UaSessionUpdate(SessionUpdate {
+                    key: self.key.clone(),
+                    method: "ACK".into(),
+                    payload: SipPayload::default(),
+                });
+                self.mi(ctx, &mut n, UaRequest::Update { method: "ACK".into() }, None, call, effects);
                 notify(effects, "ack_sent_by_engine", None, json!({"after_ms": ctx.timeouts.ack_ms}));
             }
             MAX_TIMER => {
@@ -915,12 +891,9 @@ impl UaState {
             _ => {
                 if let Some(method) = name.strip_prefix(&format!("{REPLY_TIMER}.")) {
                     if self.remote.iter().any(|m| m == method) {
-                        let mut p = self.key_params();
-                        p.insert("method".into(), json!(method));
-                        p.insert("code".into(), json!(500));
-                        p.insert("reason".into(), json!("Server Internal Error"));
+                        let call = self.reply_call(method, 500, "Server Internal Error", SipPayload::default());
                         let what = UaRequest::Reply { method: method.to_owned(), code: 500 };
-                        self.mi(ctx, &mut n, what, None, "ua_session_reply", p, effects);
+                        self.mi(ctx, &mut n, what, None, call, effects);
                         notify(effects, "request_expired", None, json!({"method": method, "answered": 500}));
                     }
                 } else if let Some(method) = name.strip_prefix(&format!("{TXN_TIMER}.")) {
