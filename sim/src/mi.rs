@@ -803,11 +803,5 @@ fn ua_session_list(state: &State, p: &Params) -> Result<Value, Fail> {
 
 /// The events callbus subscribes to exist in the simulated OpenSIPS.
 #[cfg(test)]
-mod tests {
-    #[test]
-    fn default_events_are_registered() {
-        for e in callbus_schemas::event::DEFAULT_EVENTS {
-            assert!(super::EVENTS.contains(&e));
-        }
-    }
-}
+#[path = "mi_tests.rs"]
+mod tests;

@@ -206,6 +206,12 @@ impl SledLog {
         LogError::Store { path: self.path.display().to_string(), reason: sled_words(&e) }
     }
 
+    /// Flushes sled's own file and waits for it: what a commit would wait for without the
+    /// write-ahead file (`bench-replay` compares the two).
+    pub fn flush_sled(&self) -> Result<(), LogError> {
+        self.db.flush().map(drop).map_err(|e| self.store_error(e))
+    }
+
     /// Bytes the data dir takes on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0) + self.wal.size_on_disk()

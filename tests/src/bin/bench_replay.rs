@@ -97,8 +97,14 @@ fn main() {
     // Group commit's floor: one record staged, then committed (its write-ahead frame written and
     // synced with sync_file_range on the committing task), and the same with `engine.sync_data`
     // (an fdatasync of the write-ahead file instead).
-    for (sync_data, name) in [(false, "commit of one record"), (true, "commit of one record, sync_data")] {
-        let (p50, p99) = commit_floor(&runtime, sync_data);
+    // The same durability by sled's own flush instead of the write-ahead file (no journal):
+    // what the write-ahead file is kept for.
+    for (mode, name) in [
+        (Commit::WriteAhead, "commit of one record"),
+        (Commit::WriteAheadSyncData, "commit of one record, sync_data"),
+        (Commit::SledFlush, "commit of one record by sled's own flush, no write-ahead file"),
+    ] {
+        let (p50, p99) = commit_floor(&runtime, mode);
         println!("RESULT|{name}, p50|{p50:.3}|ms");
         println!("RESULT|{name}, p99|{p99:.3}|ms");
     }
@@ -156,9 +162,23 @@ fn sled_reads(dir: &std::path::Path, records: u64) {
 }
 
 /// p50 and p99 (ms) of staging one record and committing it, 2 000 times.
-fn commit_floor(runtime: &tokio::runtime::Runtime, sync_data: bool) -> (f64, f64) {
+/// How a commit makes a record durable.
+#[derive(Clone, Copy, PartialEq)]
+enum Commit {
+    WriteAhead,
+    WriteAheadSyncData,
+    SledFlush,
+}
+
+fn commit_floor(runtime: &tokio::runtime::Runtime, mode: Commit) -> (f64, f64) {
     let small = tempfile::tempdir().expect("tmp");
-    let log = SledLog::open_with(small.path(), callbus_engine::log::DEFAULT_CACHE_BYTES, sync_data).expect("open");
+    let cache = callbus_engine::log::DEFAULT_CACHE_BYTES;
+    let log = match mode {
+        Commit::WriteAhead => SledLog::open_with(small.path(), cache, false),
+        Commit::WriteAheadSyncData => SledLog::open_with(small.path(), cache, true),
+        Commit::SledFlush => SledLog::open_copy(small.path(), cache),
+    }
+    .expect("open");
     let mut samples = Vec::new();
     for seq in 1..=2_000u64 {
         let record = Record {
@@ -175,6 +195,9 @@ fn commit_floor(runtime: &tokio::runtime::Runtime, sync_data: bool) -> (f64, f64
         let t = Instant::now();
         log.stage(&record).expect("stage");
         runtime.block_on(log.commit()).expect("commit");
+        if mode == Commit::SledFlush {
+            log.flush_sled().expect("flush");
+        }
         samples.push(t.elapsed());
     }
     samples.sort();
