@@ -11,10 +11,13 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::core::{Checkpoint, Staged};
+use crate::core::{Checkpoint, Staged, Whole};
 use crate::log::{EventLog, LogError, SledLog};
 use crate::placement::Placement;
 use crate::CommitFaults;
+
+/// Saving a snapshot, in the background.
+pub(crate) type SnapshotWork = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Where the driver's batches go and how they become durable.
 pub(crate) trait Store: Send + 'static {
@@ -66,6 +69,18 @@ pub(crate) trait Store: Send + 'static {
 
     /// UA session keys this owner now has, and those it let go (the cluster routes their events).
     fn keys(&mut self, _learned: &[String], _forgotten: &[String]) {}
+
+    /// Whether the store wants the core's whole state now (a cluster partition's snapshot);
+    /// `stopping`: the owner is about to let the partition go.
+    fn snapshot_due(&self, _stopping: bool) -> bool {
+        false
+    }
+
+    /// The work that saves the core's whole state (the driver runs it in its task set, or
+    /// awaits it when stopping).
+    fn snapshot(&mut self, _whole: Whole) -> Option<SnapshotWork> {
+        None
+    }
 
     /// Whether this store keeps the data dir's disk reserve and removes old calls
     /// (`engine.retention`): the single engine's.

@@ -94,6 +94,16 @@ impl NatsServer {
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                let log = self.config.as_ref().map(|(dir, _)| dir.path().join("nats.log"));
+                let tail = log.and_then(|l| std::fs::read_to_string(l).ok()).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(20).collect();
+                panic!(
+                    "nats-server on port {} exited at start ({status}); its log ends:\n{}",
+                    self.port,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
             if let Ok(stream) = TcpStream::connect(self.addr()) {
                 let mut line = String::new();
                 stream.set_read_timeout(Some(Duration::from_secs(1))).ok();
@@ -140,7 +150,7 @@ impl Drop for NatsServer {
 impl Drop for NatsCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("{}", self.log_tails(60));
+            eprintln!("{}", self.log_tails(120));
         }
     }
 }
@@ -156,7 +166,16 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts `n` servers that route to each other (JetStream needs 3 for replicas 3).
     pub fn start(n: usize) -> NatsCluster {
-        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        // Every port distinct (a port just freed can be handed out again).
+        let mut taken = std::collections::HashSet::new();
+        let mut distinct = || loop {
+            let port = free_port();
+            if taken.insert(port) {
+                return port;
+            }
+        };
+        let routes: Vec<u16> = (0..n).map(|_| distinct()).collect();
+        let clients: Vec<u16> = (0..n).map(|_| distinct()).collect();
         let route_urls: Vec<String> = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
         let servers = (0..n)
             .map(|i| {
@@ -172,7 +191,7 @@ impl NatsCluster {
                 let path = dir.path().join("nats.conf");
                 std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
                 let mut server =
-                    NatsServer { child: None, port: free_port(), store_dir: None, config: Some((dir, path)) };
+                    NatsServer { child: None, port: clients[i], store_dir: None, config: Some((dir, path)) };
                 server.spawn();
                 server
             })
@@ -180,13 +199,14 @@ impl NatsCluster {
         NatsCluster { servers }
     }
 
-    /// The last `lines` lines of each server's log.
+    /// The last `lines` lines of each server's log, without the once-a-second "Error trying to
+    /// connect to route" of a server that lost a peer (they hide what matters).
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();
         for (i, server) in self.servers.iter().enumerate() {
             let Some((dir, _)) = &server.config else { continue };
             let text = std::fs::read_to_string(dir.path().join("nats.log")).unwrap_or_default();
-            let all: Vec<&str> = text.lines().collect();
+            let all: Vec<&str> = text.lines().filter(|l| !l.contains("Error trying to connect to route")).collect();
             out.push_str(&format!("--- nats-server n{i} (port {}), last {lines} lines:\n", server.port));
             for line in &all[all.len().saturating_sub(lines)..] {
                 out.push_str(line);

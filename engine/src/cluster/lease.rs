@@ -232,14 +232,15 @@ pub(super) async fn acquire(shared: &Arc<Shared>, p: u16, value: Bytes) -> Resul
     }
     // The local copy, rebuilt from the replicated log.
     let dir = partition_dir(&shared.config.data_dir, p);
-    let (log, position) = rebuild(&shared.js, &dir, p, marker_seq, shared.config.cache_bytes).await?;
-    let log = Arc::new(log);
+    let rebuilt = rebuild(&shared.js, &dir, p, marker_seq, shared.config.cache_bytes).await?;
+    let (position, tail, from_snapshot) = (rebuilt.position, rebuilt.tail, rebuilt.snapshot);
+    let log = Arc::new(rebuilt.log);
     let mut config = shared.config.clone();
     config.data_dir = dir;
     // Only the periodic reconciliation (`reconcile_every`): what happened while the partition
     // changed owner is in the input stream; what UDP lost before the bridge is not, and the
     // periodic list finds it.
-    let store = PartitionStore::new(shared, p, Arc::clone(&log), Fenced { marker: marker_seq, position });
+    let store = PartitionStore::new(shared, p, Arc::clone(&log), Fenced { marker: marker_seq, position, tail });
     let (core, restored) = driver::recover(&config, &store).map_err(|e| e.to_string())?;
     let (live, records) = (restored.live, restored.tail);
     for key in core.known_keys() {
@@ -270,6 +271,7 @@ pub(super) async fn acquire(shared: &Arc<Shared>, p: u16, value: Bytes) -> Resul
         live,
         records,
         resume_after = position,
+        snapshot_log_seq = from_snapshot,
         took_ms = started.elapsed().as_millis() as u64,
         "partition taken"
     );

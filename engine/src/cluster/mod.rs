@@ -42,6 +42,7 @@ mod input;
 mod lease;
 mod partition_log;
 mod router;
+pub mod snapshot;
 mod status;
 
 use crate::log::{EventLog, LogError, SledLog};
@@ -49,7 +50,10 @@ use crate::{EngineConfig, EngineError};
 pub use input::position;
 use input::*;
 use lease::*;
-pub use partition_log::{copy_partition, read_log, read_partition, split_records, LogMessage, RecordSlice};
+pub use partition_log::{
+    copy_partition, read_log, read_log_from, read_partition, read_partition_from, split_records, LogMessage,
+    RecordSlice,
+};
 use partition_log::{rebuild, Fenced, PartitionStore};
 use router::*;
 pub use status::{status, ClusterStatus, PartitionStatus};
@@ -171,6 +175,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &ClusterConfig) -> 
             max_age: config.events_max_age,
             ..Default::default()
         },
+        snapshot::stream_config(config.replicas),
         // A KV bucket made by hand: async-nats's `create_key_value` fails on nats-server 2.9.
         stream::Config {
             name: format!("KV_{LEASES_BUCKET}"),

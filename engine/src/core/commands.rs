@@ -57,14 +57,14 @@ impl Core {
         self.config.nodes.first().map(String::as_str).unwrap_or("default")
     }
 
-    /// Remembers an accepted command's answer; `saved` when it comes from the log's kept ones
-    /// (otherwise it is kept there with the next checkpoint).
-    pub(crate) fn remember(&mut self, cmd_id: String, reply: CommandReply, seq: u64, time_ms: u64, saved: bool) {
-        if let (CommandReply::Accepted { call_id, .. }, false) = (&reply, saved) {
-            let kept = RememberedCommand { seq, time_ms, call_id: call_id.clone() };
-            self.commands_unsaved.push((cmd_id.clone(), kept));
+    /// Remembers an accepted command; `saved` when it comes from the log's kept ones (otherwise
+    /// it is kept there with the next checkpoint).
+    pub(crate) fn remember(&mut self, cmd_id: String, kept: RememberedCommand, saved: bool) {
+        if !saved {
+            self.commands_unsaved.push((cmd_id.clone(), kept.clone()));
         }
-        if self.remembered.insert(cmd_id.clone(), reply).is_none() {
+        let time_ms = kept.time_ms;
+        if self.remembered.insert(cmd_id.clone(), kept).is_none() {
             self.remembered_order.push_back((cmd_id, time_ms));
         }
         while self.remembered_order.len() > REMEMBERED_COMMANDS {
@@ -137,7 +137,8 @@ impl Core {
         let _enter = span.enter();
         if let Some(previous) = self.remembered.get(&cmd_id) {
             tracing::info!("repeated cmd_id: answered with the first answer, not acted on again");
-            asker.answer("repeated", previous, None);
+            let first = CommandReply::Accepted { call_id: previous.call_id.clone(), cmd_id, accepted: true };
+            asker.answer("repeated", &first, None);
             return Ok(());
         }
         let mut command = request.command;
@@ -242,9 +243,9 @@ impl Core {
             }
         };
         let (call_id, seq) = call_id;
-        let answer = CommandReply::Accepted { call_id, cmd_id: cmd_id.clone(), accepted: true };
+        let answer = CommandReply::Accepted { call_id: call_id.clone(), cmd_id: cmd_id.clone(), accepted: true };
         asker.answer("accepted", &answer, None);
-        self.remember(cmd_id, answer, seq, now.wall_ms, false);
+        self.remember(cmd_id, RememberedCommand { seq, time_ms: now.wall_ms, call_id }, false);
         Ok(())
     }
 }

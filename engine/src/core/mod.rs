@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use callbus_schemas::bus::MiBusReply;
-use callbus_schemas::command::{CallNotification, CommandErrorCode, CommandReply};
+use callbus_schemas::command::{CallNotification, CommandErrorCode};
 use callbus_schemas::event::{Event, UaEventType};
 use callbus_schemas::subjects::{self, Verb};
 
@@ -274,6 +274,17 @@ pub struct Checkpoint {
     pub upto: u64,
 }
 
+/// The core's whole state as the log keeps it (see [`Core::whole`]).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Whole {
+    /// The sequence the next record gets.
+    pub next_seq: u64,
+    /// The live calls.
+    pub calls: Vec<Snapshot>,
+    /// The remembered `cmd_id`s, oldest first.
+    pub commands: Vec<(String, RememberedCommand)>,
+}
+
 /// The engine's state and decisions.
 pub struct Core {
     config: CoreConfig,
@@ -285,7 +296,8 @@ pub struct Core {
     by_key: HashMap<String, String>,
     parked: HashMap<String, Vec<Parked>>,
     timers: timers::Timers,
-    remembered: HashMap<String, CommandReply>,
+    /// Accepted commands by `cmd_id` (a repeat gets the same `accepted` answer).
+    remembered: HashMap<String, RememberedCommand>,
     /// The remembered `cmd_id`s, oldest first, with when they were accepted (ms).
     remembered_order: VecDeque<(String, u64)>,
     /// Remembered since the last checkpoint, to keep in the log with it.
@@ -641,6 +653,29 @@ impl Core {
             }
         }
         cp
+    }
+
+    /// Everything a rebuild needs, whole: the live calls' snapshots (with their timers) and
+    /// every remembered `cmd_id` (a cluster partition's snapshot; [`Core::restore`] takes it
+    /// back with no tail).
+    pub fn whole(&self) -> Whole {
+        let calls = self
+            .calls
+            .iter()
+            .filter(|(_, e)| !e.state.is_ended())
+            .map(|(id, e)| Snapshot {
+                seq: e.last_seq,
+                call_id: id.clone(),
+                state: e.state.clone(),
+                timers: e.timers.clone(),
+            })
+            .collect();
+        let commands = self
+            .remembered_order
+            .iter()
+            .filter_map(|(id, _)| self.remembered.get(id).map(|c| (id.clone(), c.clone())))
+            .collect();
+        Whole { next_seq: self.next_seq, calls, commands }
     }
 
     /// The sequence the next record gets.

@@ -4,8 +4,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use callbus_schemas::command::CommandReply;
-
 use super::{CallEntry, Core, CoreConfig, Now};
 use crate::log::{LogError, Record, RememberedCommand, Snapshot};
 use crate::machines::Input;
@@ -38,8 +36,7 @@ impl Core {
         // The cmd_ids kept at checkpoints, oldest first; those past the window are dropped.
         commands.sort_by_key(|(_, c)| c.seq);
         for (cmd_id, c) in commands {
-            let reply = CommandReply::Accepted { call_id: c.call_id, cmd_id: cmd_id.clone(), accepted: true };
-            core.remember(cmd_id, reply, c.seq, c.time_ms, true);
+            core.remember(cmd_id, c, true);
         }
         core.forget_old_commands(now.wall_ms);
         let mut last_seq: HashMap<String, u64> = HashMap::new();
@@ -64,9 +61,9 @@ impl Core {
             }
             last_seq.insert(record.call_id.clone(), record.seq);
             if let Input::Command { cmd_id, .. } = &record.input {
-                let reply =
-                    CommandReply::Accepted { call_id: record.call_id.clone(), cmd_id: cmd_id.clone(), accepted: true };
-                core.remember(cmd_id.clone(), reply, record.seq, record.time_ms, false);
+                let kept =
+                    RememberedCommand { seq: record.seq, time_ms: record.time_ms, call_id: record.call_id.clone() };
+                core.remember(cmd_id.clone(), kept, false);
             }
             core.index(&record.call_id, &record.after);
             core.dirty.insert(record.call_id.clone());

@@ -156,7 +156,10 @@ pub(crate) fn recover<S: Store>(config: &EngineConfig, store: &S) -> Result<(Cor
     let from = log.checkpoint()? + 1;
     let (commands, snapshots) = (log.commands()?, log.snapshots()?);
     let core_config = config.core(store.placement());
-    Ok(Core::restore(core_config, now(config), log.next_seq(), commands, snapshots, log.records_from(from)))
+    // A partition rebuilt from a snapshot alone has no record yet: its sequence goes on after
+    // the checkpoint.
+    let next_seq = log.next_seq().max(from);
+    Ok(Core::restore(core_config, now(config), next_seq, commands, snapshots, log.records_from(from)))
 }
 
 impl<S: Store> Owner<S> {
@@ -362,6 +365,16 @@ impl<S: Store> Owner<S> {
                 self.store.commit().await.map_err(|e| (e, "a checkpoint was not committed"))?;
             }
         }
+        // A partition's snapshot: everything logged so far is committed, so the core's state is
+        // the log's; it is encoded and saved in the background.
+        if self.store.snapshot_due(false) {
+            if let Some(work) = self.store.snapshot(self.core.whole()) {
+                self.tasks.spawn(async move {
+                    work.await;
+                    Vec::new()
+                });
+            }
+        }
         Ok(())
     }
 
@@ -478,11 +491,16 @@ impl<S: Store> Owner<S> {
             return None;
         }
         match self.checkpoint() {
-            Ok(_) => {
-                if let Err(e) = self.store.commit().await {
-                    tracing::warn!(error = %e, "final checkpoint not committed");
+            Ok(_) => match self.store.commit().await {
+                // A partition handed over leaves a snapshot, so its next owner reads no tail.
+                Ok(()) if self.store.snapshot_due(true) => {
+                    if let Some(work) = self.store.snapshot(self.core.whole()) {
+                        work.await;
+                    }
                 }
-            }
+                Ok(()) => {}
+                Err(e) => tracing::warn!(error = %e, "final checkpoint not committed"),
+            },
             Err(e) => tracing::warn!(error = %e, "final checkpoint not written"),
         }
         None
