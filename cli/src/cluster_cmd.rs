@@ -46,15 +46,25 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<ExitCode> {
             println!("  {worker}  {held} partitions");
         }
         println!("input stream: last sequence {}", status.input_last_seq);
-        println!("{:>9}  {:<24} {:>12} {:>10} {:>10}", "partition", "owner", "lease age", "log seq", "lag");
+        println!("{:>9}  {:<24} {:>12} {:>10} {:>10}  moving", "partition", "owner", "lease age", "log seq", "lag");
         for p in &status.partitions {
+            let moving = match (&p.placed_on, p.moving()) {
+                (Some(to), true) => format!("→ {to}"),
+                _ => String::new(),
+            };
             println!(
-                "{:>9}  {:<24} {:>12} {:>10} {:>10}",
+                "{:>9}  {:<24} {:>12} {:>10} {:>10}  {moving}",
                 p.partition,
                 p.owner.as_deref().unwrap_or("-"),
                 p.lease_age_ms.map_or("-".to_owned(), |ms| format!("{ms} ms")),
                 p.log_seq,
                 p.lag
+            );
+        }
+        if status.moving > 0 {
+            println!(
+                "{} partitions moving (a worker joined or left): each is handed over when its queue is logged",
+                status.moving
             );
         }
         if orphans > 0 {

@@ -161,6 +161,9 @@ pub struct EngineSection {
     /// How long an ended call stays in the log: a call whose every record is older is removed
     /// whole (live calls never); `0` keeps everything.
     pub retention: Dur,
+    /// Where retention archives calls before removing them (hourly zstd files `callbus replay
+    /// --archive` reads); unset: they are only removed.
+    pub archive_dir: Option<PathBuf>,
     /// Free space kept on the data dir's disk (and held in `<data dir>/disk-reserve`): under it
     /// the engine writes nothing and refuses commands until there is room; `0` turns it off.
     pub disk_reserve: crate::size::Size,
@@ -212,6 +215,7 @@ impl Default for EngineSection {
             sync_data: false,
             disk_reserve: crate::size::Size(callbus_engine::log::disk::DEFAULT_RESERVE),
             retention: Dur(Duration::from_secs(30 * 86_400)),
+            archive_dir: None,
         }
     }
 }

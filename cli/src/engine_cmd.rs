@@ -53,6 +53,9 @@ pub struct EngineFlags {
     /// older; live calls never); 0 keeps everything [default: 30d].
     #[arg(long, env = "CALLBUS_RETENTION", value_parser = duration::parse)]
     pub retention: Option<Duration>,
+    /// Where retention archives calls before removing them (`callbus replay --archive` reads it).
+    #[arg(long, env = "CALLBUS_ARCHIVE_DIR")]
+    pub archive_dir: Option<PathBuf>,
 }
 
 /// Flags of cluster mode. Each overrides the configuration file's `[cluster]` key of the same
@@ -109,6 +112,7 @@ pub fn cluster_config(c: &ClusterSection) -> anyhow::Result<ClusterConfig> {
         replicas: c.replicas.max(1),
         lease_ttl: c.lease_ttl.0,
         events_max_age: c.events_max_age.0,
+        log_max_age: Duration::ZERO,
     })
 }
 
@@ -126,6 +130,7 @@ impl EngineFlags {
         o.set("engine", "sync_data", self.sync_data.then_some(true));
         o.set("engine", "disk_reserve", self.disk_reserve.map(crate::size::Size));
         o.set("engine", "retention", self.retention.map(Dur));
+        o.set("engine", "archive_dir", self.archive_dir.clone());
     }
 }
 
@@ -142,6 +147,7 @@ pub fn engine_config(c: &EngineSection) -> EngineConfig {
         sync_data: c.sync_data,
         disk_reserve: c.disk_reserve.0,
         retention: Some(c.retention.0).filter(|d| !d.is_zero()),
+        archive_dir: c.archive_dir.clone(),
         ..EngineConfig::default()
     }
 }
@@ -234,7 +240,11 @@ pub async fn run(args: EngineArgs, file: Option<&std::path::Path>) -> anyhow::Re
     args.engine.overrides(&mut o);
     args.cluster.overrides(&mut o);
     let config = config::load(file, o)?;
-    let cluster = if config.cluster.enabled { Some(cluster_config(&config.cluster)?) } else { None };
+    let cluster = match config.cluster.enabled {
+        // The partition logs are kept as long as `engine.retention` (at least an hour).
+        true => Some(ClusterConfig { log_max_age: config.engine.retention.0, ..cluster_config(&config.cluster)? }),
+        false => None,
+    };
     if let Some(addr) = config.metrics_listen {
         crate::metrics_http::serve(addr).await?;
     }

@@ -25,6 +25,10 @@ pub struct ReplayArgs {
     /// The partition to read with --from-nats [default: the one --call belongs to].
     #[arg(long, global = true)]
     pub partition: Option<u16>,
+    /// Read the calls retention archived (`engine.archive_dir`: a dir of hourly files, or one
+    /// file) together with the data dir's log, when it has one.
+    #[arg(long, global = true)]
+    pub archive: Option<PathBuf>,
     /// Partitions of the cluster (to find a call's partition).
     #[arg(long, global = true, default_value_t = callbus_engine::cluster::DEFAULT_PARTITIONS)]
     pub partitions: u16,
@@ -164,6 +168,31 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     // A partition of the replicated log is copied into a temporary sled log and read there.
     let mut _fetched = None;
     let dir = match &args.from_nats {
+        None if args.archive.is_some() => {
+            let archive = args.archive.clone().unwrap_or_default();
+            let live = match args.data_dir.join("db").is_file() {
+                true => Some(
+                    LogReader::open(&args.data_dir)
+                        .with_context(|| format!("cannot read the log in {}", args.data_dir.display()))?,
+                ),
+                false => None,
+            };
+            let tmp = tempfile::tempdir().context("a temporary dir for the archive's log")?;
+            let archived = callbus_replay::merge_archive(&archive, live.as_ref(), tmp.path())
+                .await
+                .with_context(|| format!("cannot read the archive {}", archive.display()))?;
+            match live {
+                Some(_) => eprintln!(
+                    "note: {archived} records from the archive {} with the log in {}",
+                    archive.display(),
+                    args.data_dir.display()
+                ),
+                None => eprintln!("note: {archived} records from the archive {}", archive.display()),
+            }
+            let dir = tmp.path().to_owned();
+            _fetched = Some(tmp);
+            dir
+        }
         None => args.data_dir.clone(),
         Some(url) => {
             let call = match &args.command {

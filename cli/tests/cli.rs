@@ -193,6 +193,30 @@ async fn replay_commands_on_a_log_the_engine_wrote() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no call"));
     let out = run(&["replay", "--data-dir", &dir, "check", "--call", "nope"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no call \"nope\""));
+
+    // Retention moves the ended call to an archive: `--archive` reads it like the log.
+    let archive = tempfile::tempdir().expect("tmp");
+    {
+        use callbus_engine::log::EventLog;
+        let log = callbus_engine::log::SledLog::open(stack.data.path()).expect("open");
+        let archived = callbus_engine::log::archive::Archive::open(archive.path()).expect("archive");
+        let step = log.prune(1, u64::MAX, |_| false, 100_000, Some(&archived)).expect("prune");
+        log.commit().await.expect("commit");
+        assert_eq!(step.calls, 1, "{step:?}");
+    }
+    let adir = archive.path().display().to_string();
+    let out = run(&["replay", "--data-dir", &dir, "timeline", "--call", &sip]);
+    assert!(!out.status.success(), "the call left the log");
+    let out = run(&["replay", "--data-dir", &dir, "--archive", &adir, "timeline", "--call", &sip]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cmd call.end") && text.contains("→ ended"), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("records from the archive"));
+    let out = run(&["replay", "--data-dir", &dir, "--archive", &adir, "check"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 divergences, 0 unreadable"), "{out:?}");
+    let out = run(&["replay", "--archive", "/nonexistent/archive", "stats"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cannot list the archive"), "{err}");
 }
 
 async fn run_async(args: Vec<String>) -> Output {

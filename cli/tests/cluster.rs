@@ -297,6 +297,32 @@ async fn cluster_status_shows_workers_owners_and_lag() {
     assert_eq!(parts.len(), PARTITIONS as usize);
     assert!(parts.iter().all(|p| p["owner"].is_string() && p["lease_age_ms"].as_u64().is_some_and(|a| a < 1500)));
     assert!(parts.iter().all(|p| p["log_seq"].as_u64().is_some_and(|s| s > 0)), "every partition has its marker");
+    // Settled: every partition is where placement puts it, nothing moves.
+    assert_eq!(json["moving"], 0, "{json:#}");
+    assert!(parts.iter().all(|p| p["placed_on"] == p["owner"]), "{json:#}");
+    // A third worker joins: partitions move to it, and the status shows them moving until the
+    // handovers are done.
+    let mut workers = workers;
+    workers.push(Worker::start(&nats, "w2"));
+    let mut saw_moving = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = status(&["--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let moving = json["moving"].as_u64().unwrap_or(0);
+        let on_w2 = json["partitions"].as_array().map_or(0, |ps| ps.iter().filter(|p| p["owner"] == "w2").count());
+        if moving > 0 {
+            saw_moving = true;
+            let text = String::from_utf8_lossy(&status(&[]).stdout).into_owned();
+            assert!(text.contains("→ w") || text.contains("moving"), "{text}");
+        }
+        if moving == 0 && on_w2 > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the join did not settle: {json:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(saw_moving, "a join moves partitions, and the status showed them moving");
     drop(workers);
     // Leases expire: the partitions show no owner and the command says so.
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -152,6 +152,9 @@ pub struct EngineConfig {
     /// How long an ended call's records are kept in the log (`None` or zero: for ever); a
     /// call is removed whole once its last record is older, unless it is still in memory.
     pub retention: Option<Duration>,
+    /// Where retention archives calls before removing them (hourly zstd files that `callbus
+    /// replay --archive` reads); `None`: they are only removed.
+    pub archive_dir: Option<PathBuf>,
     /// Commits to fail on purpose, as a broken disk would (tests).
     #[doc(hidden)]
     pub commit_faults: CommitFaults,
@@ -241,6 +244,7 @@ impl Default for EngineConfig {
             disk_reserve: log::disk::DEFAULT_RESERVE,
             commit_faults: CommitFaults::default(),
             retention: None,
+            archive_dir: None,
             clock: WallClock::default(),
             input_queue: 65_536,
             local: None,

@@ -339,9 +339,9 @@ async fn retention_removes_whole_calls_older_than_the_cutoff_and_keeps_the_rest(
     log.commit().await.expect("commit");
     let keep = |id: &str| id == "live";
     // Cutoff at time 1008: a and c are older; b's last record (1009) is not.
-    let first = log.prune(1, 1008, keep, 3).expect("prune");
+    let first = log.prune(1, 1008, keep, 3, None).expect("prune");
     assert_eq!((first.scanned, first.next), (3, Some(4)), "a budget of 3 records");
-    let rest = log.prune(first.next.expect("more"), 1008, keep, 100).expect("prune");
+    let rest = log.prune(first.next.expect("more"), 1008, keep, 100, None).expect("prune");
     assert_eq!(rest.next, None, "reached a young record");
     log.commit().await.expect("commit");
     assert_eq!((first.calls + rest.calls, first.records + rest.records), (2, 4));
@@ -352,11 +352,66 @@ async fn retention_removes_whole_calls_older_than_the_cutoff_and_keeps_the_rest(
     // Nothing past the last checkpoint goes, however old.
     log.stage(&record(10, "d")).expect("stage");
     log.commit().await.expect("commit");
-    let past = log.prune(1, u64::MAX, keep, 100).expect("prune");
+    let past = log.prune(1, u64::MAX, keep, 100, None).expect("prune");
     log.commit().await.expect("commit");
     assert!(log.records_of_call("d").expect("read").len() == 1, "{past:?}");
     drop(log);
     let log = reopen(dir.path());
     let left: Vec<u64> = log.records_from(1).map(|r| r.expect("readable").seq).collect();
     assert_eq!(left, [3, 10], "durable: b went with the last prune (every record older), live and d stay");
+}
+
+#[tokio::test]
+async fn retention_with_an_archive_writes_each_call_whole_before_it_goes() {
+    use callbus_engine::log::archive::{self, Archive};
+    let dir = tempfile::tempdir().expect("tmp");
+    let archive_dir = tempfile::tempdir().expect("tmp");
+    let log = SledLog::open(dir.path()).expect("open");
+    for (seq, call) in [(1, "a"), (2, "b"), (3, "a"), (4, "c")] {
+        log.stage(&record(seq, call)).expect("stage");
+    }
+    log.stage_checkpoint(4).expect("checkpoint");
+    log.commit().await.expect("commit");
+    let originals: Vec<Vec<u8>> =
+        (1..=4u64).map(|s| log.raw_record(s).expect("read").expect("present").to_vec()).collect();
+    let archive = Archive::open(archive_dir.path()).expect("archive");
+    // Cutoff 1004: a (1001, 1003) and b (1002) go; c (1004) stays.
+    let step = log.prune(1, 1004, |_| false, 100, Some(&archive)).expect("prune");
+    log.commit().await.expect("commit");
+    assert_eq!((step.calls, step.records), (2, 3));
+    assert!(step.archived_bytes > 0);
+    let files = archive::files(archive_dir.path()).expect("files");
+    assert_eq!(files, [archive.file_for(1003)], "one hour: 1970-01-01T00");
+    let mut read = Vec::new();
+    archive::read(&files[0], |seq, call, bytes| {
+        read.push((seq, call.to_owned(), bytes.to_vec()));
+        Ok(())
+    })
+    .expect("readable");
+    // Whole calls, each in order, byte for byte what the log held.
+    let got: Vec<(u64, &str)> = read.iter().map(|(s, c, _)| (*s, c.as_str())).collect();
+    assert_eq!(got, [(1, "a"), (3, "a"), (2, "b")]);
+    for (seq, _, bytes) in &read {
+        assert_eq!(bytes, &originals[(*seq - 1) as usize]);
+    }
+    let left: Vec<u64> = log.records_from(1).map(|r| r.expect("readable").seq).collect();
+    assert_eq!(left, [4]);
+    // A second step appends another frame to the same hour's file.
+    log.stage(&record(5, "d")).expect("stage");
+    log.stage_checkpoint(5).expect("checkpoint");
+    log.commit().await.expect("commit");
+    log.prune(1, 1006, |_| false, 100, Some(&archive)).expect("prune");
+    log.commit().await.expect("commit");
+    let mut seqs = Vec::new();
+    archive::read(&files[0], |seq, _, _| {
+        seqs.push(seq);
+        Ok(())
+    })
+    .expect("readable");
+    assert_eq!(seqs, [1, 3, 2, 4, 5]);
+    // A file that is not an archive is an error in words.
+    let junk = archive_dir.path().join("records-junk.zst");
+    std::fs::write(&junk, b"not zstd").expect("write");
+    let e = archive::read(&junk, |_, _, _| Ok(())).expect_err("junk");
+    assert!(e.contains("not a readable archive file"), "{e}");
 }

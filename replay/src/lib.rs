@@ -65,6 +65,35 @@ pub enum ReplayError {
     /// Publishing on NATS failed.
     #[error("publishing on NATS failed: {0}")]
     Nats(String),
+    /// An archive file could not be read.
+    #[error("{0}")]
+    Archive(String),
+}
+
+/// Builds in `into` (an empty dir) one log of the archive `archive` (a dir of hourly files, or
+/// one file) and, when given, the live log `live`: every record once, by its sequence, with the
+/// timeouts the live log recorded. Returns how many records came from the archive.
+pub async fn merge_archive(archive: &Path, live: Option<&LogReader>, into: &Path) -> Result<u64, ReplayError> {
+    let log = SledLog::open(into)?;
+    let mut archived = 0u64;
+    for file in callbus_engine::log::archive::files(archive).map_err(ReplayError::Archive)? {
+        archived += callbus_engine::log::archive::read(&file, |seq, call_id, bytes| {
+            log.stage_raw(seq, call_id, bytes).map_err(|e| e.to_string())
+        })
+        .map_err(ReplayError::Archive)?;
+    }
+    if let Some(live) = live {
+        for record in live.log().raw_records_from(1) {
+            let (seq, bytes) = record?;
+            for (s, call_id, raw) in callbus_engine::log::split_records(&bytes).map_err(ReplayError::Archive)? {
+                debug_assert_eq!(s, seq);
+                log.stage_raw(s, &call_id, raw)?;
+            }
+        }
+        log.stage_timeouts(&live.timeouts())?;
+    }
+    log.commit().await?;
+    Ok(archived)
 }
 
 /// A log opened for reading.

@@ -393,9 +393,12 @@ async fn a_cmd_id_older_than_the_window_is_a_new_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_older_than_the_retention_leave_the_log_whole_and_the_others_stay() {
     let mut s = Stack::start().await;
-    s.start_engine_with(|c| {
+    let archive = tempfile::tempdir().expect("tmp");
+    let archive_dir = archive.path().to_owned();
+    s.start_engine_with(move |c| {
         c.retention = Some(Duration::from_millis(1500));
         c.ended_retention = Duration::from_millis(200);
+        c.archive_dir = Some(archive_dir);
     })
     .await;
     let script = CallScript { hangup_after: Some(Duration::from_millis(200)), ..Default::default() };
@@ -417,4 +420,16 @@ async fn calls_older_than_the_retention_leave_the_log_whole_and_the_others_stay(
     drop(log);
     // What stays replays as it did: calls are removed whole.
     assert_log_replays(s.data.path());
+    // The removed call is in the archive, whole: with the log, it reads and replays as before.
+    let live_log = callbus_replay::LogReader::open(s.data.path()).expect("log");
+    let merged = tempfile::tempdir().expect("tmp");
+    let archived = callbus_replay::merge_archive(archive.path(), Some(&live_log), merged.path()).await.expect("merge");
+    assert!(archived >= 4, "the ended call's records: {archived}");
+    drop(live_log);
+    let reader = callbus_replay::LogReader::open(merged.path()).expect("merged");
+    let timeline = reader.timeline(&gone).expect("the archived call's timeline");
+    assert!(timeline.last().is_some_and(|r| r.after == "ended"), "{timeline:?}");
+    assert!(!reader.timeline(&live).expect("live").is_empty());
+    drop(reader);
+    assert_log_replays(merged.path());
 }

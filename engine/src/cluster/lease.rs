@@ -17,6 +17,9 @@ pub(super) async fn manage(shared: Arc<Shared>, cancel: CancellationToken) {
     // that has seen the bucket work for a whole TTL judges who is alive and takes partitions
     // (after a JetStream outage every heartbeat looks stale at first).
     let mut healthy_since: Option<Instant> = None;
+    // When each live worker was first seen: partitions are handed over only to a worker seen
+    // for a whole TTL, which is when it starts taking them (no gap with no owner on a join).
+    let mut first_seen: HashMap<String, Instant> = HashMap::new();
     let started = Instant::now();
     let lease_value = Bytes::from(serde_json::to_vec(&Lease { worker: me.clone() }).unwrap_or_default());
     loop {
@@ -126,9 +129,19 @@ pub(super) async fn manage(shared: Arc<Shared>, cancel: CancellationToken) {
                 }
             }
         }
-        // Hand over what belongs on another live worker (a few at a time, so calls keep flowing).
-        let leaving: Vec<u16> =
-            held.keys().copied().filter(|p| placement(*p, &live).is_some_and(|w| w != me.as_str())).take(8).collect();
+        // Hand over what belongs on another live worker (a few at a time, so calls keep flowing),
+        // once that worker is ready to take it.
+        first_seen.retain(|w, _| live.contains(w));
+        for w in &live {
+            first_seen.entry(w.clone()).or_insert_with(Instant::now);
+        }
+        let ready = |w: &str| w == me.as_str() || first_seen.get(w).is_some_and(|t| t.elapsed() >= ttl);
+        let leaving: Vec<u16> = held
+            .keys()
+            .copied()
+            .filter(|p| placement(*p, &live).is_some_and(|w| w != me.as_str() && ready(w)))
+            .take(8)
+            .collect();
         for p in leaving {
             if let Some(h) = held.remove(&p) {
                 release(&shared, p, h).await;

@@ -45,15 +45,13 @@ mod router;
 pub mod snapshot;
 mod status;
 
+pub use crate::log::{split_records, RecordSlice};
 use crate::log::{EventLog, LogError, SledLog};
 use crate::{EngineConfig, EngineError};
 pub use input::position;
 use input::*;
 use lease::*;
-pub use partition_log::{
-    copy_partition, read_log, read_log_from, read_partition, read_partition_from, split_records, LogMessage,
-    RecordSlice,
-};
+pub use partition_log::{copy_partition, read_log, read_log_from, read_partition, read_partition_from, LogMessage};
 use partition_log::{rebuild, Fenced, PartitionStore};
 use router::*;
 pub use status::{status, ClusterStatus, PartitionStatus};
@@ -95,7 +93,15 @@ pub struct ClusterConfig {
     pub lease_ttl: Duration,
     /// How long OpenSIPS events are kept in the input stream.
     pub events_max_age: Duration,
+    /// How long partition log messages are kept (`engine.retention`; zero: for ever). At least
+    /// an hour: a takeover needs the log after the newest snapshot (at most 30 s old while the
+    /// owner works), and live calls and remembered `cmd_id`s are in the snapshots.
+    pub log_max_age: Duration,
 }
+
+/// The shortest [`ClusterConfig::log_max_age`] (a longer outage of the snapshots than this would
+/// leave a takeover without the records after the newest one).
+pub const LOG_MIN_AGE: Duration = Duration::from_secs(3600);
 
 impl Default for ClusterConfig {
     fn default() -> Self {
@@ -105,6 +111,7 @@ impl Default for ClusterConfig {
             replicas: 1,
             lease_ttl: Duration::from_secs(2),
             events_max_age: Duration::from_secs(24 * 3600),
+            log_max_age: Duration::ZERO,
         }
     }
 }
@@ -165,6 +172,10 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &ClusterConfig) -> 
             storage: stream::StorageType::File,
             num_replicas: config.replicas,
             allow_direct: true,
+            max_age: match config.log_max_age.is_zero() {
+                true => Duration::ZERO,
+                false => config.log_max_age.max(LOG_MIN_AGE),
+            },
             ..Default::default()
         },
         stream::Config {
@@ -196,7 +207,26 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &ClusterConfig) -> 
     for config in streams {
         loop {
             let error = match js.get_stream(&config.name).await {
-                Ok(_) => break,
+                Ok(mut existing) => {
+                    // The log's and the input's age limits follow the configuration.
+                    if config.name == LOG_STREAM || config.name == EVENTS_STREAM {
+                        if let Ok(info) = existing.info().await {
+                            if info.config.max_age != config.max_age {
+                                let mut updated = info.config.clone();
+                                updated.max_age = config.max_age;
+                                match js.update_stream(updated).await {
+                                    Ok(_) => {
+                                        tracing::info!(stream = %config.name, max_age = ?config.max_age, "stream's age limit changed")
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(stream = %config.name, error = %e, "stream's age limit not changed")
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    break;
+                }
                 Err(e) => match js.create_stream(config.clone()).await {
                     Ok(_) => break,
                     Err(c) => format!("{e}; creating it: {c}"),

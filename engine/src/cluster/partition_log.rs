@@ -226,34 +226,6 @@ impl PartitionStore {
     }
 }
 
-/// One record of a log message: its sequence, its call, its bytes.
-pub type RecordSlice<'a> = (u64, String, &'a [u8]);
-
-/// The records of one log message.
-pub fn split_records(payload: &[u8]) -> Result<Vec<RecordSlice<'_>>, String> {
-    #[derive(serde::Deserialize)]
-    struct Head {
-        seq: u64,
-        call_id: String,
-    }
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at < payload.len() {
-        let mut cursor = std::io::Cursor::new(&payload[at..]);
-        let head: Head = {
-            let mut de = rmp_serde::Deserializer::new(&mut cursor);
-            serde::Deserialize::deserialize(&mut de).map_err(|e| format!("record at byte {at}: {e}"))?
-        };
-        let len = cursor.position() as usize;
-        if len == 0 {
-            return Err(format!("empty record at byte {at}"));
-        }
-        out.push((head.seq, head.call_id, &payload[at..at + len]));
-        at += len;
-    }
-    Ok(out)
-}
-
 /// Copies partition `p`'s replicated log into a sled log in `dir` (which must not hold one),
 /// for `callbus replay`; returns how many records.
 pub async fn copy_partition(client: &async_nats::Client, p: u16, dir: &std::path::Path) -> Result<u64, String> {

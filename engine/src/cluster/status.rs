@@ -17,6 +17,17 @@ pub struct PartitionStatus {
     /// Input-stream events not yet consumed past its logged position (an upper bound: the
     /// events of every partition count).
     pub lag: u64,
+    /// Where placement puts it among the live workers; differs from `owner` while the partition
+    /// moves (a worker joined or left: the owner hands it over, a few at a time).
+    pub placed_on: Option<String>,
+}
+
+impl PartitionStatus {
+    /// Whether the partition is moving: owned, but placed on another live worker, or placed and
+    /// not owned yet.
+    pub fn moving(&self) -> bool {
+        self.placed_on.is_some() && self.owner != self.placed_on
+    }
 }
 
 /// The cluster as `callbus cluster status` shows it.
@@ -28,6 +39,8 @@ pub struct ClusterStatus {
     pub partitions: Vec<PartitionStatus>,
     /// The input stream's last sequence.
     pub input_last_seq: u64,
+    /// How many partitions are moving (see [`PartitionStatus::moving`]).
+    pub moving: usize,
 }
 
 /// Reads the workers, the leases and each partition's log position.
@@ -72,13 +85,16 @@ pub async fn status(client: &async_nats::Client, partitions: u16) -> Result<Clus
             }
             Err(_) => (0, 0),
         };
+        let names: Vec<String> = workers.iter().map(|(w, _)| w.clone()).collect();
         out.push(PartitionStatus {
             partition: p,
             owner,
             lease_age_ms,
             log_seq,
             lag: input_last_seq.saturating_sub(position >> 16),
+            placed_on: placement(p, &names).map(str::to_owned),
         });
     }
-    Ok(ClusterStatus { workers, partitions: out, input_last_seq })
+    let moving = out.iter().filter(|p| p.moving()).count();
+    Ok(ClusterStatus { workers, partitions: out, input_last_seq, moving })
 }

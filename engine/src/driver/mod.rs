@@ -131,6 +131,8 @@ pub(crate) struct Owner<S: Store> {
     pending: VecDeque<Work>,
     /// Reconcile with OpenSIPS when the loop starts (the single engine's start).
     reconcile_at_start: bool,
+    /// Where retention puts calls before removing them (`engine.archive_dir`).
+    archive: Option<crate::log::archive::Archive>,
     /// Single engine: the free space of the data dir against the reserve (`log::disk`).
     pub(crate) disk: Option<DiskGuard>,
     /// The `callbus` NATS service whose stats count the commands answered here.
@@ -172,6 +174,13 @@ impl<S: Store> Owner<S> {
         client: async_nats::Client,
         reconcile_at_start: bool,
     ) -> Owner<S> {
+        let archive = config.archive_dir.as_deref().and_then(|dir| match crate::log::archive::Archive::open(dir) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::error!(error = %e, "no archive: calls past the retention stay in the log until it works");
+                None
+            }
+        });
         Owner {
             config,
             core,
@@ -184,6 +193,7 @@ impl<S: Store> Owner<S> {
             metrics: EngineMetrics::new(),
             pending: VecDeque::new(),
             reconcile_at_start,
+            archive,
             disk: None,
             service: None,
         }
@@ -430,10 +440,10 @@ impl<S: Store> Owner<S> {
                         }
                     },
                     Some(finished) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                        match finished {
-                            Ok(works) => done.extend(works),
-                            Err(e) if e.is_panic() => tracing::error!(error = %e, "an MI request task panicked"),
-                            Err(_) => {}
+                        take_finished(finished, &mut done);
+                        // Every other answer already in goes into the same batch.
+                        while let Some(finished) = self.tasks.try_join_next() {
+                            take_finished(finished, &mut done);
                         }
                         continue;
                     }
@@ -470,6 +480,10 @@ impl<S: Store> Owner<S> {
             while batch.len() < MAX_BATCH {
                 if let Some(w) = self.pending.pop_front().or_else(|| done.pop_front()) {
                     batch.push(w);
+                    continue;
+                }
+                if let Some(finished) = self.tasks.try_join_next() {
+                    take_finished(finished, &mut done);
                     continue;
                 }
                 match rx.try_recv() {
@@ -600,10 +614,15 @@ impl<S: Store> Owner<S> {
         {
             return Ok(());
         }
+        // An archive asked for and not there: nothing goes (it was said at start).
+        if self.config.archive_dir.is_some() && self.archive.is_none() {
+            return Ok(());
+        }
         let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let cutoff = self.config.clock.now_ms().saturating_sub(retention_ms);
         let core = &self.core;
-        let step = self.store.log().prune(self.prune_from, cutoff, |id| core.knows(id), PRUNE_BUDGET)?;
+        let archive = self.archive.as_ref();
+        let step = self.store.log().prune(self.prune_from, cutoff, |id| core.knows(id), PRUNE_BUDGET, archive)?;
         match step.next {
             Some(next) => self.prune_from = next,
             None => {
@@ -660,6 +679,15 @@ impl<S: Store> Owner<S> {
         }
         pending.extend(self.pending.drain(..));
         (error, pending)
+    }
+}
+
+/// The work an ended MI request or reconciliation gives back.
+fn take_finished(finished: Result<Vec<Work>, tokio::task::JoinError>, done: &mut VecDeque<Work>) {
+    match finished {
+        Ok(works) => done.extend(works),
+        Err(e) if e.is_panic() => tracing::error!(error = %e, "an MI request task panicked"),
+        Err(_) => {}
     }
 }
 

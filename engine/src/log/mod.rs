@@ -12,6 +12,7 @@
 //! with [`EventLog::stage_checkpoint`], and a restart reads the snapshots and then only the
 //! records after the checkpoint.
 
+pub mod archive;
 pub mod disk;
 mod sled_log;
 mod wal;
@@ -134,6 +135,34 @@ pub enum LogError {
 /// A record's stored bytes: MessagePack with field names.
 pub fn encode(record: &Record) -> Result<Vec<u8>, LogError> {
     rmp_serde::to_vec_named(record).map_err(|e| LogError::Encode { seq: record.seq, reason: e.to_string() })
+}
+
+/// One record of a log message: its sequence, its call, its bytes.
+pub type RecordSlice<'a> = (u64, String, &'a [u8]);
+
+/// The records of concatenated MessagePack record bytes (a log message, an archive frame).
+pub fn split_records(payload: &[u8]) -> Result<Vec<RecordSlice<'_>>, String> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        seq: u64,
+        call_id: String,
+    }
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < payload.len() {
+        let mut cursor = std::io::Cursor::new(&payload[at..]);
+        let head: Head = {
+            let mut de = rmp_serde::Deserializer::new(&mut cursor);
+            serde::Deserialize::deserialize(&mut de).map_err(|e| format!("record at byte {at}: {e}"))?
+        };
+        let len = cursor.position() as usize;
+        if len == 0 {
+            return Err(format!("empty record at byte {at}"));
+        }
+        out.push((head.seq, head.call_id, &payload[at..at + len]));
+        at += len;
+    }
+    Ok(out)
 }
 
 /// An append-only store of records and snapshots.

@@ -260,6 +260,8 @@ pub struct Pruned {
     /// Where the next step starts: the first sequence not looked at (None: the scan reached
     /// records too young to go, or the end).
     pub next: Option<u64>,
+    /// Compressed bytes written to the archive (`engine.archive_dir`).
+    pub archived_bytes: u64,
 }
 
 impl SledLog {
@@ -274,6 +276,7 @@ impl SledLog {
         cutoff_ms: u64,
         keep: impl Fn(&str) -> bool,
         budget: usize,
+        archive: Option<&super::archive::Archive>,
     ) -> Result<Pruned, LogError> {
         #[derive(serde::Deserialize)]
         struct Head {
@@ -284,6 +287,8 @@ impl SledLog {
         let checkpoint = self.checkpoint()?;
         let mut out = Pruned::default();
         let mut decided: std::collections::HashMap<String, bool> = Default::default();
+        // The calls to remove, with their sequences: decided first, archived, then removed.
+        let mut going: Vec<(String, Vec<u64>)> = Vec::new();
         for item in self.records.range(from.to_be_bytes()..) {
             if out.scanned >= budget {
                 break;
@@ -295,14 +300,11 @@ impl SledLog {
             };
             if head.time_ms >= cutoff_ms || head.seq > checkpoint {
                 out.next = None;
-                return Ok(out);
+                break;
             }
             out.scanned += 1;
             out.next = Some(head.seq + 1);
-            if keep(&head.call_id) {
-                continue;
-            }
-            if decided.contains_key(&head.call_id) {
+            if keep(&head.call_id) || decided.contains_key(&head.call_id) {
                 continue;
             }
             // A call goes whole: every record of it (later ones too) and its index, at once.
@@ -310,18 +312,35 @@ impl SledLog {
             let prunable = self.call_is_older_than(&seqs, cutoff_ms, checkpoint)?;
             decided.insert(head.call_id.clone(), prunable);
             if prunable {
-                for seq in seqs {
-                    let key = seq.to_be_bytes();
-                    self.wal
-                        .stage(RECORDS, &key, None, || self.records.remove(key).map_err(|e| self.store_error(e)))?;
-                    out.records += 1;
-                }
-                self.remove_call_index(&head.call_id)?;
-                out.calls += 1;
+                going.push((head.call_id, seqs));
             }
         }
-        if out.scanned < budget {
+        if out.scanned < budget && out.next.is_some() {
             out.next = None;
+        }
+        if let Some(archive) = archive.filter(|_| !going.is_empty()) {
+            let mut calls = Vec::with_capacity(going.len());
+            for (_, seqs) in &going {
+                let mut records = Vec::with_capacity(seqs.len());
+                let mut last_ms = 0;
+                for seq in seqs {
+                    if let Some(bytes) = self.records.get(seq.to_be_bytes()).map_err(|e| self.store_error(e))? {
+                        last_ms = rmp_serde::from_slice::<Head>(&bytes).map_or(last_ms, |h| h.time_ms);
+                        records.push(bytes.to_vec());
+                    }
+                }
+                calls.push((last_ms, records));
+            }
+            out.archived_bytes = archive.append(&calls)?;
+        }
+        for (call_id, seqs) in going {
+            for seq in seqs {
+                let key = seq.to_be_bytes();
+                self.wal.stage(RECORDS, &key, None, || self.records.remove(key).map_err(|e| self.store_error(e)))?;
+                out.records += 1;
+            }
+            self.remove_call_index(&call_id)?;
+            out.calls += 1;
         }
         Ok(out)
     }
