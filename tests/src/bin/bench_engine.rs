@@ -13,7 +13,8 @@
 //! - memory per live call (RSS growth) and restart time with that many live calls (`up` wiring).
 //!
 //! `cargo run --release -p callbus-tests --bin bench-engine` (full: 200 k events × 3, 5 k
-//! sequential commands, 20 k with 64 in flight, 100 k live calls); `-- --quick` for CI.
+//! sequential commands, 20 k with 64 in flight, 100 k live calls); `-- --quick` for CI;
+//! `-- --live 1000000` for the memory and restart figures at a million live calls.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -313,6 +314,12 @@ fn main() {
     } else {
         Sizes { events: 200_000, runs: 3, sequential: 5_000, parallel: 20_000, live: 100_000 }
     };
+    // `--live N`: the memory and restart figures with N live calls (e.g. 1000000).
+    let args: Vec<String> = std::env::args().collect();
+    let mut sizes = sizes;
+    if let Some(n) = args.iter().position(|a| a == "--live").and_then(|i| args.get(i + 1)).and_then(|n| n.parse().ok()) {
+        sizes.live = n;
+    }
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())

@@ -17,11 +17,92 @@ fn datagram(call: u64, old: i64, new: i64) -> String {
     )
 }
 
+/// Bytes this process caused to be written to storage (`/proc/self/io`, `write_bytes`).
+fn written_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| io.lines().find_map(|l| l.strip_prefix("write_bytes: ").and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(0)
+}
+
+/// Writes `records` of the proxied-call mix (batches of 100 calls committed together, a
+/// checkpoint every 10 000 calls); with `retention`, a retention step after each checkpoint
+/// removes every call older than the last 100 000 records' time, as `engine.retention` would.
+/// Returns the bytes written to disk per record (the write-ahead file, sled's segments, its
+/// snapshot of the page table), the log closed, and the log's size on disk at the end.
+fn write_log(dir: &std::path::Path, records: u64, retention: bool, runtime: &tokio::runtime::Runtime) -> (f64, u64) {
+    let before = written_bytes();
+    let size;
+    {
+        let log = SledLog::open(dir).expect("open");
+        let timeouts = Timeouts::default();
+        let mut seq = 0u64;
+        for call in 0..records / 4 {
+            let call_id = format!("c{call:016x}");
+            let mut state = CallState::Dialog(DialogState::new("bench", &format!("{call}-16765@127.0.0.1")));
+            let mut before = None;
+            for (old, new) in [(1, 2), (2, 3), (3, 4), (4, 5)] {
+                seq += 1;
+                let input =
+                    Input::Event { node: "bench".into(), bridge_seq: Some(seq), datagram: datagram(call, old, new) };
+                let ctx = Ctx { call_id: call_id.clone(), seq, now_ms: 1_795_417_936_000 + seq, timeouts };
+                let (after, effects) = state.step(&input, &ctx);
+                let record = Record {
+                    format: RECORD_FORMAT,
+                    seq,
+                    time_ms: ctx.now_ms,
+                    call_id: call_id.clone(),
+                    partition: 0,
+                    input,
+                    before: before.clone(),
+                    after: after.clone(),
+                    effects,
+                };
+                log.stage(&record).expect("stage");
+                before = Some(after.name().to_owned());
+                state = after;
+            }
+            if call % 100 == 99 {
+                runtime.block_on(log.commit()).expect("commit");
+            }
+            if call % 10_000 == 9_999 {
+                log.stage_checkpoint(seq).expect("checkpoint");
+                runtime.block_on(log.commit()).expect("commit");
+                if retention && seq > 100_000 {
+                    let cutoff = 1_795_417_936_000 + seq - 100_000;
+                    let mut from = 1;
+                    loop {
+                        let step = log.prune(from, cutoff, |_| false, 20_000, None).expect("prune");
+                        runtime.block_on(log.commit()).expect("commit");
+                        match step.next {
+                            Some(next) => from = next,
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+        log.stage_checkpoint(seq).expect("checkpoint");
+        runtime.block_on(log.commit()).expect("commit");
+        size = log.size_on_disk();
+    }
+    ((written_bytes() - before) as f64 / records as f64, size)
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let records: u64 = if quick { 100_000 } else { 1_000_000 };
     let dir = tempfile::tempdir().expect("tmp");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    // Write amplification: disk bytes written per record, without and with retention.
+    let amplification = if quick { 200_000 } else { 1_000_000 };
+    for retention in [false, true] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (per_record, size) = write_log(dir.path(), amplification, retention, &runtime);
+        let with = if retention { "with retention keeping the last 100 000" } else { "without retention" };
+        println!("RESULT|disk bytes written per record, {with} ({amplification} records)|{per_record:.0}|bytes");
+        println!("RESULT|log size on disk at the end, {with}|{:.1}|MiB", size as f64 / (1 << 20) as f64);
+    }
     let started = Instant::now();
     {
         let log = SledLog::open(dir.path()).expect("open");
