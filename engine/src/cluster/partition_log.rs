@@ -326,20 +326,9 @@ pub async fn read_partition(
     js: &jetstream::Context,
     p: u16,
     until: u64,
-    mut each: impl FnMut(u64, &str, &[u8]) -> Result<(), String>,
+    each: impl FnMut(u64, &str, &[u8]) -> Result<(), String>,
 ) -> Result<u64, String> {
-    let mut position = 0u64;
-    read_log(js, p, until, |m| {
-        position = position.max(m.input_seq.unwrap_or(0));
-        for (rseq, call_id, bytes) in
-            split_records(&m.payload).map_err(|e| format!("{} #{}: {e}", subjects::partition_log(p), m.seq))?
-        {
-            each(rseq, &call_id, bytes)?;
-        }
-        Ok(())
-    })
-    .await?;
-    Ok(position)
+    read_records(js, p, 1, until, false, each).await
 }
 
 /// [`read_partition`] from stream sequence `from` on, batched as [`read_log_from`].
@@ -348,10 +337,21 @@ pub async fn read_partition_from(
     p: u16,
     from: u64,
     until: u64,
+    each: impl FnMut(u64, &str, &[u8]) -> Result<(), String>,
+) -> Result<u64, String> {
+    read_records(js, p, from, until, true, each).await
+}
+
+async fn read_records(
+    js: &jetstream::Context,
+    p: u16,
+    from: u64,
+    until: u64,
+    batched: bool,
     mut each: impl FnMut(u64, &str, &[u8]) -> Result<(), String>,
 ) -> Result<u64, String> {
     let mut position = 0u64;
-    read_log_from(js, p, from, until, |m| {
+    read_log_with(js, p, from, until, batched, |m| {
         position = position.max(m.input_seq.unwrap_or(0));
         for (rseq, call_id, bytes) in
             split_records(&m.payload).map_err(|e| format!("{} #{}: {e}", subjects::partition_log(p), m.seq))?

@@ -103,19 +103,7 @@ pub fn read(path: &Path, mut each: impl FnMut(u64, &str, &[u8]) -> Result<(), St
 
 /// The UTC date (`YYYY-MM-DD`) and hour of `time_ms`.
 fn hour_of(time_ms: u64) -> (String, u64) {
-    let secs = time_ms / 1000;
-    let days = secs / 86_400;
-    let hour = (secs % 86_400) / 3600;
-    // Civil from days (Howard Hinnant's algorithm), days since 1970-01-01.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day, hour, ..) = callbus_schemas::clock::civil(time_ms / 1000);
     (format!("{year:04}-{month:02}-{day:02}"), hour)
 }
 

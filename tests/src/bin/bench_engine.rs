@@ -27,6 +27,7 @@ use callbus_bridge::{Bridge, BridgeConfig};
 use callbus_engine::{Engine, EngineConfig};
 use callbus_schemas::command::CallNotification;
 use callbus_schemas::event::Event;
+use callbus_tests::rss_bytes;
 use callbus_tests::NatsServer;
 use futures::{FutureExt, StreamExt};
 use opensips_sim::{CallScript, Sim, SimConfig};
@@ -54,15 +55,6 @@ fn dlg_event(call: u64, old: i64, new: i64) -> Vec<u8> {
         r#"{{"jsonrpc":"2.0","method":"E_DLG_STATE_CHANGED","params":{{"id":"{call:x}.ceaa9416","db_id":"{call}","callid":"{call}-16765@127.0.0.1","from_tag":"16765SIPpTag001","to_tag":"16764SIPpTag011","old_state":{old},"new_state":{new}}}}}"#
     )
     .into_bytes()
-}
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// Sends the events of calls `first..first+calls` (`per_call` state changes each) with at most
@@ -317,7 +309,8 @@ fn main() {
     // `--live N`: the memory and restart figures with N live calls (e.g. 1000000).
     let args: Vec<String> = std::env::args().collect();
     let mut sizes = sizes;
-    if let Some(n) = args.iter().position(|a| a == "--live").and_then(|i| args.get(i + 1)).and_then(|n| n.parse().ok()) {
+    if let Some(n) = args.iter().position(|a| a == "--live").and_then(|i| args.get(i + 1)).and_then(|n| n.parse().ok())
+    {
         sizes.live = n;
     }
     if std::env::var_os("RUST_LOG").is_some() {

@@ -27,10 +27,14 @@ fn written_bytes() -> u64 {
 
 /// Writes `records` of the proxied-call mix (batches of 100 calls committed together, a
 /// checkpoint every 10 000 calls); with `retention`, a retention step after each checkpoint
-/// removes every call older than the last 100 000 records' time, as `engine.retention` would.
+/// removes every call older than the last 100 000 records' time, as `engine.retention` would,
+/// archiving them (the archive's bytes are counted apart).
 /// Returns the bytes written to disk per record (the write-ahead file, sled's segments, its
 /// snapshot of the page table), the log closed, and the log's size on disk at the end.
 fn write_log(dir: &std::path::Path, records: u64, retention: bool, runtime: &tokio::runtime::Runtime) -> (f64, u64) {
+    let archive_dir = tempfile::tempdir().expect("tmp");
+    let archive = callbus_engine::log::archive::Archive::open(archive_dir.path()).expect("archive");
+    let (mut archived, mut removed) = (0u64, 0u64);
     let before = written_bytes();
     let size;
     {
@@ -72,8 +76,10 @@ fn write_log(dir: &std::path::Path, records: u64, retention: bool, runtime: &tok
                     let cutoff = 1_795_417_936_000 + seq - 100_000;
                     let mut from = 1;
                     loop {
-                        let step = log.prune(from, cutoff, |_| false, 20_000, None).expect("prune");
+                        let step = log.prune(from, cutoff, |_| false, 20_000, Some(&archive)).expect("prune");
                         runtime.block_on(log.commit()).expect("commit");
+                        archived += step.archived_bytes;
+                        removed += step.records as u64;
                         match step.next {
                             Some(next) => from = next,
                             None => break,
@@ -86,7 +92,14 @@ fn write_log(dir: &std::path::Path, records: u64, retention: bool, runtime: &tok
         runtime.block_on(log.commit()).expect("commit");
         size = log.size_on_disk();
     }
-    ((written_bytes() - before) as f64 / records as f64, size)
+    let written = written_bytes() - before - archived;
+    if removed > 0 {
+        println!(
+            "RESULT|archive size per record (engine.archive_dir, zstd)|{:.0}|bytes",
+            archived as f64 / removed as f64
+        );
+    }
+    (written as f64 / records as f64, size)
 }
 
 fn main() {
@@ -104,43 +117,7 @@ fn main() {
         println!("RESULT|log size on disk at the end, {with}|{:.1}|MiB", size as f64 / (1 << 20) as f64);
     }
     let started = Instant::now();
-    {
-        let log = SledLog::open(dir.path()).expect("open");
-        let timeouts = Timeouts::default();
-        let mut seq = 0u64;
-        for call in 0..records / 4 {
-            let call_id = format!("c{call:016x}");
-            let mut state = CallState::Dialog(DialogState::new("bench", &format!("{call}-16765@127.0.0.1")));
-            let mut before = None;
-            for (old, new) in [(1, 2), (2, 3), (3, 4), (4, 5)] {
-                seq += 1;
-                let input =
-                    Input::Event { node: "bench".into(), bridge_seq: Some(seq), datagram: datagram(call, old, new) };
-                let ctx = Ctx { call_id: call_id.clone(), seq, now_ms: 1_795_417_936_000 + seq, timeouts };
-                let (after, effects) = state.step(&input, &ctx);
-                let record = Record {
-                    format: RECORD_FORMAT,
-                    seq,
-                    time_ms: ctx.now_ms,
-                    call_id: call_id.clone(),
-                    partition: 0,
-                    input,
-                    before: before.clone(),
-                    after: after.clone(),
-                    effects,
-                };
-                log.stage(&record).expect("stage");
-                before = Some(after.name().to_owned());
-                state = after;
-            }
-            if call % 10_000 == 0 {
-                log.stage_checkpoint(seq).expect("checkpoint");
-                runtime.block_on(log.commit()).expect("commit");
-            }
-        }
-        log.stage_checkpoint(seq).expect("checkpoint");
-        runtime.block_on(log.commit()).expect("commit");
-    }
+    write_log(dir.path(), records, false, &runtime);
     eprintln!("bench-replay: wrote {records} records in {:.1} s", started.elapsed().as_secs_f64());
     let reader = LogReader::open(dir.path()).expect("open");
     let options = CheckOptions { timeouts: reader.timeouts(), ..CheckOptions::default() };

@@ -16,18 +16,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use callbus_tests::rss_bytes;
 use callbus_tests::stack::{accepted, Stack};
 use opensips_sim::{CallScript, SimConfig};
 use serde_json::json;
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
@@ -97,7 +89,8 @@ async fn main() {
         }
         let s = Arc::clone(&stack);
         flows.spawn(async move {
-            let (call_id, _) = accepted(&s.cmd("ua.start", json!({"to": "sip:uas@127.0.0.1", "from": "sip:soak@h"})).await);
+            let (call_id, _) =
+                accepted(&s.cmd("ua.start", json!({"to": "sip:uas@127.0.0.1", "from": "sip:soak@h"})).await);
             tokio::time::sleep(Duration::from_secs(1)).await;
             let _ = s.cmd("ua.terminate", json!({"call_id": call_id})).await;
         });
