@@ -445,3 +445,53 @@ fn the_same_inputs_at_the_same_times_give_the_same_outputs() {
     // Time-ordered call ids carry the wall clock, the same in both runs.
     assert_eq!(a, b);
 }
+
+#[test]
+fn a_core_rebuilt_from_its_whole_state_alone_is_the_same_core() {
+    // A cluster partition's snapshot: the whole state, no tail.
+    let mut g = Given::engine();
+    g.command(Verb::CallStart, json!({"cmd_id": "b1", "caller": "sip:a@h", "callee": "sip:b@h"}));
+    let (request, ..) = g.mi();
+    g.mi_reply(&request, MiBusReply::Result { result: json!("B2B.leg.a") });
+    for n in 1..=3 {
+        g.event(&format!("E_DLG_STATE_CHANGED.{n}.proxied_call"));
+    }
+    g.event("E_DLG_STATE_CHANGED.1.rejected_call");
+    let whole = g.core.whole();
+    assert_eq!(whole.next_seq, g.core.next_seq());
+    assert_eq!(whole.calls.len(), g.core.live());
+    assert_eq!(whole.commands.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["b1"]);
+    // Through its encoding, as the object store keeps it.
+    let bytes = rmp_serde::to_vec_named(&whole).expect("encode");
+    let back: callbus_engine::core::Whole = rmp_serde::from_slice(&bytes).expect("decode");
+    assert_eq!(back, whole);
+    let config = CoreConfig { nodes: vec!["n1".into()], ..CoreConfig::default() };
+    let (mut core, restored) =
+        Core::restore(config, g.now, back.next_seq, back.commands, back.calls, std::iter::empty());
+    assert_eq!((restored.live, restored.tail), (g.core.live(), 0));
+    for call in g.core.live_call_ids() {
+        assert_eq!(core.state(&call), g.core.state(&call), "{call}");
+    }
+    assert_eq!(core.waiting().0, g.core.waiting().0, "the same timers armed");
+    let mut out = Outputs::default();
+    let body = Bytes::from(json!({"cmd_id": "b1", "caller": "sip:a@h", "callee": "sip:b@h"}).to_string());
+    core.handle(
+        CoreInput::Command { verb: Verb::CallStart, payload: body, reply: Some("r".into()), received: g.now.at },
+        g.now,
+        &mut out,
+    )
+    .expect("handled");
+    assert_eq!(out.answered[0].outcome, "repeated");
+    // The next record continues the sequence.
+    core.handle(
+        CoreInput::Event {
+            node: "n1".into(),
+            bridge_seq: None,
+            payload: fixture("E_DLG_STATE_CHANGED.4.proxied_call"),
+        },
+        g.now,
+        &mut out,
+    )
+    .expect("handled");
+    assert_eq!(out.records[0].seq, g.core.next_seq());
+}
