@@ -415,3 +415,20 @@ async fn retention_with_an_archive_writes_each_call_whole_before_it_goes() {
     let e = archive::read(&junk, |_, _, _| Ok(())).expect_err("junk");
     assert!(e.contains("not a readable archive file"), "{e}");
 }
+
+#[tokio::test]
+async fn many_snapshots_come_back_whole_when_decoded_on_several_threads() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = SledLog::open(dir.path()).expect("open");
+    let calls: Vec<String> = (0..12_345).map(|i| format!("c{i:08}")).collect();
+    for (i, call) in calls.iter().enumerate() {
+        log.stage_snapshot(&snapshot(i as u64 + 1, call)).expect("stage");
+    }
+    log.commit().await.expect("commit");
+    let mut back = log.snapshots().expect("read");
+    assert_eq!(back.len(), calls.len());
+    back.sort_by(|a, b| a.call_id.cmp(&b.call_id));
+    for (i, (snap, call)) in back.iter().zip(&calls).enumerate() {
+        assert_eq!(snap, &snapshot(i as u64 + 1, call));
+    }
+}

@@ -525,13 +525,36 @@ impl EventLog for SledLog {
     }
 
     fn snapshots(&self) -> Result<Vec<Snapshot>, LogError> {
-        self.snapshots
-            .iter()
-            .map(|item| {
-                let (_, v) = item.map_err(|e| self.store_error(e))?;
-                decode(0, &v)
-            })
-            .collect()
+        // With many live calls, decoding is most of a restart: the threads share it (sled's
+        // values are reference-counted, so collecting them first copies no call).
+        let raw: Vec<sled::IVec> =
+            self.snapshots.iter().values().collect::<Result<_, _>>().map_err(|e| self.store_error(e))?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+        if raw.len() < 10_000 || threads == 1 {
+            return raw.iter().map(|v| decode(0, v)).collect();
+        }
+        let chunk = raw.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = raw
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || part.iter().map(|v| decode(0, v)).collect::<Result<Vec<Snapshot>, _>>())
+                })
+                .collect();
+            let mut out = Vec::with_capacity(raw.len());
+            for part in parts {
+                match part.join() {
+                    Ok(decoded) => out.extend(decoded?),
+                    Err(_) => {
+                        return Err(LogError::Store {
+                            path: self.path.display().to_string(),
+                            reason: "a thread decoding snapshots panicked".into(),
+                        })
+                    }
+                }
+            }
+            Ok(out)
+        })
     }
 
     fn records_from(&self, from: u64) -> Box<dyn Iterator<Item = Result<Record, LogError>> + '_> {
