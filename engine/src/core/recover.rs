@@ -43,7 +43,8 @@ impl Core {
         for snap in snapshots {
             last_seq.insert(snap.call_id.clone(), snap.seq);
             core.index(&snap.call_id, &snap.state);
-            let entry = CallEntry { state: snap.state, last_seq: snap.seq, ended_at: None, timers: snap.timers };
+            let entry =
+                Box::new(CallEntry { state: snap.state, last_seq: snap.seq, ended_at: None, timers: snap.timers });
             core.calls.insert(snap.call_id, entry);
         }
         let mut read = 0;
@@ -69,7 +70,7 @@ impl Core {
             core.dirty.insert(record.call_id.clone());
             let timers = core.calls.remove(&record.call_id).map(|e| e.timers).unwrap_or_default();
             let ended_at = record.after.is_ended().then_some(now.at);
-            let mut entry = CallEntry { state: record.after, last_seq: record.seq, ended_at, timers };
+            let mut entry = Box::new(CallEntry { state: record.after, last_seq: record.seq, ended_at, timers });
             let fired = match &record.input {
                 Input::Timer { name } => Some(name.as_str()),
                 _ => None,
