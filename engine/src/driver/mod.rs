@@ -9,9 +9,10 @@
 //! covers hundreds of inputs under load and one input when idle.
 //!
 //! Tasks and queues: the owner's queue is bounded by `engine.input_queue` (a full queue
-//! refuses commands as "overloaded"; events wait in NATS); MI requests and reconciliations run
-//! in one `JoinSet` the owner polls, aborts and awaits when it stops (at most one request per
-//! machine step in flight, so bounded by the live calls); timers are the core's, one deadline
+//! refuses commands as "overloaded"; events wait in NATS); MI requests, reconciliations and
+//! snapshot saves run in one `JoinSet` the owner reaps between batches and aborts and awaits
+//! when it stops (a few MI requests per machine step, so bounded by the live calls); their
+//! answers come back on a queue of [`ANSWERS`]; timers are the core's, one deadline
 //! ([`Core::poll_timeout`]) slept on in the owner's loop.
 
 mod forward;
@@ -51,6 +52,8 @@ pub const MAX_BATCH: usize = 1024;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// A retention pass starts at most this often (or every retention, when shorter).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Answers from the owner's tasks waiting for it, at most.
+const ANSWERS: usize = 4096;
 /// Records a retention step looks at, at most (a few milliseconds of the owner's time).
 const PRUNE_BUDGET: usize = 20_000;
 
@@ -120,8 +123,13 @@ pub(crate) struct Owner<S: Store> {
     core: Core,
     store: S,
     client: async_nats::Client,
-    /// MI requests and reconciliations in flight; each ends in work for the owner.
-    tasks: JoinSet<Vec<Work>>,
+    /// MI requests, reconciliations and snapshot saves in flight, owned here: reaped between
+    /// batches, aborted and awaited when the owner stops.
+    tasks: JoinSet<()>,
+    /// What those tasks give back (MI answers, OpenSIPS's lists), for the next batch. Bounded
+    /// by [`ANSWERS`]: a task whose answer finds the queue full waits for the owner to take some.
+    answer_tx: mpsc::Sender<Work>,
+    answers: mpsc::Receiver<Work>,
     last_checkpoint: Instant,
     /// Retention: where its scan goes on (1: a new pass), and when the last pass ended.
     prune_from: u64,
@@ -181,12 +189,15 @@ impl<S: Store> Owner<S> {
                 None
             }
         });
+        let (answer_tx, answers) = mpsc::channel(ANSWERS);
         Owner {
             config,
             core,
             store,
             client,
             tasks: JoinSet::new(),
+            answer_tx,
+            answers,
             last_checkpoint: Instant::now(),
             prune_from: 1,
             last_prune: Instant::now(),
@@ -215,12 +226,11 @@ impl<S: Store> Owner<S> {
         tracing::debug!(nodes = nodes.len(), calls = candidates.len(), periodic, "reconciliation with OpenSIPS");
         let route = MiRoute::new(self.client.clone(), &self.config);
         let timeout = self.config.mi_timeout;
+        let tx = self.answer_tx.clone();
         self.tasks.spawn(async move {
-            reconcile_nodes(route, nodes, candidates, timeout, periodic)
-                .await
-                .into_iter()
-                .map(Work::Reconciled)
-                .collect()
+            for list in reconcile_nodes(route, nodes, candidates, timeout, periodic).await {
+                let _ = tx.send(Work::Reconciled(list)).await;
+            }
         });
     }
 
@@ -276,9 +286,10 @@ impl<S: Store> Owner<S> {
         for request in out.mi {
             let route = MiRoute::new(self.client.clone(), &self.config);
             let timeout = self.config.mi_timeout;
+            let tx = self.answer_tx.clone();
             self.tasks.spawn(async move {
                 let reply = mi_request(&route, &request.node, &request.command, request.params, timeout).await;
-                vec![Work::MiReply { request: request.request, reply }]
+                let _ = tx.send(Work::MiReply { request: request.request, reply }).await;
             });
         }
         if to_opensips {
@@ -379,10 +390,7 @@ impl<S: Store> Owner<S> {
         // the log's; it is encoded and saved in the background.
         if self.store.snapshot_due(false) {
             if let Some(work) = self.store.snapshot(self.core.whole()) {
-                self.tasks.spawn(async move {
-                    work.await;
-                    Vec::new()
-                });
+                self.tasks.spawn(work);
             }
         }
         Ok(())
@@ -394,7 +402,13 @@ impl<S: Store> Owner<S> {
         // Every task is owned: MI requests and reconciliations in flight end here.
         self.tasks.shutdown().await;
         let _ = tokio::time::timeout(SHUTDOWN_FLUSH, self.client.flush()).await;
-        stopped.map(|(error, pending)| Stopped { error, pending, rx })
+        stopped.map(|(error, mut pending)| {
+            // Answers already in go to the owner that takes over from the log.
+            while let Ok(answer) = self.answers.try_recv() {
+                pending.push(answer);
+            }
+            Stopped { error, pending, rx }
+        })
     }
 
     async fn run_loop(
@@ -424,10 +438,24 @@ impl<S: Store> Owner<S> {
             },
             None => None,
         };
-        let mut done: VecDeque<Work> = VecDeque::new();
+        let timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(timer);
         loop {
+            // Tasks that ended are reaped (their answers came through `answers`).
+            while let Some(finished) = self.tasks.try_join_next() {
+                if let Err(e) = finished {
+                    if e.is_panic() {
+                        tracing::error!(error = %e, "a task of the owner panicked");
+                    }
+                }
+            }
+            // One timer for the core's next deadline, reset only when that moves: a new timer
+            // each time round would register anew (and wake the time driver) for every batch.
             let deadline = self.core.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            let first = if let Some(w) = self.pending.pop_front().or_else(|| done.pop_front()) {
+            if timer.deadline() != deadline.into() {
+                timer.as_mut().reset(deadline.into());
+            }
+            let first = if let Some(w) = self.pending.pop_front() {
                 Some(w)
             } else {
                 tokio::select! {
@@ -439,15 +467,8 @@ impl<S: Store> Owner<S> {
                             continue;
                         }
                     },
-                    Some(finished) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                        take_finished(finished, &mut done);
-                        // Every other answer already in goes into the same batch.
-                        while let Some(finished) = self.tasks.try_join_next() {
-                            take_finished(finished, &mut done);
-                        }
-                        continue;
-                    }
-                    _ = tokio::time::sleep_until(deadline.into()) => Some(Work::Timeout),
+                    Some(answer) = self.answers.recv() => Some(answer),
+                    _ = timer.as_mut() => Some(Work::Timeout),
                     _ = reconcile.tick(), if every.is_some() => {
                         self.reconcile(true);
                         continue;
@@ -478,12 +499,12 @@ impl<S: Store> Owner<S> {
             let Some(first) = first else { break };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
-                if let Some(w) = self.pending.pop_front().or_else(|| done.pop_front()) {
+                if let Some(w) = self.pending.pop_front() {
                     batch.push(w);
                     continue;
                 }
-                if let Some(finished) = self.tasks.try_join_next() {
-                    take_finished(finished, &mut done);
+                if let Ok(answer) = self.answers.try_recv() {
+                    batch.push(answer);
                     continue;
                 }
                 match rx.try_recv() {
@@ -679,15 +700,6 @@ impl<S: Store> Owner<S> {
         }
         pending.extend(self.pending.drain(..));
         (error, pending)
-    }
-}
-
-/// The work an ended MI request or reconciliation gives back.
-fn take_finished(finished: Result<Vec<Work>, tokio::task::JoinError>, done: &mut VecDeque<Work>) {
-    match finished {
-        Ok(works) => done.extend(works),
-        Err(e) if e.is_panic() => tracing::error!(error = %e, "an MI request task panicked"),
-        Err(_) => {}
     }
 }
 
