@@ -161,6 +161,10 @@ pub struct EngineSection {
     /// How long an ended call stays in the log: a call whose every record is older is removed
     /// whole (live calls never); `0` keeps everything.
     pub retention: Dur,
+    /// The most bytes the event log's records may take as stored (compressed); beyond it the
+    /// oldest calls that have ended are removed, however young; `0`: no limit. In a cluster, the
+    /// partition logs' stream limit (at least 256 MiB).
+    pub retention_bytes: crate::size::Size,
     /// Where retention archives calls before removing them (hourly zstd files `callbus replay
     /// --archive` reads); unset: they are only removed.
     pub archive_dir: Option<PathBuf>,
@@ -215,6 +219,7 @@ impl Default for EngineSection {
             sync_data: false,
             disk_reserve: crate::size::Size(callbus_engine::log::disk::DEFAULT_RESERVE),
             retention: Dur(Duration::from_secs(30 * 86_400)),
+            retention_bytes: crate::size::Size(0),
             archive_dir: None,
         }
     }

@@ -53,6 +53,10 @@ pub struct EngineFlags {
     /// older; live calls never); 0 keeps everything [default: 30d].
     #[arg(long, env = "CALLBUS_RETENTION", value_parser = duration::parse)]
     pub retention: Option<Duration>,
+    /// The most the event log's records may take (as stored, compressed): beyond it the oldest
+    /// ended calls are removed, however young; 0: no limit [default: 0].
+    #[arg(long, env = "CALLBUS_RETENTION_BYTES", value_parser = crate::size::parse)]
+    pub retention_bytes: Option<u64>,
     /// Where retention archives calls before removing them (`callbus replay --archive` reads it).
     #[arg(long, env = "CALLBUS_ARCHIVE_DIR")]
     pub archive_dir: Option<PathBuf>,
@@ -113,6 +117,7 @@ pub fn cluster_config(c: &ClusterSection) -> anyhow::Result<ClusterConfig> {
         lease_ttl: c.lease_ttl.0,
         events_max_age: c.events_max_age.0,
         log_max_age: Duration::ZERO,
+        log_max_bytes: 0,
     })
 }
 
@@ -130,6 +135,7 @@ impl EngineFlags {
         o.set("engine", "sync_data", self.sync_data.then_some(true));
         o.set("engine", "disk_reserve", self.disk_reserve.map(crate::size::Size));
         o.set("engine", "retention", self.retention.map(Dur));
+        o.set("engine", "retention_bytes", self.retention_bytes.map(crate::size::Size));
         o.set("engine", "archive_dir", self.archive_dir.clone());
     }
 }
@@ -147,6 +153,7 @@ pub fn engine_config(c: &EngineSection) -> EngineConfig {
         sync_data: c.sync_data,
         disk_reserve: c.disk_reserve.0,
         retention: Some(c.retention.0).filter(|d| !d.is_zero()),
+        retention_bytes: c.retention_bytes.0,
         archive_dir: c.archive_dir.clone(),
         ..EngineConfig::default()
     }
@@ -241,8 +248,13 @@ pub async fn run(args: EngineArgs, file: Option<&std::path::Path>) -> anyhow::Re
     args.cluster.overrides(&mut o);
     let config = config::load(file, o)?;
     let cluster = match config.cluster.enabled {
-        // The partition logs are kept as long as `engine.retention` (at least an hour).
-        true => Some(ClusterConfig { log_max_age: config.engine.retention.0, ..cluster_config(&config.cluster)? }),
+        // The partition logs are kept as long as `engine.retention` (at least an hour), and
+        // within `engine.retention_bytes`.
+        true => Some(ClusterConfig {
+            log_max_age: config.engine.retention.0,
+            log_max_bytes: config.engine.retention_bytes.0,
+            ..cluster_config(&config.cluster)?
+        }),
         false => None,
     };
     if let Some(addr) = config.metrics_listen {

@@ -336,7 +336,12 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                 if let (Some(a), Some(b)) = (stats.first_ms, stats.last_ms) {
                     println!("time span    {} → {}", datetime_ms(a), datetime_ms(b));
                 }
-                println!("size on disk {:.1} MiB", stats.size_on_disk as f64 / (1 << 20) as f64);
+                println!(
+                    "size on disk {:.1} MiB; records as stored {:.1} MiB ({:.0} bytes a record)",
+                    stats.size_on_disk as f64 / (1 << 20) as f64,
+                    stats.stored_bytes as f64 / (1 << 20) as f64,
+                    stats.stored_bytes as f64 / stats.records.max(1) as f64
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -186,6 +186,13 @@ async fn replay_commands_on_a_log_the_engine_wrote() {
     let out = run(&["replay", "--data-dir", &dir, "stats", "--json"]);
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json stats");
     assert_eq!(stats["calls"], serde_json::json!(1));
+    assert!(stats["stored_bytes"].as_u64() > Some(100), "the records' stored bytes: {stats}");
+    let out = run(&["replay", "--data-dir", &dir, "stats"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("records as stored"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     let out = run(&["replay", "--data-dir", &dir, "export", "--format", "xml"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("jsonl or msgpack"));

@@ -152,6 +152,9 @@ pub struct EngineConfig {
     /// How long an ended call's records are kept in the log (`None` or zero: for ever); a
     /// call is removed whole once its last record is older, unless it is still in memory.
     pub retention: Option<Duration>,
+    /// The most bytes the log's records may take as stored (0: no limit); beyond it the oldest
+    /// calls are removed whole, however young, unless still in memory ([`log::SledLog::stored_bytes`]).
+    pub retention_bytes: u64,
     /// Where retention archives calls before removing them (hourly zstd files that `callbus
     /// replay --archive` reads); `None`: they are only removed.
     pub archive_dir: Option<PathBuf>,
@@ -244,6 +247,7 @@ impl Default for EngineConfig {
             disk_reserve: log::disk::DEFAULT_RESERVE,
             commit_faults: CommitFaults::default(),
             retention: None,
+            retention_bytes: 0,
             archive_dir: None,
             clock: WallClock::default(),
             input_queue: 65_536,

@@ -432,3 +432,39 @@ async fn many_snapshots_come_back_whole_when_decoded_on_several_threads() {
         assert_eq!(snap, &snapshot(i as u64 + 1, call));
     }
 }
+
+#[tokio::test]
+async fn retention_by_size_removes_the_oldest_whole_calls_until_enough_bytes_are_free() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = SledLog::open(dir.path()).expect("open");
+    // Calls of two records each, in order: c0 (1, 2), c1 (3, 4)... and a live one among them.
+    for seq in 1..=20u64 {
+        let call = if seq == 5 || seq == 6 { "live".to_owned() } else { format!("c{}", (seq - 1) / 2) };
+        log.stage(&record(seq, &call)).expect("stage");
+    }
+    log.stage_checkpoint(20).expect("checkpoint");
+    log.commit().await.expect("commit");
+    let size = |seq: u64| log.raw_record(seq).expect("read").expect("there").len() as u64 + 8;
+    let total = log.stored_bytes();
+    assert_eq!(total, (1..=20).map(size).sum::<u64>(), "every record counted once");
+    let going: u64 = [1, 2, 3, 4, 7, 8].into_iter().map(size).sum();
+    let keep = |id: &str| id == "live";
+    // Free a little more than two calls' worth: the three oldest calls that may go (c0, c1, c3:
+    // live stays).
+    let step = log.prune_to_free(1, size(1) + size(2) + size(3) + size(4) + 1, keep, 100, None).expect("prune");
+    log.commit().await.expect("commit");
+    assert_eq!((step.calls, step.records), (3, 6), "{step:?}");
+    assert!(step.next.is_some(), "stopped once enough was freed, with more to look at");
+    assert_eq!(log.stored_bytes(), total - going);
+    let left: Vec<u64> = log.records_from(1).map(|r| r.expect("readable").seq).collect();
+    assert_eq!(left, [5, 6, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]);
+    // The count is durable with the removal.
+    drop(log);
+    let log = reopen(dir.path());
+    assert_eq!(log.stored_bytes(), total - going);
+    // A failed commit gives the count back with the records.
+    log.prune_to_free(1, 1, keep, 100, None).expect("prune");
+    log.fail_next_commits(1);
+    log.commit().await.expect_err("fails on purpose");
+    assert_eq!(log.stored_bytes(), total - going);
+}

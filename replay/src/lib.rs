@@ -149,6 +149,8 @@ pub struct Stats {
     pub last_ms: Option<u64>,
     /// Bytes the data dir takes.
     pub size_on_disk: u64,
+    /// Bytes the records take as stored (what `engine.retention_bytes` bounds).
+    pub stored_bytes: u64,
 }
 
 /// One line of a call's timeline.
@@ -247,7 +249,8 @@ impl LogReader {
 
     /// Counts over the whole log.
     pub fn stats(&self) -> Stats {
-        let mut stats = Stats { size_on_disk: dir_size(&self.dir), ..Stats::default() };
+        let mut stats =
+            Stats { size_on_disk: dir_size(&self.dir), stored_bytes: self.log.stored_bytes(), ..Stats::default() };
         let mut last: HashMap<String, (String, String)> = HashMap::new();
         for record in self.log.records_from(1) {
             match record {

@@ -275,3 +275,26 @@ async fn what_udp_lost_before_the_bridge_is_repaired_by_the_partitions_periodic_
     }
     bridge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_logs_limits_follow_engine_retention_and_retention_bytes() {
+    let nats = callbus_tests::NatsServer::start_jetstream();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+    let limits = |log_max_age: Duration, log_max_bytes: u64| ClusterConfig {
+        log_max_age,
+        log_max_bytes,
+        ..ClusterConfig::default()
+    };
+    let stream_limits = || async {
+        let info = js.get_stream(cluster::LOG_STREAM).await.expect("stream").info().await.expect("info").clone();
+        (info.config.max_age, info.config.max_bytes)
+    };
+    cluster::ensure_streams(&js, &limits(Duration::from_secs(7200), 1 << 30)).await.expect("streams");
+    assert_eq!(stream_limits().await, (Duration::from_secs(7200), 1 << 30));
+    // Changed on an existing stream; too small a limit is raised to what a takeover needs.
+    cluster::ensure_streams(&js, &limits(Duration::from_secs(60), 1 << 20)).await.expect("streams");
+    assert_eq!(stream_limits().await, (cluster::LOG_MIN_AGE, cluster::LOG_MIN_BYTES as i64));
+    // Zero: no limit.
+    cluster::ensure_streams(&js, &limits(Duration::ZERO, 0)).await.expect("streams");
+    assert_eq!(stream_limits().await, (Duration::ZERO, -1));
+}

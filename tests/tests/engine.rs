@@ -433,3 +433,35 @@ async fn calls_older_than_the_retention_leave_the_log_whole_and_the_others_stay(
     drop(reader);
     assert_log_replays(merged.path());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_over_its_size_limit_loses_its_oldest_ended_calls_and_keeps_live_ones() {
+    const LIMIT: u64 = 12_000;
+    let mut s = Stack::start().await;
+    s.start_engine_with(|c| {
+        c.retention_bytes = LIMIT;
+        c.ended_retention = Duration::from_millis(200);
+    })
+    .await;
+    let (live, _) = s.confirmed_call(CallScript::default()).await;
+    let mut ended = Vec::new();
+    for _ in 0..6 {
+        let script = CallScript { hangup_after: Some(Duration::from_millis(100)), ..Default::default() };
+        let (call, _) = s.confirmed_call(script).await;
+        s.notes_until(|n| n.call_id == call && n.event == "ended").await;
+        ended.push(call);
+    }
+    // A checkpoint, the ended calls leave memory, a retention step: a few seconds.
+    tokio::time::sleep(Duration::from_millis(4_000)).await;
+    s.shutdown().await;
+
+    let log = SledLog::open(s.data.path()).expect("open");
+    assert!(log.stored_bytes() <= LIMIT, "{} bytes of records kept, over the limit of {LIMIT}", log.stored_bytes());
+    assert!(log.records_of_call(&ended[0]).expect("read").is_empty(), "the oldest ended call went first");
+    assert!(!log.records_of_call(&live).expect("read").is_empty(), "a live call stays, however big the log");
+    let kept: Vec<bool> = ended.iter().map(|c| !log.records_of_call(c).expect("read").is_empty()).collect();
+    assert!(kept.iter().any(|k| *k), "only what was over the limit went: {kept:?}");
+    assert!(kept.windows(2).all(|w| w[0] <= w[1]), "the oldest first: {kept:?}");
+    drop(log);
+    assert_log_replays(s.data.path());
+}

@@ -97,7 +97,14 @@ pub struct ClusterConfig {
     /// an hour: a takeover needs the log after the newest snapshot (at most 30 s old while the
     /// owner works), and live calls and remembered `cmd_id`s are in the snapshots.
     pub log_max_age: Duration,
+    /// The most bytes the partition logs keep together (`engine.retention_bytes`; zero: no
+    /// limit); at least [`LOG_MIN_BYTES`]. JetStream drops the oldest messages beyond it.
+    pub log_max_bytes: u64,
 }
+
+/// The smallest [`ClusterConfig::log_max_bytes`]: the records since the newest snapshots (30 s
+/// or 50 000 records a partition) must stay, with room to spare.
+pub const LOG_MIN_BYTES: u64 = 256 << 20;
 
 /// The shortest [`ClusterConfig::log_max_age`] (a longer outage of the snapshots than this would
 /// leave a takeover without the records after the newest one).
@@ -112,6 +119,7 @@ impl Default for ClusterConfig {
             lease_ttl: Duration::from_secs(2),
             events_max_age: Duration::from_secs(24 * 3600),
             log_max_age: Duration::ZERO,
+            log_max_bytes: 0,
         }
     }
 }
@@ -176,6 +184,10 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &ClusterConfig) -> 
                 true => Duration::ZERO,
                 false => config.log_max_age.max(LOG_MIN_AGE),
             },
+            max_bytes: match config.log_max_bytes {
+                0 => -1,
+                limit => i64::try_from(limit.max(LOG_MIN_BYTES)).unwrap_or(i64::MAX),
+            },
             ..Default::default()
         },
         stream::Config {
@@ -211,15 +223,16 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &ClusterConfig) -> 
                     // The log's and the input's age limits follow the configuration.
                     if config.name == LOG_STREAM || config.name == EVENTS_STREAM {
                         if let Ok(info) = existing.info().await {
-                            if info.config.max_age != config.max_age {
+                            if info.config.max_age != config.max_age || info.config.max_bytes != config.max_bytes {
                                 let mut updated = info.config.clone();
                                 updated.max_age = config.max_age;
+                                updated.max_bytes = config.max_bytes;
                                 match js.update_stream(updated).await {
                                     Ok(_) => {
-                                        tracing::info!(stream = %config.name, max_age = ?config.max_age, "stream's age limit changed")
+                                        tracing::info!(stream = %config.name, max_age = ?config.max_age, max_bytes = config.max_bytes, "stream's limits changed")
                                     }
                                     Err(e) => {
-                                        tracing::warn!(stream = %config.name, error = %e, "stream's age limit not changed")
+                                        tracing::warn!(stream = %config.name, error = %e, "stream's limits not changed")
                                     }
                                 }
                             }

@@ -628,22 +628,38 @@ impl<S: Store> Owner<S> {
     /// calls whose whole history is older than the retention and that memory no longer holds,
     /// then commits. A pass starts at most every minute (or every retention, when shorter)
     /// and goes on a step per second until it reaches young records.
+    /// With `engine.retention_bytes`, a step also runs whenever the records take more than it,
+    /// removing the oldest calls that memory no longer holds until they fit.
     async fn prune_step(&mut self) -> Result<(), LogError> {
-        let Some(retention) = self.config.retention.filter(|r| !r.is_zero()) else { return Ok(()) };
-        if !self.store.local_upkeep()
-            || (self.prune_from == 1 && self.last_prune.elapsed() < retention.min(PRUNE_EVERY))
-        {
+        if !self.store.local_upkeep() {
+            return Ok(());
+        }
+        let retention = self.config.retention.filter(|r| !r.is_zero());
+        let over = match self.config.retention_bytes {
+            0 => 0,
+            limit => self.store.log().stored_bytes().saturating_sub(limit),
+        };
+        let age_due =
+            retention.is_some_and(|r| self.prune_from != 1 || self.last_prune.elapsed() >= r.min(PRUNE_EVERY));
+        if over == 0 && !age_due {
             return Ok(());
         }
         // An archive asked for and not there: nothing goes (it was said at start).
         if self.config.archive_dir.is_some() && self.archive.is_none() {
             return Ok(());
         }
-        let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
-        let cutoff = self.config.clock.now_ms().saturating_sub(retention_ms);
         let core = &self.core;
         let archive = self.archive.as_ref();
-        let step = self.store.log().prune(self.prune_from, cutoff, |id| core.knows(id), PRUNE_BUDGET, archive)?;
+        let log = self.store.log();
+        let step = match retention {
+            _ if over > 0 => log.prune_to_free(self.prune_from, over, |id| core.knows(id), PRUNE_BUDGET, archive)?,
+            Some(retention) => {
+                let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+                let cutoff = self.config.clock.now_ms().saturating_sub(retention_ms);
+                log.prune(self.prune_from, cutoff, |id| core.knows(id), PRUNE_BUDGET, archive)?
+            }
+            None => return Ok(()),
+        };
         match step.next {
             Some(next) => self.prune_from = next,
             None => {
@@ -654,11 +670,8 @@ impl<S: Store> Owner<S> {
         if step.records > 0 {
             self.store.commit().await?;
             metrics::counter!("callbus_engine_retention_removed_records_total").increment(step.records as u64);
-            tracing::info!(
-                calls = step.calls,
-                records = step.records,
-                "calls older than the retention removed from the log"
-            );
+            let why = if over > 0 { "the log is over engine.retention_bytes" } else { "older than engine.retention" };
+            tracing::info!(calls = step.calls, records = step.records, why, "calls removed from the log");
         }
         Ok(())
     }

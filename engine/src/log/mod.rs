@@ -13,6 +13,7 @@
 //! records after the checkpoint.
 
 pub mod archive;
+mod codec;
 pub mod disk;
 mod sled_log;
 mod wal;

@@ -34,11 +34,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::codec::{dictionary_key, Codec, DICTIONARY_PREFIX};
 use super::wal::{SyncDb, Wal};
 use super::{EventLog, LogError, Record, RememberedCommand, Snapshot};
 
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
 const TIMEOUTS_KEY: &[u8] = b"timeouts";
+/// The records' stored bytes (8 bytes BE) and the next sequence then (8 bytes BE): the bytes of
+/// the records after it are added at open.
+const STORED_BYTES_KEY: &[u8] = b"stored_bytes";
 /// Kept `cmd_id`s live in `meta` under this prefix (a NUL never starts another meta key).
 const COMMAND_PREFIX: &[u8] = b"\0cmd\0";
 
@@ -67,6 +71,17 @@ pub struct SledLog {
     wal: Wal,
     /// `fdatasync` of sled's file with `sync_data`, else nothing.
     sync_db: SyncDb,
+    /// How records are compressed ([`super::codec`]).
+    codec: Codec,
+    /// The records' keys and values, in bytes, as stored (what `engine.retention_bytes` bounds).
+    stored_bytes: AtomicU64,
+    /// `stored_bytes` after the last commit that succeeded.
+    committed_stored_bytes: AtomicU64,
+}
+
+/// What a record takes in the `records` tree: its key and its stored value.
+fn stored_len(value: &[u8]) -> u64 {
+    8 + value.len() as u64
 }
 
 /// The byte a tree has in the write-ahead frames (the order of [`super::wal::TREES`]).
@@ -160,6 +175,13 @@ impl SledLog {
             );
         }
         let last = records.last().map_err(store)?.and_then(|(k, _)| k.as_ref().try_into().ok()).map(u64::from_be_bytes);
+        let mut dictionaries = Vec::new();
+        for item in meta.scan_prefix(DICTIONARY_PREFIX) {
+            let (k, v) = item.map_err(store)?;
+            if let Ok(id) = k[DICTIONARY_PREFIX.len()..].try_into().map(u32::from_be_bytes) {
+                dictionaries.push((id, v.to_vec()));
+            }
+        }
         let log = SledLog {
             path: dir.to_owned(),
             db,
@@ -172,8 +194,12 @@ impl SledLog {
             committed_next_seq: AtomicU64::new(last.map_or(1, |s| s + 1)),
             wal,
             sync_db,
+            codec: Codec::new(dictionaries),
+            stored_bytes: AtomicU64::new(0),
+            committed_stored_bytes: AtomicU64::new(0),
         };
         log.index_tail()?;
+        log.count_stored_bytes()?;
         Ok(log)
     }
 
@@ -182,13 +208,14 @@ impl SledLog {
         let from = self.checkpoint()? + 1;
         let mut unindexed = self.unindexed();
         for item in self.records.range(from.to_be_bytes()..) {
-            let (_, v) = item.map_err(|e| self.store_error(e))?;
+            let (k, v) = item.map_err(|e| self.store_error(e))?;
             #[derive(serde::Deserialize)]
             struct Head {
                 seq: u64,
                 call_id: String,
             }
-            match rmp_serde::from_slice::<Head>(&v) {
+            let seq = k.as_ref().try_into().map_or(0, u64::from_be_bytes);
+            match self.plain(seq, &v).and_then(|v| decode::<Head>(seq, &v)) {
                 Ok(head) => unindexed.entry(head.call_id).or_default().push(head.seq),
                 Err(e) => {
                     tracing::error!(path = %self.path.display(), error = %e, "a log record after the last checkpoint is unreadable; its call's history will miss it")
@@ -196,6 +223,41 @@ impl SledLog {
             }
         }
         Ok(())
+    }
+
+    /// Counts the records' stored bytes: the count last staged with the log, plus the records
+    /// written after it (a log without a count is read whole, once).
+    fn count_stored_bytes(&self) -> Result<(), LogError> {
+        let (mut bytes, from) = match self.meta.get(STORED_BYTES_KEY).map_err(|e| self.store_error(e))? {
+            Some(v) if v.len() == 16 => {
+                let (b, s) = v.split_at(8);
+                (b.try_into().map_or(0, u64::from_be_bytes), s.try_into().map_or(1, u64::from_be_bytes))
+            }
+            _ => (0, 1),
+        };
+        for item in self.records.range(from.to_be_bytes()..) {
+            let (_, v) = item.map_err(|e| self.store_error(e))?;
+            bytes += stored_len(&v);
+        }
+        self.stored_bytes.store(bytes, Ordering::Relaxed);
+        self.committed_stored_bytes.store(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Stages the count of stored bytes with the next sequence, durable with the next commit.
+    fn stage_stored_bytes(&self) -> Result<(), LogError> {
+        let mut value = self.stored_bytes.load(Ordering::Relaxed).to_be_bytes().to_vec();
+        value.extend_from_slice(&self.next_seq.load(Ordering::Relaxed).to_be_bytes());
+        self.wal.stage(META, STORED_BYTES_KEY, Some(&value), || {
+            self.meta.insert(STORED_BYTES_KEY, value.as_slice()).map_err(|e| self.store_error(e))
+        })
+    }
+
+    /// The bytes the log's records take as stored (keys and values; compressed when the log
+    /// has its dictionary). sled's file is a multiple of it: it keeps old versions of its
+    /// pages until it reuses their space (docs/operations.md, capacity).
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes.load(Ordering::Relaxed)
     }
 
     fn unindexed(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<u64>>> {
@@ -234,16 +296,66 @@ fn decode<T: serde::de::DeserializeOwned>(seq: u64, bytes: &[u8]) -> Result<T, L
     rmp_serde::from_slice(bytes).map_err(|e| LogError::Corrupt { seq, reason: e.to_string() })
 }
 
-/// A record's bytes as stored (MessagePack).
+/// A record's MessagePack bytes (as stored when stored plain; decompressed otherwise).
 pub type RawRecord = sled::IVec;
 
 impl SledLog {
-    /// Records with sequence ≥ `from` as stored (MessagePack), undecoded: for exports that
-    /// pass them through or transcode them.
+    /// Records with sequence ≥ `from` as MessagePack, undecoded: for exports that pass them
+    /// through or transcode them.
     pub fn raw_records_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, RawRecord), LogError>> + '_ {
         self.records.range(from.to_be_bytes()..).map(move |item| {
             let (k, v) = item.map_err(|e| self.store_error(e))?;
-            Ok((k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0), v))
+            let seq = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            Ok((seq, self.plain_ivec(seq, v)?))
+        })
+    }
+
+    /// A stored record's MessagePack.
+    fn plain<'a>(&self, seq: u64, stored: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, LogError> {
+        self.codec.plain(stored).map_err(|reason| LogError::Corrupt { seq, reason })
+    }
+
+    fn plain_ivec(&self, seq: u64, stored: sled::IVec) -> Result<RawRecord, LogError> {
+        match self.plain(seq, &stored)? {
+            std::borrow::Cow::Borrowed(_) => Ok(stored),
+            std::borrow::Cow::Owned(plain) => Ok(plain.into()),
+        }
+    }
+
+    /// The id of the dictionary new records are compressed with (None: stored plain, the
+    /// dictionary not trained yet).
+    pub fn dictionary(&self) -> Option<u32> {
+        self.codec.active()
+    }
+
+    /// Stores the records staged from now on plain, as they are encoded (benchmarks: the peer
+    /// that shows what compression saves).
+    #[doc(hidden)]
+    pub fn keep_records_plain(&self) {
+        self.codec.disable();
+    }
+
+    /// Waits for the dictionary's training, if under way, and stages it (tests and benchmarks:
+    /// the engine takes it when it is ready).
+    #[doc(hidden)]
+    pub fn settle_dictionary(&self) -> Result<(), LogError> {
+        self.take_dictionary(true)
+    }
+
+    /// Stages a dictionary trained since the last record, and compresses with it from now on.
+    fn take_dictionary(&self, wait: bool) -> Result<(), LogError> {
+        if let Some((id, dictionary)) = self.codec.trained(wait) {
+            self.stage_dictionary(id, &dictionary)?;
+            self.codec.install(id, &dictionary);
+            tracing::info!(path = %self.path.display(), id, bytes = dictionary.len(), "the log compresses its records with a dictionary trained on its first ones");
+        }
+        Ok(())
+    }
+
+    fn stage_dictionary(&self, id: u32, dictionary: &[u8]) -> Result<(), LogError> {
+        let key = dictionary_key(id);
+        self.wal.stage(META, &key, Some(dictionary), || {
+            self.meta.insert(key.as_slice(), dictionary).map_err(|e| self.store_error(e))
         })
     }
 }
@@ -278,6 +390,32 @@ impl SledLog {
         budget: usize,
         archive: Option<&super::archive::Archive>,
     ) -> Result<Pruned, LogError> {
+        self.prune_with(from, cutoff_ms, None, keep, budget, archive)
+    }
+
+    /// One step of retention by size: as [`SledLog::prune`] with no age limit, the oldest
+    /// calls first, until the removed records' stored bytes reach `free` (see
+    /// [`SledLog::stored_bytes`]).
+    pub fn prune_to_free(
+        &self,
+        from: u64,
+        free: u64,
+        keep: impl Fn(&str) -> bool,
+        budget: usize,
+        archive: Option<&super::archive::Archive>,
+    ) -> Result<Pruned, LogError> {
+        self.prune_with(from, u64::MAX, Some(free), keep, budget, archive)
+    }
+
+    fn prune_with(
+        &self,
+        from: u64,
+        cutoff_ms: u64,
+        free: Option<u64>,
+        keep: impl Fn(&str) -> bool,
+        budget: usize,
+        archive: Option<&super::archive::Archive>,
+    ) -> Result<Pruned, LogError> {
         #[derive(serde::Deserialize)]
         struct Head {
             seq: u64,
@@ -289,12 +427,15 @@ impl SledLog {
         let mut decided: std::collections::HashMap<String, bool> = Default::default();
         // The calls to remove, with their sequences: decided first, archived, then removed.
         let mut going: Vec<(String, Vec<u64>)> = Vec::new();
+        let mut freeing = 0u64;
         for item in self.records.range(from.to_be_bytes()..) {
-            if out.scanned >= budget {
+            if out.scanned >= budget || free.is_some_and(|free| freeing >= free) {
                 break;
             }
             let (_, v) = item.map_err(|e| self.store_error(e))?;
-            let Ok(head) = rmp_serde::from_slice::<Head>(&v) else {
+            let Ok(head) =
+                self.codec.plain(&v).map_err(drop).and_then(|v| rmp_serde::from_slice::<Head>(&v).map_err(drop))
+            else {
                 out.scanned += 1;
                 continue; // an unreadable record is kept for `replay check` to report
             };
@@ -312,10 +453,18 @@ impl SledLog {
             let prunable = self.call_is_older_than(&seqs, cutoff_ms, checkpoint)?;
             decided.insert(head.call_id.clone(), prunable);
             if prunable {
+                if free.is_some() {
+                    for seq in &seqs {
+                        if let Some(v) = self.records.get(seq.to_be_bytes()).map_err(|e| self.store_error(e))? {
+                            freeing += stored_len(&v);
+                        }
+                    }
+                }
                 going.push((head.call_id, seqs));
             }
         }
-        if out.scanned < budget && out.next.is_some() {
+        let freed_enough = free.is_some_and(|free| freeing >= free);
+        if out.scanned < budget && out.next.is_some() && !freed_enough {
             out.next = None;
         }
         if let Some(archive) = archive.filter(|_| !going.is_empty()) {
@@ -324,7 +473,7 @@ impl SledLog {
                 let mut records = Vec::with_capacity(seqs.len());
                 let mut last_ms = 0;
                 for seq in seqs {
-                    if let Some(bytes) = self.records.get(seq.to_be_bytes()).map_err(|e| self.store_error(e))? {
+                    if let Some(bytes) = self.raw_record(*seq)? {
                         last_ms = rmp_serde::from_slice::<Head>(&bytes).map_or(last_ms, |h| h.time_ms);
                         records.push(bytes.to_vec());
                     }
@@ -336,11 +485,22 @@ impl SledLog {
         for (call_id, seqs) in going {
             for seq in seqs {
                 let key = seq.to_be_bytes();
-                self.wal.stage(RECORDS, &key, None, || self.records.remove(key).map_err(|e| self.store_error(e)))?;
+                self.wal.stage(RECORDS, &key, None, || {
+                    let removed = self.records.remove(key).map_err(|e| self.store_error(e))?;
+                    if let Some(v) = &removed {
+                        let _ = self.stored_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                            Some(b.saturating_sub(stored_len(v)))
+                        });
+                    }
+                    Ok(removed)
+                })?;
                 out.records += 1;
             }
             self.remove_call_index(&call_id)?;
             out.calls += 1;
+        }
+        if out.records > 0 {
+            self.stage_stored_bytes()?;
         }
         Ok(out)
     }
@@ -356,7 +516,7 @@ impl SledLog {
         struct Time {
             time_ms: u64,
         }
-        let Some(bytes) = self.records.get(last.to_be_bytes()).map_err(|e| self.store_error(e))? else {
+        let Some(bytes) = self.raw_record(last)? else {
             return Ok(false);
         };
         Ok(rmp_serde::from_slice::<Time>(&bytes).is_ok_and(|t| t.time_ms < cutoff_ms))
@@ -393,9 +553,23 @@ impl SledLog {
         Ok(seqs)
     }
 
-    /// One record's stored bytes, if there is a record `seq`.
+    /// One record's MessagePack, if there is a record `seq`.
     pub fn raw_record(&self, seq: u64) -> Result<Option<RawRecord>, LogError> {
-        self.records.get(seq.to_be_bytes()).map_err(|e| self.store_error(e))
+        match self.records.get(seq.to_be_bytes()).map_err(|e| self.store_error(e))? {
+            Some(stored) => self.plain_ivec(seq, stored).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Stages record `seq` cut short by four bytes, as a damaged disk would leave it (tests).
+    #[doc(hidden)]
+    pub fn damage_record(&self, seq: u64) -> Result<(), LogError> {
+        let key = seq.to_be_bytes();
+        let Some(stored) = self.records.get(key).map_err(|e| self.store_error(e))? else { return Ok(()) };
+        let damaged = stored[..stored.len().saturating_sub(4)].to_vec();
+        self.wal.stage(RECORDS, &key, Some(&damaged), || {
+            self.records.insert(key, damaged.as_slice()).map_err(|e| self.store_error(e))
+        })
     }
 
     /// Makes the next `n` commits fail as a broken disk would, their changes rolled back
@@ -406,11 +580,21 @@ impl SledLog {
     }
 
     /// Adds a record already encoded (MessagePack, as [`encode`](super::encode) gives), not
-    /// durable until [`EventLog::commit`].
+    /// durable until [`EventLog::commit`]. It is stored compressed once the log has its
+    /// dictionary ([`super::codec`]).
     pub fn stage_raw(&self, seq: u64, call_id: &str, bytes: &[u8]) -> Result<(), LogError> {
+        self.take_dictionary(false)?;
+        let stored = self.codec.compress(bytes);
+        let stored = stored.as_ref();
         let key = seq.to_be_bytes();
-        self.wal
-            .stage(RECORDS, &key, Some(bytes), || self.records.insert(key, bytes).map_err(|e| self.store_error(e)))?;
+        self.wal.stage(RECORDS, &key, Some(stored), || {
+            let old = self.records.insert(key, stored).map_err(|e| self.store_error(e))?;
+            let replaced = old.as_deref().map_or(0, stored_len);
+            let _ = self.stored_bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some((b + stored_len(stored)).saturating_sub(replaced))
+            });
+            Ok(old)
+        })?;
         self.unindexed().entry(call_id.to_owned()).or_default().push(seq);
         self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
         Ok(())
@@ -451,6 +635,7 @@ impl EventLog for SledLog {
                 self.by_call.insert(key.as_slice(), value.as_slice()).map_err(|e| self.store_error(e))
             })?;
         }
+        self.stage_stored_bytes()?;
         let value = seq.to_be_bytes();
         self.wal.stage(META, CHECKPOINT_KEY, Some(&value), || {
             self.meta.insert(CHECKPOINT_KEY, &value).map_err(|e| self.store_error(e))
@@ -506,13 +691,23 @@ impl EventLog for SledLog {
         match self.wal.commit() {
             Ok(()) => {
                 self.committed_next_seq.store(self.next_seq.load(Ordering::Relaxed), Ordering::Relaxed);
+                self.committed_stored_bytes.store(self.stored_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
                 // The staged changes were taken back out of sled: so are their sequences.
                 self.next_seq.store(self.committed_next_seq.load(Ordering::Relaxed), Ordering::Relaxed);
+                self.stored_bytes.store(self.committed_stored_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
                 // A checkpoint among them took the unindexed sequences: read them again.
                 self.unindexed().clear();
+                // A dictionary staged among them went too, but stays in use: stage it again.
+                if let Some((id, dictionary)) = self.codec.active_dictionary() {
+                    if !matches!(self.meta.get(dictionary_key(id)), Ok(Some(_))) {
+                        if let Err(e) = self.stage_dictionary(id, &dictionary) {
+                            tracing::error!(error = %e, "the log's dictionary could not be staged again after a failed commit");
+                        }
+                    }
+                }
                 if let Err(e) = self.index_tail() {
                     tracing::error!(error = %e, "the log's tail could not be indexed again after a failed commit");
                 }
@@ -561,7 +756,7 @@ impl EventLog for SledLog {
         Box::new(self.records.range(from.to_be_bytes()..).map(move |item| {
             let (k, v) = item.map_err(|e| self.store_error(e))?;
             let seq = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
-            decode(seq, &v)
+            decode(seq, &self.plain(seq, &v)?)
         }))
     }
 

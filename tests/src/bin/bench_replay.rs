@@ -31,7 +31,14 @@ fn written_bytes() -> u64 {
 /// archiving them (the archive's bytes are counted apart).
 /// Returns the bytes written to disk per record (the write-ahead file, sled's segments, its
 /// snapshot of the page table), the log closed, and the log's size on disk at the end.
-fn write_log(dir: &std::path::Path, records: u64, retention: bool, runtime: &tokio::runtime::Runtime) -> (f64, u64) {
+/// With `plain`, records are stored as encoded, with no dictionary (the peer of compression).
+fn write_log(
+    dir: &std::path::Path,
+    records: u64,
+    retention: bool,
+    plain: bool,
+    runtime: &tokio::runtime::Runtime,
+) -> (f64, u64) {
     let archive_dir = tempfile::tempdir().expect("tmp");
     let archive = callbus_engine::log::archive::Archive::open(archive_dir.path()).expect("archive");
     let (mut archived, mut removed) = (0u64, 0u64);
@@ -39,6 +46,9 @@ fn write_log(dir: &std::path::Path, records: u64, retention: bool, runtime: &tok
     let size;
     {
         let log = SledLog::open(dir).expect("open");
+        if plain {
+            log.keep_records_plain();
+        }
         let timeouts = Timeouts::default();
         let mut seq = 0u64;
         for call in 0..records / 4 {
@@ -109,15 +119,19 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     // Write amplification: disk bytes written per record, without and with retention.
     let amplification = if quick { 200_000 } else { 1_000_000 };
-    for retention in [false, true] {
+    for (retention, plain) in [(false, true), (false, false), (true, false)] {
         let dir = tempfile::tempdir().expect("tmp");
-        let (per_record, size) = write_log(dir.path(), amplification, retention, &runtime);
-        let with = if retention { "with retention keeping the last 100 000" } else { "without retention" };
+        let (per_record, size) = write_log(dir.path(), amplification, retention, plain, &runtime);
+        let with = match (retention, plain) {
+            (_, true) => "records stored plain (no dictionary), without retention",
+            (true, _) => "with retention keeping the last 100 000",
+            _ => "without retention",
+        };
         println!("RESULT|disk bytes written per record, {with} ({amplification} records)|{per_record:.0}|bytes");
-        println!("RESULT|log size on disk at the end, {with}|{:.1}|MiB", size as f64 / (1 << 20) as f64);
+        println!("RESULT|log size on disk at the end, {with}|{:.0}|bytes/record", size as f64 / amplification as f64);
     }
     let started = Instant::now();
-    write_log(dir.path(), records, false, &runtime);
+    write_log(dir.path(), records, false, false, &runtime);
     eprintln!("bench-replay: wrote {records} records in {:.1} s", started.elapsed().as_secs_f64());
     let reader = LogReader::open(dir.path()).expect("open");
     let options = CheckOptions { timeouts: reader.timeouts(), ..CheckOptions::default() };
