@@ -1,7 +1,6 @@
 //! Recovery: the core rebuilt from the log's snapshots, kept `cmd_id`s and the records after
 //! the last checkpoint.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{CallEntry, Core, CoreConfig, Now};
@@ -39,9 +38,9 @@ impl Core {
             core.remember(cmd_id, c, true);
         }
         core.forget_old_commands(now.wall_ms);
-        let mut last_seq: HashMap<String, u64> = HashMap::new();
+        core.calls.reserve(snapshots.len());
+        core.by_sip.reserve(snapshots.len());
         for snap in snapshots {
-            last_seq.insert(snap.call_id.clone(), snap.seq);
             core.index(&snap.call_id, &snap.state);
             let entry =
                 Box::new(CallEntry { state: snap.state, last_seq: snap.seq, ended_at: None, timers: snap.timers });
@@ -57,10 +56,10 @@ impl Core {
                 }
             };
             read += 1;
-            if last_seq.get(&record.call_id).is_some_and(|s| *s >= record.seq) {
+            // Already in the call's snapshot (a checkpoint staged while the record was).
+            if core.calls.get(&record.call_id).is_some_and(|e| e.last_seq >= record.seq) {
                 continue;
             }
-            last_seq.insert(record.call_id.clone(), record.seq);
             if let Input::Command { cmd_id, .. } = &record.input {
                 let kept =
                     RememberedCommand { seq: record.seq, time_ms: record.time_ms, call_id: record.call_id.clone() };

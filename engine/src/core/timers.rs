@@ -1,8 +1,10 @@
 //! The calls' timers: one ordered set, so the next deadline is one look-up and a due timer is
 //! taken off in order (no task per timer).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::Instant;
+
+use super::HashMap;
 
 /// Armed timers by call and name, and the same ordered by deadline.
 #[derive(Default)]

@@ -5,7 +5,9 @@
 //!
 //! Every second: `--rate` proxied calls (hung up after 2 s), one UA client call (`ua.start`,
 //! answered, then `ua.terminate`), one click-to-dial call (`call.start`, both legs answer, then
-//! `call.end`). Retention keeps 30 s of ended calls in the log; ended calls stay in memory 5 s.
+//! `call.end`). Retention keeps 30 s of ended calls in the log; ended calls stay in memory 5 s,
+//! `cmd_id`s 60 s (each at its steady state within the first minute, so what still grows is a
+//! leak).
 //! Each sample (every 10 s) takes RSS, the data dir's bytes and the median time from a
 //! `call.start` request to its `accepted` answer (logged, flushed) over the sample.
 //!
@@ -68,6 +70,10 @@ async fn main() {
         .start_engine_with(|c| {
             c.retention = Some(Duration::from_secs(30));
             c.ended_retention = Duration::from_secs(5);
+            // Four cmd_ids a second against the default window (24 h, at most 100 000 kept)
+            // would fill for seven hours: a minute's window reaches its steady state at once,
+            // as the retentions do.
+            c.cmd_id_window = Duration::from_secs(60);
         })
         .await;
     // The notifications are not read here: the subscription would only queue them.
