@@ -495,3 +495,26 @@ fn a_core_rebuilt_from_its_whole_state_alone_is_the_same_core() {
     .expect("handled");
     assert_eq!(out.records[0].seq, g.core.next_seq());
 }
+
+#[test]
+fn a_checkpoint_removes_the_snapshot_of_an_ended_call_only_when_one_was_written() {
+    let mut g = Given::engine();
+    // Begun and ended between two checkpoints: no snapshot was written, none to remove.
+    for n in 1..=4 {
+        g.event(&format!("E_DLG_STATE_CHANGED.{n}.proxied_call"));
+    }
+    let call = g.records()[0].call_id.clone();
+    let checkpoint = g.core.checkpoint();
+    assert!(checkpoint.snapshots.is_empty() && checkpoint.removed.is_empty(), "{checkpoint:?}");
+
+    // Live at a checkpoint, ended before the next: its snapshot is removed then.
+    let mut g = Given::engine();
+    g.event("E_DLG_STATE_CHANGED.1.proxied_call");
+    let checkpoint = g.core.checkpoint();
+    assert_eq!(checkpoint.snapshots.len(), 1);
+    for n in 2..=4 {
+        g.event(&format!("E_DLG_STATE_CHANGED.{n}.proxied_call"));
+    }
+    let checkpoint = g.core.checkpoint();
+    assert_eq!(checkpoint.removed, vec![call], "{checkpoint:?}");
+}

@@ -228,6 +228,9 @@ pub(crate) struct CallEntry {
     pub(crate) ended_at: Option<Instant>,
     /// Its timers still to fire: name and when (wall clock ms), kept so a restart re-arms them.
     pub(crate) timers: Vec<(String, u64)>,
+    /// Whether the log may hold a snapshot of it: a call that began and ended between two
+    /// checkpoints has none to remove.
+    pub(crate) saved: bool,
 }
 
 impl CallEntry {
@@ -527,8 +530,13 @@ impl Core {
                 entry
             }
             None => {
-                let entry =
-                    Box::new(CallEntry { state: after, last_seq: seq, ended_at: ended_now, timers: Vec::new() });
+                let entry = Box::new(CallEntry {
+                    state: after,
+                    last_seq: seq,
+                    ended_at: ended_now,
+                    timers: Vec::new(),
+                    saved: false,
+                });
                 self.calls.entry(call_id.to_owned()).or_insert(entry)
             }
         };
@@ -652,13 +660,18 @@ impl Core {
             ..Checkpoint::default()
         };
         for call_id in std::mem::take(&mut self.dirty) {
-            match self.calls.get(&call_id) {
-                Some(entry) if !entry.state.is_ended() => cp.snapshots.push(Snapshot {
-                    seq: entry.last_seq,
-                    call_id,
-                    state: entry.state.clone(),
-                    timers: entry.timers.clone(),
-                }),
+            match self.calls.get_mut(&call_id) {
+                Some(entry) if !entry.state.is_ended() => {
+                    entry.saved = true;
+                    cp.snapshots.push(Snapshot {
+                        seq: entry.last_seq,
+                        call_id,
+                        state: entry.state.clone(),
+                        timers: entry.timers.clone(),
+                    })
+                }
+                // Ended before its first snapshot: nothing to remove.
+                Some(entry) if !entry.saved => {}
                 _ => cp.removed.push(call_id),
             }
         }

@@ -42,8 +42,13 @@ impl Core {
         core.by_sip.reserve(snapshots.len());
         for snap in snapshots {
             core.index(&snap.call_id, &snap.state);
-            let entry =
-                Box::new(CallEntry { state: snap.state, last_seq: snap.seq, ended_at: None, timers: snap.timers });
+            let entry = Box::new(CallEntry {
+                state: snap.state,
+                last_seq: snap.seq,
+                ended_at: None,
+                timers: snap.timers,
+                saved: true,
+            });
             core.calls.insert(snap.call_id, entry);
         }
         let mut read = 0;
@@ -69,7 +74,10 @@ impl Core {
             core.dirty.insert(record.call_id.clone());
             let timers = core.calls.remove(&record.call_id).map(|e| e.timers).unwrap_or_default();
             let ended_at = record.after.is_ended().then_some(now.at);
-            let mut entry = Box::new(CallEntry { state: record.after, last_seq: record.seq, ended_at, timers });
+            // `saved`: a call of the tail may have a snapshot from an earlier life of the log (a
+            // partition's copy): its removal is kept.
+            let mut entry =
+                Box::new(CallEntry { state: record.after, last_seq: record.seq, ended_at, timers, saved: true });
             let fired = match &record.input {
                 Input::Timer { name } => Some(name.as_str()),
                 _ => None,
