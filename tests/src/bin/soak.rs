@@ -18,8 +18,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use callbus_tests::rss_bytes;
 use callbus_tests::stack::{accepted, Stack};
+use callbus_tests::{heap_in_use, rss_bytes};
 use opensips_sim::{CallScript, SimConfig};
 use serde_json::json;
 
@@ -37,8 +37,9 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// One sample: minutes since the start, RSS, data dir bytes, median accept latency (ms).
-type Sample = (f64, f64, f64, f64);
+/// One sample: minutes since the start, RSS, data dir bytes, median accept latency (ms), heap
+/// in use (bytes; 0 where the allocator does not say).
+type Sample = (f64, f64, f64, f64, f64);
 
 /// The least-squares slope of `y` over `x`.
 fn slope(points: &[(f64, f64)]) -> f64 {
@@ -65,6 +66,8 @@ fn arg(name: &str) -> Option<f64> {
 async fn main() {
     let minutes = arg("--minutes").unwrap_or(60.0);
     let rate = arg("--rate").unwrap_or(20.0).max(1.0) as usize;
+    // sled's page cache (64 MiB by default), smaller to see it full within the run.
+    let cache_mib = arg("--cache-mib");
     let mut stack = Stack::start_up(SimConfig::default()).await;
     stack
         .start_engine_with(|c| {
@@ -74,6 +77,9 @@ async fn main() {
             // would fill for seven hours: a minute's window reaches its steady state at once,
             // as the retentions do.
             c.cmd_id_window = Duration::from_secs(60);
+            if let Some(mib) = cache_mib {
+                c.cache_bytes = (mib * 1024.0 * 1024.0) as u64;
+            }
         })
         .await;
     // The notifications are not read here: the subscription would only queue them.
@@ -120,10 +126,12 @@ async fn main() {
             window.sort_by(f64::total_cmp);
             let median = window.get(window.len() / 2).copied().unwrap_or(0.0);
             let at = started.elapsed().as_secs_f64() / 60.0;
-            let sample = (at, rss_bytes() as f64, dir_bytes(stack.data.path()) as f64, median);
+            let heap = heap_in_use().unwrap_or(0) as f64;
+            let sample = (at, rss_bytes() as f64, dir_bytes(stack.data.path()) as f64, median, heap);
             eprintln!(
-                "  {at:5.1} min: RSS {:.1} MiB, data dir {:.1} MiB, call.start accepted in {median:.2} ms (median)",
+                "  {at:5.1} min: RSS {:.1} MiB (heap in use {:.1} MiB), data dir {:.1} MiB, call.start accepted in {median:.2} ms (median)",
                 sample.1 / 1048576.0,
+                heap / 1048576.0,
                 sample.2 / 1048576.0
             );
             samples.push(sample);
@@ -141,6 +149,8 @@ async fn main() {
     println!("RESULT|soak duration|{:.1}|min", started.elapsed().as_secs_f64() / 60.0);
     println!("RESULT|soak RSS at start, at end|{:.1}, {:.1}|MiB", first.1 / 1048576.0, last.1 / 1048576.0);
     println!("RESULT|soak RSS slope|{:.2}|MiB/h", per_hour(|s| s.1) / 1048576.0);
+    println!("RESULT|soak heap in use at start, at end|{:.1}, {:.1}|MiB", first.4 / 1048576.0, last.4 / 1048576.0);
+    println!("RESULT|soak heap in use slope|{:.2}|MiB/h", per_hour(|s| s.4) / 1048576.0);
     println!("RESULT|soak data dir at start, at end|{:.1}, {:.1}|MiB", first.2 / 1048576.0, last.2 / 1048576.0);
     println!("RESULT|soak data dir slope|{:.2}|MiB/h", per_hour(|s| s.2) / 1048576.0);
     println!("RESULT|soak call.start accepted, median at start, at end|{:.2}, {:.2}|ms", first.3, last.3);
