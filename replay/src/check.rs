@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Condvar, Mutex};
 
-use callbus_engine::log::{EventLog, RawRecord, Record};
+use callbus_engine::log::{EventLog, LogError, RawRecord, Record};
 use callbus_engine::machines::{initial_state, CallState, Ctx, Effect, Input, Timeouts};
 
 use crate::skim::{skim, Skim};
@@ -399,7 +399,13 @@ pub fn check(reader: &LogReader, options: &CheckOptions, step: &Step<'_>) -> Che
                 match item {
                     Ok((seq, _)) if seq > last => break,
                     Ok(record) => records.push(record),
-                    Err(e) => unreadable.push((0, e.to_string())),
+                    Err(e) => {
+                        let seq = match &e {
+                            LogError::Corrupt { seq, .. } => *seq,
+                            _ => 0,
+                        };
+                        unreadable.push((seq, e.to_string()))
+                    }
                 }
                 if records.len() == size && !hand_out(std::mem::replace(&mut records, Vec::with_capacity(size))) {
                     return unreadable;

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use callbus_engine::log::{EventLog, RawRecord};
+use callbus_engine::log::{EventLog, LogError, RawRecord};
 use indicatif::ProgressBar;
 use serde::Deserialize;
 
@@ -87,8 +87,12 @@ impl Filter {
 fn export_call(reader: &LogReader, out: &mut dyn Write, filter: &Filter, call_id: &str) -> Result<u64, ReplayError> {
     let mut records = Vec::new();
     for seq in reader.log().seqs_of_call(call_id)? {
-        if let Some(bytes) = reader.log().raw_record(seq)? {
-            records.push((seq, bytes));
+        match reader.log().raw_record(seq) {
+            Ok(Some(bytes)) => records.push((seq, bytes)),
+            Ok(None) => {}
+            // A compressed record that does not decompress: reported, as the others are.
+            Err(LogError::Corrupt { seq, reason }) => eprintln!("record {seq} is unreadable, skipped: {reason}"),
+            Err(e) => return Err(e.into()),
         }
     }
     let (bytes, written) = filter.batch(&records, &crate::progress_bar(0, false));
@@ -142,11 +146,15 @@ pub fn export(
         let (batches_tx, batches_rx) = std::sync::mpsc::sync_channel::<Vec<(u64, RawRecord)>>(workers * 2);
         let log = reader.log();
         let read_error = &mut read_error;
+        let bar = &bar;
         scope.spawn(move || {
             let mut batch = Vec::with_capacity(BATCH);
             for item in log.raw_records_from(1) {
                 match item {
                     Ok(r) => batch.push(r),
+                    Err(LogError::Corrupt { seq, reason }) => {
+                        bar.suspend(|| eprintln!("record {seq} is unreadable, skipped: {reason}"))
+                    }
                     Err(e) => {
                         *read_error = Some(e);
                         break;

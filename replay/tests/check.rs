@@ -289,3 +289,58 @@ fn a_machine_that_panics_is_reported_with_the_records_it_left_unchecked() {
     assert!(why.contains("panicked") && why.contains("machine bug on purpose") && why.contains("25..=32"), "{why}");
     assert_eq!(report.records, total - 8, "the other chunks are checked");
 }
+
+#[test]
+fn a_compressed_record_that_does_not_decompress_is_reported_and_the_rest_is_checked_and_exported() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let timeouts = Timeouts::default();
+    let mut seq = 0u64;
+    {
+        let log = SledLog::open(dir.path()).expect("open");
+        // Enough records for the log to train its dictionary and compress the later ones.
+        for call in 0..600 {
+            let call_id = format!("call-{call}");
+            let mut state = CallState::Dialog(DialogState::new("n1", &format!("sip-{call}")));
+            let mut before = None;
+            for input in script(call) {
+                seq += 1;
+                let ctx = Ctx { call_id: call_id.clone(), seq, now_ms: 1_000 + seq, timeouts };
+                let (after, effects) = state.step(&input, &ctx);
+                let record = Record {
+                    format: RECORD_FORMAT,
+                    seq,
+                    time_ms: ctx.now_ms,
+                    call_id: call_id.clone(),
+                    partition: 0,
+                    input,
+                    before: before.replace(after.name().to_owned()),
+                    after: after.clone(),
+                    effects,
+                };
+                log.stage(&record).expect("stage");
+                if seq == 2_000 {
+                    log.settle_dictionary().expect("dictionary");
+                }
+                state = after;
+            }
+        }
+        assert_eq!(log.dictionary(), Some(1), "the later records are compressed");
+        log.damage_record(seq - 10).expect("damage");
+        log.stage_timeouts(&timeouts).expect("timeouts");
+        runtime.block_on(log.commit()).expect("commit");
+    }
+    let damaged = seq - 10;
+    let reader = LogReader::open(dir.path()).expect("open");
+    let options = CheckOptions { timeouts: reader.timeouts(), ..CheckOptions::default() };
+    let report = callbus_replay::check(&reader, &options, &real);
+    let unreadable: Vec<u64> = report.unreadable.iter().map(|(s, _)| *s).collect();
+    assert_eq!(unreadable, vec![damaged], "{:?}", report.unreadable);
+    assert!(report.unreadable[0].1.contains("compressed record"), "in words: {}", report.unreadable[0].1);
+    assert_eq!(report.records, seq - 1, "every other record is checked");
+    let mut out = Vec::new();
+    let n = callbus_replay::export(&reader, &mut out, callbus_replay::ExportFormat::Jsonl, None, None, false)
+        .expect("the export goes on past it");
+    assert_eq!(n, seq - 1);
+    assert_eq!(String::from_utf8_lossy(&out).lines().count() as u64, seq - 1);
+}
