@@ -163,7 +163,7 @@ pub struct EngineSection {
     pub retention: Dur,
     /// The most bytes the event log's records may take as stored (compressed); beyond it the
     /// oldest calls that have ended are removed, however young; `0`: no limit. In a cluster, the
-    /// partition logs' stream limit (at least 256 MiB).
+    /// partition logs' stream limit (at least 64 MiB a partition).
     pub retention_bytes: crate::size::Size,
     /// Where retention archives calls before removing them (hourly zstd files `callbus replay
     /// --archive` reads); unset: they are only removed.

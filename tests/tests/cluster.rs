@@ -283,6 +283,7 @@ async fn the_partition_logs_limits_follow_engine_retention_and_retention_bytes()
     let limits = |log_max_age: Duration, log_max_bytes: u64| ClusterConfig {
         log_max_age,
         log_max_bytes,
+        partitions: 4,
         ..ClusterConfig::default()
     };
     let stream_limits = || async {
@@ -293,7 +294,7 @@ async fn the_partition_logs_limits_follow_engine_retention_and_retention_bytes()
     assert_eq!(stream_limits().await, (Duration::from_secs(7200), 1 << 30));
     // Changed on an existing stream; too small a limit is raised to what a takeover needs.
     cluster::ensure_streams(&js, &limits(Duration::from_secs(60), 1 << 20)).await.expect("streams");
-    assert_eq!(stream_limits().await, (cluster::LOG_MIN_AGE, cluster::LOG_MIN_BYTES as i64));
+    assert_eq!(stream_limits().await, (cluster::LOG_MIN_AGE, 4 * cluster::LOG_MIN_BYTES_PER_PARTITION as i64));
     // Zero: no limit.
     cluster::ensure_streams(&js, &limits(Duration::ZERO, 0)).await.expect("streams");
     assert_eq!(stream_limits().await, (Duration::ZERO, -1));

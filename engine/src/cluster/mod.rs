@@ -98,13 +98,15 @@ pub struct ClusterConfig {
     /// owner works), and live calls and remembered `cmd_id`s are in the snapshots.
     pub log_max_age: Duration,
     /// The most bytes the partition logs keep together (`engine.retention_bytes`; zero: no
-    /// limit); at least [`LOG_MIN_BYTES`]. JetStream drops the oldest messages beyond it.
+    /// limit); at least [`LOG_MIN_BYTES_PER_PARTITION`] for each partition. JetStream drops the
+    /// oldest messages beyond it.
     pub log_max_bytes: u64,
 }
 
-/// The smallest [`ClusterConfig::log_max_bytes`]: the records since the newest snapshots (30 s
-/// or 50 000 records a partition) must stay, with room to spare.
-pub const LOG_MIN_BYTES: u64 = 256 << 20;
+/// The smallest [`ClusterConfig::log_max_bytes`], for each partition: a takeover needs the
+/// records since the partition's newest snapshot (taken every 30 s or 50 000 records, so at
+/// most 50 000 records of ~600 bytes to ~1.3 KB with bodies).
+pub const LOG_MIN_BYTES_PER_PARTITION: u64 = 64 << 20;
 
 /// The shortest [`ClusterConfig::log_max_age`] (a longer outage of the snapshots than this would
 /// leave a takeover without the records after the newest one).
@@ -186,7 +188,8 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &ClusterConfig) -> 
             },
             max_bytes: match config.log_max_bytes {
                 0 => -1,
-                limit => i64::try_from(limit.max(LOG_MIN_BYTES)).unwrap_or(i64::MAX),
+                limit => i64::try_from(limit.max(LOG_MIN_BYTES_PER_PARTITION * u64::from(config.partitions)))
+                    .unwrap_or(i64::MAX),
             },
             ..Default::default()
         },
