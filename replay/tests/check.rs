@@ -32,6 +32,28 @@ fn script(call: usize) -> Vec<Input> {
     ]
 }
 
+/// The record of one step: `input` at `ctx`, from the state named `before` to `after`.
+fn record(
+    format: u8,
+    ctx: &Ctx,
+    input: Input,
+    before: Option<String>,
+    after: &CallState,
+    effects: Vec<Effect>,
+) -> Record {
+    Record {
+        format,
+        seq: ctx.seq,
+        time_ms: ctx.now_ms,
+        call_id: ctx.call_id.clone(),
+        partition: 0,
+        input,
+        before,
+        after: after.clone(),
+        effects,
+    }
+}
+
 /// A log of `calls` calls whose records interleave (call k starts at its k-th record slot), so
 /// most calls span several chunks of a small size. Records `older` are written in another
 /// format (1), as an older engine would have: they are decoded whole instead of skimmed.
@@ -56,17 +78,8 @@ fn write_log(dir: &std::path::Path, calls: usize, older: &[u64], damage: &dyn Fn
                 before.clone().unwrap_or_else(|| CallState::Dialog(DialogState::new("n1", &format!("sip-{call}"))));
             let ctx = Ctx { call_id: call_id.clone(), seq, now_ms: 1_000 + seq, timeouts };
             let (after, effects) = state.step(&input, &ctx);
-            let record = Record {
-                format: if older.contains(&seq) { 1 } else { RECORD_FORMAT },
-                seq,
-                time_ms: ctx.now_ms,
-                call_id: call_id.clone(),
-                partition: 0,
-                input,
-                before: before.map(|b| b.name().to_owned()),
-                after: after.clone(),
-                effects,
-            };
+            let format = if older.contains(&seq) { 1 } else { RECORD_FORMAT };
+            let record = record(format, &ctx, input, before.map(|b| b.name().to_owned()), &after, effects);
             log.stage_raw(seq, &call_id, &damage(seq, encode(&record).expect("encode"))).expect("stage");
             states.insert(call, after);
         }
@@ -81,17 +94,7 @@ fn write_log(dir: &std::path::Path, calls: usize, older: &[u64], damage: &dyn Fn
         let input = event(call, 4, 5);
         let (after, effects) = state.step(&input, &ctx);
         assert!(effects.is_empty() && after == state, "a late event changes nothing");
-        let record = Record {
-            format: RECORD_FORMAT,
-            seq,
-            time_ms: ctx.now_ms,
-            call_id: call_id.clone(),
-            partition: 0,
-            input,
-            before: Some(state.name().to_owned()),
-            after,
-            effects,
-        };
+        let record = record(RECORD_FORMAT, &ctx, input, Some(state.name().to_owned()), &after, effects);
         log.stage_raw(seq, &call_id, &damage(seq, encode(&record).expect("encode"))).expect("stage");
     }
     log.stage_timeouts(&timeouts).expect("timeouts");
@@ -307,17 +310,8 @@ fn a_compressed_record_that_does_not_decompress_is_reported_and_the_rest_is_chec
                 seq += 1;
                 let ctx = Ctx { call_id: call_id.clone(), seq, now_ms: 1_000 + seq, timeouts };
                 let (after, effects) = state.step(&input, &ctx);
-                let record = Record {
-                    format: RECORD_FORMAT,
-                    seq,
-                    time_ms: ctx.now_ms,
-                    call_id: call_id.clone(),
-                    partition: 0,
-                    input,
-                    before: before.replace(after.name().to_owned()),
-                    after: after.clone(),
-                    effects,
-                };
+                let record =
+                    record(RECORD_FORMAT, &ctx, input, before.replace(after.name().to_owned()), &after, effects);
                 log.stage(&record).expect("stage");
                 if seq == 2_000 {
                     log.settle_dictionary().expect("dictionary");
