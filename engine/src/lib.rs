@@ -11,6 +11,7 @@
 //! - [`cluster`]: many engines on NATS JetStream: partitions, leases, a replicated log.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod allocator;
 pub mod cluster;
 pub mod core;
 mod driver;

@@ -341,8 +341,10 @@ async fn retention_removes_whole_calls_older_than_the_cutoff_and_keeps_the_rest(
     // Cutoff at time 1008: a and c are older; b's last record (1009) is not.
     let first = log.prune(1, 1008, keep, 3, None).expect("prune");
     assert_eq!((first.scanned, first.next), (3, Some(4)), "a budget of 3 records");
+    assert_eq!(first.floor, 2, "a went, b is the first record kept");
     let rest = log.prune(first.next.expect("more"), 1008, keep, 100, None).expect("prune");
     assert_eq!(rest.next, None, "reached a young record");
+    assert_eq!(rest.floor, 9, "a's and c's records went, b's young one stays");
     log.commit().await.expect("commit");
     assert_eq!((first.calls + rest.calls, first.records + rest.records), (2, 4));
     let left: Vec<u64> = log.records_from(1).map(|r| r.expect("readable").seq).collect();

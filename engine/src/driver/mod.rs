@@ -17,6 +17,7 @@
 
 mod forward;
 mod mi;
+mod retention;
 mod supervise;
 
 use std::collections::{HashSet, VecDeque};
@@ -38,6 +39,7 @@ use crate::log::disk::DiskGuard;
 use crate::log::{EventLog, LogError};
 use crate::store::Store;
 use crate::EngineConfig;
+use retention::{RetentionPlan, StepKind};
 
 pub(crate) use forward::{forward_commands, forward_commands_from, forward_events, record_service};
 pub(crate) use mi::{mi_request, reconcile_nodes, MiRoute};
@@ -50,8 +52,6 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 pub const MAX_BATCH: usize = 1024;
 /// How often the snapshots of the calls touched since are written.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-/// A retention pass starts at most this often (or every retention, when shorter).
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Answers from the owner's tasks waiting for it, at most.
 const ANSWERS: usize = 4096;
 /// Records a retention step looks at, at most (a few milliseconds of the owner's time).
@@ -131,9 +131,8 @@ pub(crate) struct Owner<S: Store> {
     answer_tx: mpsc::Sender<Work>,
     answers: mpsc::Receiver<Work>,
     last_checkpoint: Instant,
-    /// Retention: where its scan goes on (1: a new pass), and when the last pass ended.
-    prune_from: u64,
-    last_prune: Instant,
+    /// When retention runs and where its scan goes.
+    retention: RetentionPlan,
     metrics: EngineMetrics,
     /// Inputs to handle before the queue: a failed batch's, after the log works again.
     pending: VecDeque<Work>,
@@ -190,7 +189,9 @@ impl<S: Store> Owner<S> {
             }
         });
         let (answer_tx, answers) = mpsc::channel(ANSWERS);
+        let retention = RetentionPlan::new(config.retention, config.retention_bytes, Instant::now());
         Owner {
+            retention,
             config,
             core,
             store,
@@ -199,8 +200,6 @@ impl<S: Store> Owner<S> {
             answer_tx,
             answers,
             last_checkpoint: Instant::now(),
-            prune_from: 1,
-            last_prune: Instant::now(),
             metrics: EngineMetrics::new(),
             pending: VecDeque::new(),
             reconcile_at_start,
@@ -624,54 +623,45 @@ impl<S: Store> Owner<S> {
         }
     }
 
-    /// One step of retention (`engine.retention`, single engine): removes from the log the
-    /// calls whose whole history is older than the retention and that memory no longer holds,
-    /// then commits. A pass starts at most every minute (or every retention, when shorter)
-    /// and goes on a step per second until it reaches young records.
-    /// With `engine.retention_bytes`, a step also runs whenever the records take more than it,
-    /// removing the oldest calls that memory no longer holds until they fit.
+    /// One step of retention (`engine.retention`, `engine.retention_bytes`; single engine),
+    /// when the plan asks for one (see `retention`), then a commit.
     async fn prune_step(&mut self) -> Result<(), LogError> {
         if !self.store.local_upkeep() {
-            return Ok(());
-        }
-        let retention = self.config.retention.filter(|r| !r.is_zero());
-        let over = match self.config.retention_bytes {
-            0 => 0,
-            limit => self.store.log().stored_bytes().saturating_sub(limit),
-        };
-        let age_due =
-            retention.is_some_and(|r| self.prune_from != 1 || self.last_prune.elapsed() >= r.min(PRUNE_EVERY));
-        if over == 0 && !age_due {
             return Ok(());
         }
         // An archive asked for and not there: nothing goes (it was said at start).
         if self.config.archive_dir.is_some() && self.archive.is_none() {
             return Ok(());
         }
-        let core = &self.core;
-        let archive = self.archive.as_ref();
-        let log = self.store.log();
-        let step = match retention {
-            _ if over > 0 => log.prune_to_free(self.prune_from, over, |id| core.knows(id), PRUNE_BUDGET, archive)?,
-            Some(retention) => {
-                let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
-                let cutoff = self.config.clock.now_ms().saturating_sub(retention_ms);
-                log.prune(self.prune_from, cutoff, |id| core.knows(id), PRUNE_BUDGET, archive)?
-            }
-            None => return Ok(()),
+        let Some(step) = self.retention.next(self.store.log().stored_bytes(), Instant::now()) else {
+            return Ok(());
         };
-        match step.next {
-            Some(next) => self.prune_from = next,
-            None => {
-                self.prune_from = 1;
-                self.last_prune = Instant::now();
+        let (core, archive, log) = (&self.core, self.archive.as_ref(), self.store.log());
+        let keep = |id: &str| core.knows(id);
+        let did = match step.kind {
+            StepKind::Free(over) => log.prune_to_free(step.from, over, keep, PRUNE_BUDGET, archive)?,
+            StepKind::Age => {
+                let cutoff = self.retention.cutoff_ms(self.config.clock.now_ms()).unwrap_or(0);
+                log.prune(step.from, cutoff, keep, PRUNE_BUDGET, archive)?
             }
+        };
+        if let Some(over) = self.retention.done(step, &did, log.stored_bytes(), Instant::now()) {
+            tracing::warn!(
+                stored_bytes = over.stored_bytes,
+                retention_bytes = over.limit,
+                "the event log's records are over engine.retention_bytes and no other call in it may go yet: \
+                 each is live, still in memory (engine.ended_retention) or after the last checkpoint; retention \
+                 looks again in a minute. If this lasts, raise engine.retention_bytes"
+            );
         }
-        if step.records > 0 {
+        if did.records > 0 {
             self.store.commit().await?;
-            metrics::counter!("callbus_engine_retention_removed_records_total").increment(step.records as u64);
-            let why = if over > 0 { "the log is over engine.retention_bytes" } else { "older than engine.retention" };
-            tracing::info!(calls = step.calls, records = step.records, why, "calls removed from the log");
+            metrics::counter!("callbus_engine_retention_removed_records_total").increment(did.records as u64);
+            let why = match step.kind {
+                StepKind::Free(_) => "the log is over engine.retention_bytes",
+                StepKind::Age => "older than engine.retention",
+            };
+            tracing::info!(calls = did.calls, records = did.records, why, "calls removed from the log");
         }
         Ok(())
     }

@@ -374,6 +374,10 @@ pub struct Pruned {
     pub next: Option<u64>,
     /// Compressed bytes written to the archive (`engine.archive_dir`).
     pub archived_bytes: u64,
+    /// Every record from `from` up to this sequence is gone once the step is committed: the
+    /// first sequence it looked at and kept, or where it stopped. A later pass may start here
+    /// and not walk again over what was removed.
+    pub floor: u64,
 }
 
 impl SledLog {
@@ -428,30 +432,48 @@ impl SledLog {
         // The calls to remove, with their sequences: decided first, archived, then removed.
         let mut going: Vec<(String, Vec<u64>)> = Vec::new();
         let mut freeing = 0u64;
+        // The first sequence kept, and the one after the last looked at.
+        let (mut kept, mut after) = (None::<u64>, from);
         for item in self.records.range(from.to_be_bytes()..) {
             if out.scanned >= budget || free.is_some_and(|free| freeing >= free) {
                 break;
             }
-            let (_, v) = item.map_err(|e| self.store_error(e))?;
+            let (k, v) = item.map_err(|e| self.store_error(e))?;
+            let seq = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(after);
             let Ok(head) =
                 self.codec.plain(&v).map_err(drop).and_then(|v| rmp_serde::from_slice::<Head>(&v).map_err(drop))
             else {
                 out.scanned += 1;
-                continue; // an unreadable record is kept for `replay check` to report
+                // An unreadable record is kept for `replay check` to report.
+                kept.get_or_insert(seq);
+                after = seq + 1;
+                continue;
             };
             if head.time_ms >= cutoff_ms || head.seq > checkpoint {
+                kept.get_or_insert(head.seq);
                 out.next = None;
                 break;
             }
             out.scanned += 1;
             out.next = Some(head.seq + 1);
-            if keep(&head.call_id) || decided.contains_key(&head.call_id) {
+            after = head.seq + 1;
+            if keep(&head.call_id) {
+                kept.get_or_insert(head.seq);
+                continue;
+            }
+            if let Some(goes) = decided.get(&head.call_id) {
+                if !goes {
+                    kept.get_or_insert(head.seq);
+                }
                 continue;
             }
             // A call goes whole: every record of it (later ones too) and its index, at once.
             let seqs = self.seqs_of_call(&head.call_id)?;
             let prunable = self.call_is_older_than(&seqs, cutoff_ms, checkpoint)?;
             decided.insert(head.call_id.clone(), prunable);
+            if !prunable {
+                kept.get_or_insert(head.seq);
+            }
             if prunable {
                 if free.is_some() {
                     for seq in &seqs {
@@ -463,6 +485,7 @@ impl SledLog {
                 going.push((head.call_id, seqs));
             }
         }
+        out.floor = kept.unwrap_or(after);
         let freed_enough = free.is_some_and(|free| freeing >= free);
         if out.scanned < budget && out.next.is_some() && !freed_enough {
             out.next = None;

@@ -11,6 +11,9 @@
 //! Each sample (every 10 s) takes RSS, the data dir's bytes and the median time from a
 //! `call.start` request to its `accepted` answer (logged, flushed) over the sample.
 //!
+//! The allocator's arenas are capped as `callbus` caps them (`--arenas-as-is` leaves glibc's
+//! default, to compare).
+//!
 //! `cargo run --release -p callbus-tests --bin soak -- --minutes 60` (the documented long run);
 //! `-- --minutes 2` in CI. Prints `RESULT|…` lines; the slopes are per hour, from a least-squares
 //! line over the samples after the first minute (the log and the caches fill up first).
@@ -19,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use callbus_tests::stack::{accepted, Stack};
-use callbus_tests::{heap_in_use, rss_bytes};
+use callbus_tests::{heap_from_system, heap_in_use, rss_bytes};
 use opensips_sim::{CallScript, SimConfig};
 use serde_json::json;
 
@@ -38,8 +41,8 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 }
 
 /// One sample: minutes since the start, RSS, data dir bytes, median accept latency (ms), heap
-/// in use (bytes; 0 where the allocator does not say).
-type Sample = (f64, f64, f64, f64, f64);
+/// in use and heap taken from the system (bytes; 0 where the allocator does not say).
+type Sample = (f64, f64, f64, f64, f64, f64);
 
 /// The least-squares slope of `y` over `x`.
 fn slope(points: &[(f64, f64)]) -> f64 {
@@ -62,8 +65,16 @@ fn arg(name: &str) -> Option<f64> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
+    // As `callbus` does, before any thread (`--arenas-as-is`: glibc's own, to compare).
+    if !std::env::args().any(|a| a == "--arenas-as-is") {
+        callbus_engine::allocator::limit_arenas();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    runtime.unwrap_or_else(|e| panic!("no tokio runtime: {e}")).block_on(soak());
+}
+
+async fn soak() {
     let minutes = arg("--minutes").unwrap_or(60.0);
     let rate = arg("--rate").unwrap_or(20.0).max(1.0) as usize;
     // sled's page cache (64 MiB by default), smaller to see it full within the run.
@@ -127,11 +138,13 @@ async fn main() {
             let median = window.get(window.len() / 2).copied().unwrap_or(0.0);
             let at = started.elapsed().as_secs_f64() / 60.0;
             let heap = heap_in_use().unwrap_or(0) as f64;
-            let sample = (at, rss_bytes() as f64, dir_bytes(stack.data.path()) as f64, median, heap);
+            let taken = heap_from_system().unwrap_or(0) as f64;
+            let sample = (at, rss_bytes() as f64, dir_bytes(stack.data.path()) as f64, median, heap, taken);
             eprintln!(
-                "  {at:5.1} min: RSS {:.1} MiB (heap in use {:.1} MiB), data dir {:.1} MiB, call.start accepted in {median:.2} ms (median)",
+                "  {at:5.1} min: RSS {:.1} MiB (heap in use {:.1} MiB of {:.1} taken), data dir {:.1} MiB, call.start accepted in {median:.2} ms (median)",
                 sample.1 / 1048576.0,
                 heap / 1048576.0,
+                taken / 1048576.0,
                 sample.2 / 1048576.0
             );
             samples.push(sample);
@@ -151,6 +164,12 @@ async fn main() {
     println!("RESULT|soak RSS slope|{:.2}|MiB/h", per_hour(|s| s.1) / 1048576.0);
     println!("RESULT|soak heap in use at start, at end|{:.1}, {:.1}|MiB", first.4 / 1048576.0, last.4 / 1048576.0);
     println!("RESULT|soak heap in use slope|{:.2}|MiB/h", per_hour(|s| s.4) / 1048576.0);
+    println!(
+        "RESULT|soak heap taken from the system at start, at end|{:.1}, {:.1}|MiB",
+        first.5 / 1048576.0,
+        last.5 / 1048576.0
+    );
+    println!("RESULT|soak heap taken from the system slope|{:.2}|MiB/h", per_hour(|s| s.5) / 1048576.0);
     println!("RESULT|soak data dir at start, at end|{:.1}, {:.1}|MiB", first.2 / 1048576.0, last.2 / 1048576.0);
     println!("RESULT|soak data dir slope|{:.2}|MiB/h", per_hour(|s| s.2) / 1048576.0);
     println!("RESULT|soak call.start accepted, median at start, at end|{:.2}, {:.2}|ms", first.3, last.3);
