@@ -206,7 +206,7 @@ const DIALOG: &[NotificationDoc] = &[
     NotificationDoc { events: &["unhold_started", "resumed", "unhold_failed"], data: &[("leg", "")], when: "per leg" },
     NotificationDoc {
         events: &["transfer_requested"],
-        data: &[("kind", "`blind` or `attended`")],
+        data: &[("kind", "the transfer asked: `{\"blind\": {leg, destination}}` or `{\"attended\": {leg, other, other_leg}}`")],
         when: "OpenSIPS sent the REFER",
     },
     NotificationDoc {

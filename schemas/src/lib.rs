@@ -29,6 +29,7 @@ pub mod input;
 pub mod json_schema;
 pub mod mi;
 pub mod mi_call;
+pub mod notes;
 pub mod subjects;
 
 /// The largest UDP payload (IPv4): nothing bigger can arrive as one datagram.

@@ -34,6 +34,7 @@ use callbus_schemas::event::{UaEventType, UaSession};
 use super::sdp::{self, Origin};
 use super::ua::{failed, failure_cause, mi_error_text, notify, succeeded, ua_event, wrong_state, UaEnd};
 use super::{command_verb, Ctx, Effect, Input};
+use callbus_schemas::notes::{BridgedNote, Connected, Detail, LegReply, LegSession, Ringing};
 
 /// Where one leg is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -416,7 +417,8 @@ impl BridgedState {
         });
         self.mi(ctx, n, slot, BRequest::Start, call, effects);
         effects.push(Effect::StartTimer { name: ring_timer(slot), after_ms: ctx.timeouts.ring_ms });
-        notify(effects, "dialing", self.start_or_transfer_cmd(slot), json!({"leg": slot.name(), "uri": uri}));
+        let note = BridgedNote::Dialing { leg: slot.name().to_owned(), uri: uri.to_owned() };
+        notify(effects, self.start_or_transfer_cmd(slot), note);
     }
 
     fn start_or_transfer_cmd(&self, slot: Slot) -> Option<&str> {
@@ -487,7 +489,7 @@ impl BridgedState {
             effects.push(Effect::CancelTimer { name: reinvite_timer(slot) });
         }
         effects.push(Effect::CancelTimer { name: super::ua::MAX_TIMER.into() });
-        notify(effects, "ended", None, json!({"by": by, "reason": reason, "status": status}));
+        notify(effects, None, BridgedNote::Ended { by: by.to_owned(), reason: reason.to_owned(), status });
         if let Some(cmd) = self.start_cmd.take() {
             failed(effects, Some(&cmd), "call.start", reason);
         }
@@ -498,7 +500,7 @@ impl BridgedState {
             failed(effects, Some(&t.cmd_id), "call.transfer.blind", "the call ended");
         }
         if let Some(cmd) = self.ending_cmd.take() {
-            succeeded(effects, Some(&cmd), "call.end", json!({"reason": reason}));
+            succeeded(effects, Some(&cmd), "call.end", Detail { reason: Some(reason.to_owned()), ..Detail::default() });
         }
         self.end = Some(UaEnd { by: by.into(), reason: reason.into(), status });
     }
@@ -524,7 +526,7 @@ impl BridgedState {
             }
             Command::End { .. } | Command::UaTerminate { .. } => {
                 self.ending_cmd = Some(cmd_id.to_owned());
-                notify(effects, "ending", Some(cmd_id), json!({"by": "local"}));
+                notify(effects, Some(cmd_id), BridgedNote::Ending { by: "local".to_owned() });
                 for slot in [Slot::Caller, Slot::Callee, Slot::New] {
                     self.terminate_leg(slot, ctx, n, effects);
                 }
@@ -544,19 +546,20 @@ impl BridgedState {
                     self.update(slot, BRequest::Reinvite, Some(body), ctx, n, effects);
                     effects.push(Effect::StartTimer { name: reinvite_timer(slot), after_ms: ctx.timeouts.reinvite_ms });
                 }
-                notify(effects, if hold { "hold_requested" } else { "unhold_requested" }, Some(cmd_id), json!({}));
+                let note = if hold { BridgedNote::HoldRequested {} } else { BridgedNote::UnholdRequested {} };
+                notify(effects, Some(cmd_id), note);
             }
             Command::TransferBlind { leg, destination, .. } => {
                 let staying = if *leg == LegName::Caller { Slot::Caller } else { Slot::Callee };
                 self.transfer =
                     Some(BTransfer { cmd_id: cmd_id.to_owned(), staying, destination: destination.clone() });
                 self.new_leg = Some(BLeg::new(destination, ctx.now_ms));
-                notify(
-                    effects,
-                    "transfer_requested",
-                    Some(cmd_id),
-                    json!({"staying": staying.name(), "replaced": staying.other().name(), "destination": destination}),
-                );
+                let note = BridgedNote::TransferRequested {
+                    staying: staying.name().to_owned(),
+                    replaced: staying.other().name().to_owned(),
+                    destination: destination.clone(),
+                };
+                notify(effects, Some(cmd_id), note);
                 let shown = self.legs[if staying == Slot::Caller { 0 } else { 1 }].uri.clone();
                 self.dial(Slot::New, &shown, ctx, n, effects);
             }
@@ -599,8 +602,8 @@ impl BridgedState {
                                 leg.status = LegStatus::Calling;
                             }
                         }
-                        let data = json!({"leg": slot.name(), "key": key, "caller": self.legs[0].uri, "callee": self.legs[1].uri});
-                        notify(effects, "calling", self.start_or_transfer_cmd(slot), data);
+                        let data = self.leg_session(slot, Some(key.clone()));
+                        notify(effects, self.start_or_transfer_cmd(slot), BridgedNote::Calling(data));
                     }
                     None if gone => {}
                     None => {
@@ -651,12 +654,9 @@ impl BridgedState {
             self.terminate_leg(Slot::New, ctx, n, effects);
             self.new_leg = None;
             if let Some(t) = self.transfer.take() {
-                notify(
-                    effects,
-                    "transfer_failed",
-                    Some(&t.cmd_id),
-                    json!({"destination": t.destination, "cause": cause, "status": status}),
-                );
+                let note =
+                    BridgedNote::TransferFailed { destination: t.destination.clone(), cause: cause.to_owned(), status };
+                notify(effects, Some(&t.cmd_id), note);
                 failed(effects, Some(&t.cmd_id), "call.transfer.blind", text);
             }
             return;
@@ -664,12 +664,13 @@ impl BridgedState {
         if let Some(leg) = self.leg_mut(slot) {
             leg.status = LegStatus::Gone;
         }
-        notify(
-            effects,
-            "failed",
-            self.start_cmd.as_deref(),
-            json!({"leg": slot.name(), "cause": cause, "status": status, "detail": text}),
-        );
+        let note = BridgedNote::Failed {
+            leg: slot.name().to_owned(),
+            cause: cause.to_owned(),
+            status,
+            detail: text.to_owned(),
+        };
+        notify(effects, self.start_cmd.as_deref(), note);
         let reason = format!("{}_{cause}", slot.name());
         self.fail("remote", &reason, status, ctx, n, effects);
     }
@@ -687,9 +688,17 @@ impl BridgedState {
                     leg.status = LegStatus::Ringing;
                 }
                 let key = self.leg(slot).and_then(|l| l.key.clone());
-                let data = json!({"leg": slot.name(), "key": key, "status": e.status, "reason": e.reason, "caller": self.legs[0].uri, "callee": self.legs[1].uri});
-                let event = if slot == Slot::New { "transfer_ringing" } else { "ringing" };
-                notify(effects, event, self.start_or_transfer_cmd(slot), data);
+                let data = Ringing {
+                    leg: slot.name().to_owned(),
+                    key,
+                    status: e.status,
+                    reason: e.reason.clone(),
+                    caller: self.legs[0].uri.clone(),
+                    callee: self.legs[1].uri.clone(),
+                };
+                let note =
+                    if slot == Slot::New { BridgedNote::TransferRinging(data) } else { BridgedNote::Ringing(data) };
+                notify(effects, self.start_or_transfer_cmd(slot), note);
             }
             UaEventType::Rejected if setting_up && e.method == "INVITE" => {
                 effects.push(Effect::CancelTimer { name: ring_timer(slot) });
@@ -725,26 +734,23 @@ impl BridgedState {
                             effects,
                         );
                         self.legs[0].status = LegStatus::Up;
-                        let data = json!({"leg": "caller", "key": self.legs[0].key, "caller": self.legs[0].uri, "callee": self.legs[1].uri});
-                        notify(effects, "answered", self.start_cmd.as_deref(), data);
+                        let data = self.leg_session(Slot::Caller, self.legs[0].key.clone());
+                        notify(effects, self.start_cmd.as_deref(), BridgedNote::Answered(data));
                         self.phase = BPhase::CallingCallee;
                         let shown = self.from.clone().unwrap_or_else(|| self.legs[0].uri.clone());
                         self.dial(Slot::Callee, &shown, ctx, n, effects);
                     }
                     Slot::Callee => {
-                        let data = json!({"leg": "callee", "key": self.legs[1].key, "caller": self.legs[0].uri, "callee": self.legs[1].uri});
-                        notify(effects, "answered", self.start_cmd.as_deref(), data);
+                        let data = self.leg_session(Slot::Callee, self.legs[1].key.clone());
+                        notify(effects, self.start_cmd.as_deref(), BridgedNote::Answered(data));
                         self.connect(Slot::Caller, &offer, ctx, n, effects);
                     }
                     Slot::New => {
                         let Some(t) = self.transfer.clone() else { return };
                         let replaced = t.staying.other();
-                        notify(
-                            effects,
-                            "transfer_answered",
-                            Some(&t.cmd_id),
-                            json!({"destination": t.destination, "key": self.new_leg.as_ref().and_then(|l| l.key.clone())}),
-                        );
+                        let key = self.new_leg.as_ref().and_then(|l| l.key.clone());
+                        let note = BridgedNote::TransferAnswered { destination: t.destination.clone(), key };
+                        notify(effects, Some(&t.cmd_id), note);
                         self.terminate_leg(replaced, ctx, n, effects);
                         if let Some(new) = self.new_leg.take() {
                             match replaced {
@@ -760,7 +766,12 @@ impl BridgedState {
             UaEventType::Rejected if e.method == "INVITE" => self.reinvite_done(slot, e, false, ctx, n, effects),
             UaEventType::Updated if e.method != "ACK" => {
                 // The phones talk to each other; in-dialog requests to callbus are not expected.
-                notify(effects, "request", None, json!({"leg": slot.name(), "method": e.method, "body": e.body}));
+                let note = BridgedNote::Request {
+                    leg: slot.name().to_owned(),
+                    method: e.method.clone(),
+                    body: e.body.clone(),
+                };
+                notify(effects, None, note);
             }
             UaEventType::Terminated => {
                 if let Some(leg) = self.leg_mut(slot) {
@@ -817,24 +828,31 @@ impl BridgedState {
                         peer_leg.status = LegStatus::Up;
                         self.update(peer, BRequest::Ack, Some(sdp::with_origin(&a, origin)), ctx, n, effects);
                         self.phase = BPhase::Connected;
-                        let data = json!({"caller": self.legs[0].uri, "callee": self.legs[1].uri, "caller_key": self.legs[0].key, "callee_key": self.legs[1].key});
+                        let data = Connected {
+                            caller: self.legs[0].uri.clone(),
+                            callee: self.legs[1].uri.clone(),
+                            caller_key: self.legs[0].key.clone(),
+                            callee_key: self.legs[1].key.clone(),
+                        };
                         if let Some(t) = self.transfer.take() {
-                            notify(
-                                effects,
-                                "transferred",
-                                Some(&t.cmd_id),
-                                json!({"destination": t.destination, "staying": t.staying.name()}),
-                            );
-                            succeeded(
-                                effects,
-                                Some(&t.cmd_id),
-                                "call.transfer.blind",
-                                json!({"destination": t.destination}),
-                            );
+                            let note = BridgedNote::Transferred {
+                                destination: t.destination.clone(),
+                                staying: t.staying.name().to_owned(),
+                            };
+                            notify(effects, Some(&t.cmd_id), note);
+                            let detail = Detail { destination: Some(t.destination.clone()), ..Detail::default() };
+                            succeeded(effects, Some(&t.cmd_id), "call.transfer.blind", detail);
                         } else {
                             let cmd = self.start_cmd.take();
-                            notify(effects, "connected", cmd.as_deref(), data.clone());
-                            succeeded(effects, cmd.as_deref(), "call.start", data);
+                            let detail = Detail {
+                                caller: Some(data.caller.clone()),
+                                callee: Some(data.callee.clone()),
+                                caller_key: data.caller_key.clone(),
+                                callee_key: data.callee_key.clone(),
+                                ..Detail::default()
+                            };
+                            notify(effects, cmd.as_deref(), BridgedNote::Connected(data));
+                            succeeded(effects, cmd.as_deref(), "call.start", detail);
                         }
                     }
                     (_, _) => {
@@ -852,16 +870,17 @@ impl BridgedState {
             Reinvite::Hold | Reinvite::Unhold => {
                 let hold = purpose == Reinvite::Hold;
                 let cmd = self.hold_op.as_ref().map(|o| o.cmd_id.clone());
-                let event = match (hold, ok) {
-                    (true, true) => "leg_held",
-                    (true, false) => "leg_hold_failed",
-                    (false, true) => "leg_resumed",
-                    (false, false) => "leg_unhold_failed",
+                let reply = LegReply { leg: slot.name().to_owned(), status: e.status };
+                let note = match (hold, ok) {
+                    (true, true) => BridgedNote::LegHeld(reply),
+                    (true, false) => BridgedNote::LegHoldFailed(reply),
+                    (false, true) => BridgedNote::LegResumed(reply),
+                    (false, false) => BridgedNote::LegUnholdFailed(reply),
                 };
                 if let Some(leg) = self.leg_mut(slot) {
                     leg.hold_failed = !ok;
                 }
-                notify(effects, event, cmd.as_deref(), json!({"leg": slot.name(), "status": e.status}));
+                notify(effects, cmd.as_deref(), note);
                 self.hold_progress(effects);
             }
         }
@@ -883,8 +902,18 @@ impl BridgedState {
             return;
         }
         self.held = op.hold;
-        notify(effects, if op.hold { "held" } else { "resumed" }, Some(&op.cmd_id), json!({}));
-        succeeded(effects, Some(&op.cmd_id), verb, json!({}));
+        notify(effects, Some(&op.cmd_id), if op.hold { BridgedNote::Held {} } else { BridgedNote::Resumed {} });
+        succeeded(effects, Some(&op.cmd_id), verb, Detail::default());
+    }
+
+    /// A leg's session, with the parties, for `calling` and `answered`.
+    fn leg_session(&self, slot: Slot, key: Option<String>) -> LegSession {
+        LegSession {
+            leg: slot.name().to_owned(),
+            key,
+            caller: self.legs[0].uri.clone(),
+            callee: self.legs[1].uri.clone(),
+        }
     }
 
     fn on_timer(&mut self, name: &str, ctx: &Ctx, n: &mut usize, effects: &mut Vec<Effect>) {
@@ -914,7 +943,7 @@ impl BridgedState {
                         leg.hold_failed = true;
                     }
                     let cmd = self.hold_op.as_ref().map(|o| o.cmd_id.clone());
-                    notify(effects, "leg_hold_timeout", cmd.as_deref(), json!({"leg": slot.name()}));
+                    notify(effects, cmd.as_deref(), BridgedNote::LegHoldTimeout { leg: slot.name().to_owned() });
                     self.hold_progress(effects);
                 }
             }

@@ -15,13 +15,13 @@
 
 use callbus_schemas::mi_call::{CallTransfer, DialogCallId, DlgEndDlg, MiCall};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use callbus_schemas::bus::MiBusReply;
 use callbus_schemas::command::{CallTarget, Command, CommandError, CommandErrorCode, LegName};
 use callbus_schemas::event::{DlgState, Event, HoldAction, HoldState, Leg, TransferState};
 
-use super::{command_verb, Ctx, Effect, Input};
+use super::{command_verb, notify, Ctx, Effect, Input};
+use callbus_schemas::notes::{Detail, DialogNote, Moved};
 
 /// The call's main state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +57,20 @@ pub enum LegHold {
     ResumeFailed,
 }
 
+impl LegHold {
+    /// Its name, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LegHold::Resumed => "resumed",
+            LegHold::Holding => "holding",
+            LegHold::Held => "held",
+            LegHold::Resuming => "resuming",
+            LegHold::HoldFailed => "hold_failed",
+            LegHold::ResumeFailed => "resume_failed",
+        }
+    }
+}
+
 /// A hold or unhold in progress.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldOp {
@@ -70,27 +84,7 @@ pub struct HoldOp {
     pub accepted: bool,
 }
 
-/// A transfer's target.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TransferKind {
-    /// `leg` is sent to `destination`.
-    Blind {
-        /// The leg that stays.
-        leg: LegName,
-        /// Where it goes.
-        destination: String,
-    },
-    /// `leg` is connected with `other_leg` of call `other`.
-    Attended {
-        /// The leg that gets the REFER.
-        leg: LegName,
-        /// The other call's SIP Call-ID.
-        other: String,
-        /// Its leg.
-        other_leg: LegName,
-    },
-}
+pub use callbus_schemas::notes::TransferKind;
 
 /// The transfer region.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,16 +177,12 @@ const HOLD_SETTLE_MS: u64 = 500;
 const TRANSFER_TIMER: &str = "transfer";
 const END_TIMER: &str = "end";
 
-fn notify(effects: &mut Vec<Effect>, event: &str, cmd_id: Option<&str>, data: Value) {
-    effects.push(Effect::Notify { event: event.to_owned(), cmd_id: cmd_id.map(str::to_owned), data });
-}
-
-fn succeeded(effects: &mut Vec<Effect>, cmd_id: &str, verb: &str, data: Value) {
-    notify(effects, "command_succeeded", Some(cmd_id), json!({"verb": verb, "detail": data}));
+fn succeeded(effects: &mut Vec<Effect>, cmd_id: &str, verb: &str, detail: Detail) {
+    super::succeeded(effects, Some(cmd_id), verb, detail);
 }
 
 fn failed(effects: &mut Vec<Effect>, cmd_id: &str, verb: &str, reason: &str) {
-    notify(effects, "command_failed", Some(cmd_id), json!({"verb": verb, "reason": reason}));
+    super::failed(effects, Some(cmd_id), verb, reason);
 }
 
 fn mi_error_text(reply: &MiBusReply) -> String {
@@ -334,11 +324,11 @@ impl DialogState {
         if self.dialog_id.is_none() {
             self.dialog_id = Some(d.id.clone());
         }
-        let data = json!({"old_state": d.old_state.code(), "new_state": d.new_state.code()});
+        let data = Moved::states(d.old_state.code(), d.new_state.code());
         match d.new_state {
             DlgState::Early if self.phase == Phase::Unconfirmed => {
                 self.phase = Phase::Early;
-                notify(effects, "early", None, data);
+                notify(effects, None, DialogNote::Early(data));
             }
             DlgState::Answered
                 if matches!(self.phase, Phase::Unconfirmed | Phase::Early)
@@ -346,11 +336,11 @@ impl DialogState {
             {
                 self.phase = Phase::Answered;
                 self.end_reason = None;
-                notify(effects, "answered", None, data);
+                notify(effects, None, DialogNote::Answered(data));
             }
             DlgState::Confirmed if matches!(self.phase, Phase::Unconfirmed | Phase::Early | Phase::Answered) => {
                 self.phase = Phase::Confirmed;
-                notify(effects, "confirmed", None, data);
+                notify(effects, None, DialogNote::Confirmed(data));
             }
             DlgState::Deleted if self.phase != Phase::Ended => {
                 let reason = match (&self.end_op, d.old_state) {
@@ -371,10 +361,15 @@ impl DialogState {
         for timer in [HOLD_TIMER, HOLD_SETTLE_TIMER, TRANSFER_TIMER, END_TIMER] {
             effects.push(Effect::CancelTimer { name: timer.into() });
         }
-        notify(effects, "ended", None, json!({"reason": reason}));
+        notify(effects, None, DialogNote::Ended { reason: reason.to_owned() });
         if let Some(op) = self.end_op.take() {
             if let Some(cmd_id) = op.cmd_id {
-                succeeded(effects, &cmd_id, "call.end", json!({"reason": reason}));
+                succeeded(
+                    effects,
+                    &cmd_id,
+                    "call.end",
+                    Detail { reason: Some(reason.to_owned()), ..Detail::default() },
+                );
             }
         }
         if let Some(op) = self.hold_op.take() {
@@ -402,14 +397,14 @@ impl DialogState {
             HoldAction::Unknown(_) => return,
         };
         let cmd_id = self.hold_op.as_ref().map(|op| op.cmd_id.clone());
-        let data = json!({"leg": leg.as_str()});
+        let leg_name = leg.as_str().to_owned();
         let (region, event) = match (&h.state, hold) {
-            (HoldState::Start, true) => (LegHold::Holding, "hold_started"),
-            (HoldState::Start, false) => (LegHold::Resuming, "unhold_started"),
-            (HoldState::Ok, true) => (LegHold::Held, "held"),
-            (HoldState::Ok, false) => (LegHold::Resumed, "resumed"),
-            (HoldState::Fail, true) => (LegHold::HoldFailed, "hold_failed"),
-            (HoldState::Fail, false) => (LegHold::ResumeFailed, "unhold_failed"),
+            (HoldState::Start, true) => (LegHold::Holding, DialogNote::HoldStarted { leg: leg_name }),
+            (HoldState::Start, false) => (LegHold::Resuming, DialogNote::UnholdStarted { leg: leg_name }),
+            (HoldState::Ok, true) => (LegHold::Held, DialogNote::Held { leg: leg_name }),
+            (HoldState::Ok, false) => (LegHold::Resumed, DialogNote::Resumed { leg: leg_name }),
+            (HoldState::Fail, true) => (LegHold::HoldFailed, DialogNote::HoldFailed { leg: leg_name }),
+            (HoldState::Fail, false) => (LegHold::ResumeFailed, DialogNote::UnholdFailed { leg: leg_name }),
             (HoldState::Unknown(_), _) => return,
         };
         let current = *self.leg_mut(leg);
@@ -425,7 +420,7 @@ impl DialogState {
         if !final_already {
             *self.leg_mut(leg) = region;
         }
-        notify(effects, event, cmd_id.as_deref(), data);
+        notify(effects, cmd_id.as_deref(), event);
         self.complete_hold(false, effects);
     }
 
@@ -463,7 +458,12 @@ impl DialogState {
         let verb = if op.hold { "call.hold" } else { "call.unhold" };
         let cmd_id = op.cmd_id.clone();
         if refused.is_empty() {
-            succeeded(effects, &cmd_id, verb, json!({"caller": self.caller, "callee": self.callee}));
+            let detail = Detail {
+                caller: Some(self.caller.as_str().to_owned()),
+                callee: Some(self.callee.as_str().to_owned()),
+                ..Detail::default()
+            };
+            succeeded(effects, &cmd_id, verb, detail);
         } else {
             failed(effects, &cmd_id, verb, &format!("the {} leg refused the re-INVITE", refused.join(" and ")));
         }
@@ -496,15 +496,14 @@ impl DialogState {
                         after_ms: ctx.timeouts.transfer_answer_ms,
                     });
                 }
-                notify(
-                    effects,
-                    "transfer_started",
-                    cmd_id.as_deref(),
-                    json!({"new_sip_call_id": t.transfer_callid, "destination": t.destination}),
-                );
+                let note = DialogNote::TransferStarted {
+                    new_sip_call_id: t.transfer_callid.clone(),
+                    destination: t.destination.clone(),
+                };
+                notify(effects, cmd_id.as_deref(), note);
             }
             TransferState::Notify => {
-                notify(effects, "transfer_progress", cmd_id.as_deref(), json!({"status": t.status}));
+                notify(effects, cmd_id.as_deref(), DialogNote::TransferProgress { status: t.status.clone() });
             }
             TransferState::Ok => {
                 if matches!(self.transfer, Transfer::Done { .. }) {
@@ -512,14 +511,12 @@ impl DialogState {
                 }
                 self.transfer = Transfer::Done { new_call: t.transfer_callid.clone() };
                 effects.push(Effect::CancelTimer { name: TRANSFER_TIMER.into() });
-                notify(
-                    effects,
-                    "transferred",
-                    cmd_id.as_deref(),
-                    json!({"new_sip_call_id": t.transfer_callid, "status": t.status}),
-                );
+                let note =
+                    DialogNote::Transferred { new_sip_call_id: t.transfer_callid.clone(), status: t.status.clone() };
+                notify(effects, cmd_id.as_deref(), note);
                 if let Some(cmd_id) = &cmd_id {
-                    succeeded(effects, cmd_id, verb, json!({"new_sip_call_id": t.transfer_callid}));
+                    let detail = Detail { new_sip_call_id: Some(t.transfer_callid.clone()), ..Detail::default() };
+                    succeeded(effects, cmd_id, verb, detail);
                     // The transferor's side is not hung up by OpenSIPS: end it (Call API does too).
                     if self.phase != Phase::Ended && self.end_op.is_none() {
                         let request = ctx.request_id(0);
@@ -532,7 +529,8 @@ impl DialogState {
             TransferState::Fail => {
                 self.transfer = Transfer::Failed { reason: format!("the new call failed: {}", t.status) };
                 effects.push(Effect::CancelTimer { name: TRANSFER_TIMER.into() });
-                notify(effects, "transfer_failed", cmd_id.as_deref(), json!({"status": t.status}));
+                let note = DialogNote::TransferFailed { reason: None, status: Some(t.status.clone()) };
+                notify(effects, cmd_id.as_deref(), note);
                 if let Some(cmd_id) = &cmd_id {
                     failed(effects, cmd_id, verb, &format!("the transfer target answered {}", t.status));
                 }
@@ -610,7 +608,7 @@ impl DialogState {
         if self.end_op.as_ref().is_some_and(|op| op.request == request) {
             if ok {
                 let cmd_id = self.end_op.as_ref().and_then(|op| op.cmd_id.clone());
-                notify(effects, "ending", cmd_id.as_deref(), json!({}));
+                notify(effects, cmd_id.as_deref(), DialogNote::Ending {});
             } else if code == Some(404) {
                 // OpenSIPS no longer has the dialog: it ended without us seeing the event.
                 self.end("gone", ctx, effects);
@@ -632,8 +630,8 @@ impl DialogState {
             let verb = if hold { "call.hold" } else { "call.unhold" };
             if ok {
                 op.accepted = true;
-                let event = if hold { "hold_requested" } else { "unhold_requested" };
-                notify(effects, event, Some(&cmd_id), json!({}));
+                let note = if hold { DialogNote::HoldRequested {} } else { DialogNote::UnholdRequested {} };
+                notify(effects, Some(&cmd_id), note);
                 effects.push(Effect::StartTimer { name: HOLD_SETTLE_TIMER.into(), after_ms: HOLD_SETTLE_MS });
                 self.complete_hold(false, effects);
             } else if code == Some(480) {
@@ -643,12 +641,8 @@ impl DialogState {
                 self.callee = state;
                 self.hold_op = None;
                 effects.push(Effect::CancelTimer { name: HOLD_TIMER.into() });
-                succeeded(
-                    effects,
-                    &cmd_id,
-                    verb,
-                    json!({"note": "OpenSIPS reports the legs were already in that state"}),
-                );
+                let note = Some("OpenSIPS reports the legs were already in that state".to_owned());
+                succeeded(effects, &cmd_id, verb, Detail { note, ..Detail::default() });
             } else {
                 self.hold_op = None;
                 effects.push(Effect::CancelTimer { name: HOLD_TIMER.into() });
@@ -662,7 +656,7 @@ impl DialogState {
             }
             let (cmd_id, kind) = (cmd_id.clone(), kind.clone());
             if ok {
-                notify(effects, "transfer_requested", Some(&cmd_id), json!({"kind": kind}));
+                notify(effects, Some(&cmd_id), DialogNote::TransferRequested { kind: kind.clone() });
                 effects.push(Effect::StartTimer { name: TRANSFER_TIMER.into(), after_ms: ctx.timeouts.refer_ms });
                 self.transfer = Transfer::ReferSent { cmd_id, kind };
             } else {
@@ -671,7 +665,11 @@ impl DialogState {
                 } else {
                     format!("OpenSIPS refused: {}", mi_error_text(reply))
                 };
-                notify(effects, "transfer_failed", Some(&cmd_id), json!({"reason": reason}));
+                notify(
+                    effects,
+                    Some(&cmd_id),
+                    DialogNote::TransferFailed { reason: Some(reason.clone()), status: None },
+                );
                 failed(effects, &cmd_id, transfer_verb(&kind), &reason);
                 self.transfer = Transfer::Failed { reason };
             }
@@ -714,7 +712,11 @@ impl DialogState {
                     ),
                     _ => return,
                 };
-                notify(effects, "transfer_failed", cmd_id.as_deref(), json!({"reason": reason}));
+                notify(
+                    effects,
+                    cmd_id.as_deref(),
+                    DialogNote::TransferFailed { reason: Some(reason.clone()), status: None },
+                );
                 if let Some(cmd_id) = &cmd_id {
                     failed(effects, cmd_id, verb, &reason);
                 }
@@ -740,15 +742,15 @@ impl DialogState {
             }
             Some(DlgState::Confirmed) if self.phase != Phase::Confirmed && self.phase != Phase::Ended => {
                 self.phase = Phase::Confirmed;
-                notify(effects, "confirmed", None, json!({"source": "reconcile"}));
+                notify(effects, None, DialogNote::Confirmed(Moved::reconciled()));
             }
             Some(DlgState::Answered) if matches!(self.phase, Phase::Unconfirmed | Phase::Early) => {
                 self.phase = Phase::Answered;
-                notify(effects, "answered", None, json!({"source": "reconcile"}));
+                notify(effects, None, DialogNote::Answered(Moved::reconciled()));
             }
             Some(DlgState::Early) if self.phase == Phase::Unconfirmed => {
                 self.phase = Phase::Early;
-                notify(effects, "early", None, json!({"source": "reconcile"}));
+                notify(effects, None, DialogNote::Early(Moved::reconciled()));
             }
             _ => {}
         }

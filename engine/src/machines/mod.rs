@@ -14,6 +14,27 @@ use serde_json::Value;
 
 use callbus_schemas::bus::MiBusReply;
 use callbus_schemas::command::Command;
+use callbus_schemas::notes::{Detail, Outcome};
+
+/// Adds a notification of the call: `note` is its event and its data.
+pub(crate) fn notify(effects: &mut Vec<Effect>, cmd_id: Option<&str>, note: impl callbus_schemas::notes::Note) {
+    let (event, data) = note.parts();
+    effects.push(Effect::Notify { event, cmd_id: cmd_id.map(str::to_owned), data });
+}
+
+/// Adds the success of the command `cmd_id` (`verb`), with what it gave.
+pub(crate) fn succeeded(effects: &mut Vec<Effect>, cmd_id: Option<&str>, verb: &str, detail: Detail) {
+    if cmd_id.is_some() {
+        notify(effects, cmd_id, Outcome::CommandSucceeded { verb: verb.to_owned(), detail: Box::new(detail) });
+    }
+}
+
+/// Adds the failure of the command `cmd_id` (`verb`), with why.
+pub(crate) fn failed(effects: &mut Vec<Effect>, cmd_id: Option<&str>, verb: &str, reason: &str) {
+    if cmd_id.is_some() {
+        notify(effects, cmd_id, Outcome::CommandFailed { verb: verb.to_owned(), reason: reason.to_owned() });
+    }
+}
 
 pub use bridged::BridgedState;
 pub use dialog::DialogState;

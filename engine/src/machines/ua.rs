@@ -29,6 +29,8 @@ use callbus_schemas::command::{Command, CommandError, Payload};
 use callbus_schemas::event::{Event, UaEventType, UaSession};
 
 use super::{command_verb, Ctx, Effect, Input};
+pub(crate) use super::{failed, notify, succeeded};
+use callbus_schemas::notes::{Detail, UaNote};
 
 /// Which side OpenSIPS plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,22 +163,6 @@ const ACK_TIMER: &str = "ack";
 pub(crate) const MAX_TIMER: &str = "max";
 const REPLY_TIMER: &str = "reply";
 const TXN_TIMER: &str = "txn";
-
-pub(crate) fn notify(effects: &mut Vec<Effect>, event: &str, cmd_id: Option<&str>, data: Value) {
-    effects.push(Effect::Notify { event: event.to_owned(), cmd_id: cmd_id.map(str::to_owned), data });
-}
-
-pub(crate) fn succeeded(effects: &mut Vec<Effect>, cmd_id: Option<&str>, verb: &str, data: Value) {
-    if let Some(cmd_id) = cmd_id {
-        notify(effects, "command_succeeded", Some(cmd_id), json!({"verb": verb, "detail": data}));
-    }
-}
-
-pub(crate) fn failed(effects: &mut Vec<Effect>, cmd_id: Option<&str>, verb: &str, reason: &str) {
-    if let Some(cmd_id) = cmd_id {
-        notify(effects, "command_failed", Some(cmd_id), json!({"verb": verb, "reason": reason}));
-    }
-}
 
 pub(crate) fn mi_error_text(reply: &MiBusReply) -> Option<String> {
     match reply {
@@ -462,14 +448,19 @@ impl UaState {
             effects.push(Effect::CancelTimer { name: format!("{REPLY_TIMER}.{m}") });
         }
         let end = UaEnd { by: by.into(), reason: reason.into(), status };
-        notify(effects, "ended", None, json!({"by": by, "reason": reason, "status": status}));
+        notify(effects, None, UaNote::Ended { by: by.to_owned(), reason: reason.to_owned(), status });
         if let Some(cmd) = self.start_cmd.take() {
             if by != "local" {
                 failed(effects, Some(&cmd), "ua.start", reason);
             }
         }
         if let Some(cmd) = self.ending_cmd.take() {
-            succeeded(effects, Some(&cmd), "ua.terminate", json!({"reason": reason}));
+            succeeded(
+                effects,
+                Some(&cmd),
+                "ua.terminate",
+                Detail { reason: Some(reason.to_owned()), ..Detail::default() },
+            );
         }
         self.end = Some(end);
     }
@@ -524,7 +515,7 @@ impl UaState {
                 });
                 self.mi(ctx, &mut n, UaRequest::Start, Some(cmd_id), call, effects);
                 effects.push(Effect::StartTimer { name: RING_TIMER.into(), after_ms: ctx.timeouts.ring_ms });
-                notify(effects, "starting", Some(cmd_id), json!({"to": to, "from": from, "ruri": ruri}));
+                notify(effects, Some(cmd_id), UaNote::Starting { to: to.clone(), from: from.clone(), ruri });
             }
             Command::UaAnswer { code, reason, method, payload, .. } => {
                 let method = method.clone().unwrap_or_else(|| self.remote[0].clone());
@@ -542,7 +533,7 @@ impl UaState {
             Command::End { .. } | Command::UaTerminate { .. } => {
                 self.ending_cmd = Some(cmd_id.to_owned());
                 self.terminate(ctx, &mut n, Some(cmd_id), effects);
-                notify(effects, "ending", Some(cmd_id), json!({"by": "local"}));
+                notify(effects, Some(cmd_id), UaNote::Ending { by: "local".to_owned() });
             }
             _ => {}
         }
@@ -580,7 +571,7 @@ impl UaState {
                     if self.phase == UaPhase::Starting {
                         self.phase = UaPhase::Calling;
                     }
-                    notify(effects, "calling", cmd, json!({"key": key}));
+                    notify(effects, cmd, UaNote::Calling { key: key.clone() });
                 }
                 (error, _) => {
                     let why = error.unwrap_or_else(|| format!("unexpected answer {reply:?}"));
@@ -598,9 +589,9 @@ impl UaState {
                     if self.phase == UaPhase::Answered {
                         self.phase = UaPhase::Confirmed;
                         effects.push(Effect::CancelTimer { name: ACK_TIMER.into() });
-                        notify(effects, "confirmed", cmd, json!({}));
+                        notify(effects, cmd, UaNote::ConfirmedByUs {});
                     }
-                    succeeded(effects, cmd, "ua.update", json!({"method": method}));
+                    succeeded(effects, cmd, "ua.update", Detail { method: Some(method.clone()), ..Detail::default() });
                 }
                 None => {
                     if self.phase != UaPhase::Ended {
@@ -608,7 +599,7 @@ impl UaState {
                             name: format!("{TXN_TIMER}.{method}"),
                             after_ms: ctx.timeouts.reinvite_ms,
                         });
-                        notify(effects, "update_sent", cmd, json!({"method": method}));
+                        notify(effects, cmd, UaNote::UpdateSent { method: method.clone() });
                         self.local.push(LocalTxn { method, cmd_id });
                     }
                 }
@@ -628,9 +619,14 @@ impl UaState {
                     if initial && (200..300).contains(&code) {
                         self.phase = UaPhase::Answered;
                         effects.push(Effect::CancelTimer { name: OFFER_TIMER.into() });
-                        notify(effects, "answered", cmd, json!({"status": code}));
+                        notify(effects, cmd, UaNote::Answered { status: code });
                     } else if initial && code >= 300 {
-                        succeeded(effects, cmd, "ua.answer", json!({"method": method, "code": code}));
+                        succeeded(
+                            effects,
+                            cmd,
+                            "ua.answer",
+                            Detail { method: Some(method.clone()), code: Some(code), ..Detail::default() },
+                        );
                         if self.ending_cmd.is_none() {
                             let reason = if cmd.is_some() { "rejected" } else { "not_answered" };
                             let by = if cmd.is_some() { "local" } else { "engine" };
@@ -638,9 +634,14 @@ impl UaState {
                         }
                         return;
                     } else {
-                        notify(effects, "replied", cmd, json!({"method": method, "status": code}));
+                        notify(effects, cmd, UaNote::Replied { method: method.clone(), status: code });
                     }
-                    succeeded(effects, cmd, "ua.answer", json!({"method": method, "code": code}));
+                    succeeded(
+                        effects,
+                        cmd,
+                        "ua.answer",
+                        Detail { method: Some(method.clone()), code: Some(code), ..Detail::default() },
+                    );
                 }
                 Some(why) => {
                     failed(effects, cmd, "ua.answer", &format!("OpenSIPS did not send the {code} to {method}: {why}"))
@@ -676,7 +677,7 @@ impl UaState {
         let early = self.requests.iter_mut().find(|r| !r.answered && r.what == update)?;
         early.answered = true;
         let cmd_id = early.cmd_id.clone();
-        notify(effects, "update_sent", cmd_id.as_deref(), json!({"method": method}));
+        notify(effects, cmd_id.as_deref(), UaNote::UpdateSent { method: method.to_owned() });
         Some(cmd_id)
     }
 
@@ -701,8 +702,9 @@ impl UaState {
         }
         self.phase = UaPhase::Answered;
         effects.push(Effect::CancelTimer { name: OFFER_TIMER.into() });
-        notify(effects, "answered", cmd_id.as_deref(), json!({"status": code}));
-        succeeded(effects, cmd_id.as_deref(), "ua.answer", json!({"method": "INVITE", "code": code}));
+        notify(effects, cmd_id.as_deref(), UaNote::Answered { status: code });
+        let detail = Detail { method: Some("INVITE".to_owned()), code: Some(code), ..Detail::default() };
+        succeeded(effects, cmd_id.as_deref(), "ua.answer", detail);
     }
 
     fn on_event(&mut self, e: &UaSession, ctx: &Ctx, effects: &mut Vec<Effect>) {
@@ -720,36 +722,36 @@ impl UaState {
                 self.sip_call_id = header(h, "Call-ID").map(str::to_owned);
                 self.remote.push("INVITE".into());
                 effects.push(Effect::StartTimer { name: OFFER_TIMER.into(), after_ms: ctx.timeouts.offer_ms });
-                notify(
-                    effects,
-                    "incoming",
-                    None,
-                    json!({
-                        "key": e.key,
-                        "from": self.from, "to": self.to,
-                        "caller": self.from.as_deref().map(uri_of), "callee": self.to.as_deref().map(uri_of),
-                        "body": body,
-                        "content_type": header(h, "Content-Type"),
-                        "headers": headers,
-                    }),
-                );
+                let note = UaNote::Incoming {
+                    key: e.key.clone(),
+                    from: self.from.clone(),
+                    to: self.to.clone(),
+                    caller: self.from.as_deref().map(|f| uri_of(f).to_owned()),
+                    callee: self.to.as_deref().map(|t| uri_of(t).to_owned()),
+                    body: body.clone(),
+                    content_type: header(h, "Content-Type").map(str::to_owned),
+                    headers: headers.clone(),
+                };
+                notify(effects, None, note);
             }
             UaEventType::Early => {
                 if matches!(self.phase, UaPhase::Starting | UaPhase::Calling) && e.method == "INVITE" {
                     self.phase = UaPhase::Early;
-                    notify(
-                        effects,
-                        "early",
-                        self.start_cmd.as_deref(),
-                        json!({"status": e.status, "reason": e.reason, "body": body, "headers": headers}),
-                    );
+                    let note = UaNote::Early {
+                        status: e.status,
+                        reason: e.reason.clone(),
+                        body: body.clone(),
+                        headers: headers.clone(),
+                    };
+                    notify(effects, self.start_cmd.as_deref(), note);
                 } else {
-                    notify(
-                        effects,
-                        "progress",
-                        None,
-                        json!({"method": e.method, "status": e.status, "reason": e.reason, "body": body}),
-                    );
+                    let note = UaNote::Progress {
+                        method: e.method.clone(),
+                        status: e.status,
+                        reason: e.reason.clone(),
+                        body: body.clone(),
+                    };
+                    notify(effects, None, note);
                 }
             }
             UaEventType::Answered => {
@@ -764,25 +766,35 @@ impl UaState {
                     } else {
                         self.phase = UaPhase::Confirmed;
                     }
-                    notify(
+                    let note = UaNote::AnsweredClient {
+                        status: e.status,
+                        reason: e.reason.clone(),
+                        body: body.clone(),
+                        headers: headers.clone(),
+                        ack_due: self.manual_ack,
+                    };
+                    notify(effects, cmd.as_deref(), note);
+                    succeeded(
                         effects,
-                        "answered",
                         cmd.as_deref(),
-                        json!({"status": e.status, "reason": e.reason, "body": body, "headers": headers, "ack_due": self.manual_ack}),
+                        "ua.start",
+                        Detail { status: Some(e.status), ..Detail::default() },
                     );
-                    succeeded(effects, cmd.as_deref(), "ua.start", json!({"status": e.status}));
                 } else if let Some(cmd_id) = self.settle_local(&e.method, effects) {
                     if e.method == "INVITE" && self.manual_ack {
                         self.phase = UaPhase::Answered;
                         effects.push(Effect::StartTimer { name: ACK_TIMER.into(), after_ms: ctx.timeouts.ack_ms });
                     }
-                    notify(
-                        effects,
-                        "update_answered",
-                        cmd_id.as_deref(),
-                        json!({"method": e.method, "status": e.status, "reason": e.reason, "body": body, "headers": headers}),
-                    );
-                    succeeded(effects, cmd_id.as_deref(), "ua.update", json!({"method": e.method, "status": e.status}));
+                    let note = UaNote::UpdateAnswered {
+                        method: e.method.clone(),
+                        status: e.status,
+                        reason: e.reason.clone(),
+                        body: body.clone(),
+                        headers: headers.clone(),
+                    };
+                    notify(effects, cmd_id.as_deref(), note);
+                    let detail = Detail { method: Some(e.method.clone()), status: Some(e.status), ..Detail::default() };
+                    succeeded(effects, cmd_id.as_deref(), "ua.update", detail);
                 }
             }
             UaEventType::Rejected => {
@@ -790,20 +802,22 @@ impl UaState {
                     e.method == "INVITE" && matches!(self.phase, UaPhase::Starting | UaPhase::Calling | UaPhase::Early);
                 if initial {
                     let cause = failure_cause(e.status);
-                    notify(
-                        effects,
-                        "rejected",
-                        self.start_cmd.as_deref(),
-                        json!({"status": e.status, "reason": e.reason, "cause": cause, "headers": headers}),
-                    );
+                    let note = UaNote::Rejected {
+                        status: e.status,
+                        reason: e.reason.clone(),
+                        cause: cause.to_owned(),
+                        headers: headers.clone(),
+                    };
+                    notify(effects, self.start_cmd.as_deref(), note);
                     self.end("remote", cause, Some(e.status), effects);
                 } else if let Some(cmd_id) = self.settle_local(&e.method, effects) {
-                    notify(
-                        effects,
-                        "update_rejected",
-                        cmd_id.as_deref(),
-                        json!({"method": e.method, "status": e.status, "reason": e.reason, "headers": headers}),
-                    );
+                    let note = UaNote::UpdateRejected {
+                        method: e.method.clone(),
+                        status: e.status,
+                        reason: e.reason.clone(),
+                        headers: headers.clone(),
+                    };
+                    notify(effects, cmd_id.as_deref(), note);
                     failed(
                         effects,
                         cmd_id.as_deref(),
@@ -822,9 +836,9 @@ impl UaState {
                     }
                     if self.phase == UaPhase::Answered {
                         self.phase = UaPhase::Confirmed;
-                        notify(effects, "confirmed", None, json!({"body": body}));
+                        notify(effects, None, UaNote::Confirmed { body: body.clone() });
                     } else {
-                        notify(effects, "ack", None, json!({"body": body}));
+                        notify(effects, None, UaNote::Ack { body: body.clone() });
                     }
                     return;
                 }
@@ -833,12 +847,13 @@ impl UaState {
                     name: format!("{REPLY_TIMER}.{}", e.method),
                     after_ms: ctx.timeouts.reply_ms,
                 });
-                notify(
-                    effects,
-                    "request",
-                    None,
-                    json!({"method": e.method, "body": body, "headers": headers, "content_type": headers.as_deref().and_then(|h| header(h, "Content-Type"))}),
-                );
+                let note = UaNote::Request {
+                    method: e.method.clone(),
+                    body: body.clone(),
+                    headers: headers.clone(),
+                    content_type: headers.as_deref().and_then(|h| header(h, "Content-Type")).map(str::to_owned),
+                };
+                notify(effects, None, note);
             }
             UaEventType::Terminated => {
                 if self.phase == UaPhase::Ended {
@@ -871,7 +886,7 @@ impl UaState {
             }
             OFFER_TIMER if self.phase == UaPhase::Offered => {
                 self.reply_invite(ctx, &mut n, 480, "Temporarily Unavailable", effects);
-                notify(effects, "offer_expired", None, json!({"after_ms": ctx.timeouts.offer_ms}));
+                notify(effects, None, UaNote::OfferExpired { after_ms: ctx.timeouts.offer_ms });
             }
             ACK_TIMER if self.phase == UaPhase::Answered => {
                 let call = MiCall::UaSessionUpdate(SessionUpdate {
@@ -880,7 +895,7 @@ impl UaState {
                     payload: SipPayload::default(),
                 });
                 self.mi(ctx, &mut n, UaRequest::Update { method: "ACK".into() }, None, call, effects);
-                notify(effects, "ack_sent_by_engine", None, json!({"after_ms": ctx.timeouts.ack_ms}));
+                notify(effects, None, UaNote::AckSentByEngine { after_ms: ctx.timeouts.ack_ms });
             }
             MAX_TIMER => {
                 if self.key.is_some() && self.ending_cmd.is_none() {
@@ -894,12 +909,12 @@ impl UaState {
                         let call = self.reply_call(method, 500, "Server Internal Error", SipPayload::default());
                         let what = UaRequest::Reply { method: method.to_owned(), code: 500 };
                         self.mi(ctx, &mut n, what, None, call, effects);
-                        notify(effects, "request_expired", None, json!({"method": method, "answered": 500}));
+                        notify(effects, None, UaNote::RequestExpired { method: method.to_owned(), answered: 500 });
                     }
                 } else if let Some(method) = name.strip_prefix(&format!("{TXN_TIMER}.")) {
                     if let Some(i) = self.local.iter().position(|t| t.method == method) {
                         let t = self.local.remove(i);
-                        notify(effects, "update_timeout", t.cmd_id.as_deref(), json!({"method": method}));
+                        notify(effects, t.cmd_id.as_deref(), UaNote::UpdateTimeout { method: method.to_owned() });
                         failed(effects, t.cmd_id.as_deref(), "ua.update", "no answer from the remote side in time");
                     }
                 }
