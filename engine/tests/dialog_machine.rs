@@ -51,6 +51,12 @@ impl Run {
         let (next, effects) = self.state.step(&input, &ctx);
         // Determinism: the same step again gives the same answer.
         assert_eq!(self.state.step(&input, &ctx), (next.clone(), effects.clone()));
+        // The engine hands the machine the event it parsed already: the same answer.
+        if let Input::Event { datagram, .. } = &input {
+            let parsed = callbus_schemas::event::Event::parse(datagram.as_bytes()).ok();
+            let again = self.state.step_parsed(&input, parsed.as_ref(), &ctx);
+            assert_eq!(again, (next.clone(), effects.clone()), "parsed once");
+        }
         self.state = next;
         for e in &effects {
             if let Effect::Notify { event, cmd_id, data } = e {

@@ -48,6 +48,12 @@ impl Run {
         let ctx = Ctx { call_id: "c1".into(), seq: self.seq, now_ms: 1000 * self.seq, timeouts: Timeouts::default() };
         let (next, effects) = self.state.step(&input, &ctx);
         assert_eq!(self.state.step(&input, &ctx), (next.clone(), effects.clone()), "deterministic");
+        // The engine hands the machine the event it parsed already: the same answer.
+        if let Input::Event { datagram, .. } = &input {
+            let parsed = callbus_schemas::event::Event::parse(datagram.as_bytes()).ok();
+            let again = self.state.step_parsed(&input, parsed.as_ref(), &ctx);
+            assert_eq!(again, (next.clone(), effects.clone()), "parsed once");
+        }
         self.state = next;
         for e in &effects {
             if let Effect::Notify { event, cmd_id, data } = e {

@@ -425,14 +425,30 @@ impl Core {
         out: &mut Outputs,
         released: &mut Vec<Parked>,
     ) -> Result<u64, LogError> {
+        self.apply_parsed(call_id, fresh, input, None, now, out, released)
+    }
+
+    /// As [`Core::apply`], with an event input's datagram already parsed (`parsed`).
+    #[allow(clippy::too_many_arguments)]
+    fn apply_parsed(
+        &mut self,
+        call_id: &str,
+        fresh: Option<CallState>,
+        input: Input,
+        parsed: Option<&Event>,
+        now: Now,
+        out: &mut Outputs,
+        released: &mut Vec<Parked>,
+    ) -> Result<u64, LogError> {
         let seq = self.next_seq;
         let span = tracing::info_span!("call_input", call_id, seq);
         let _entered = span.enter();
-        let existing = self.calls.get(call_id).map(|e| &e.state);
-        let before = existing.map(|s| s.name().to_owned());
-        let Some(current) = existing.cloned().or(fresh) else { return Ok(0) };
         let ctx = Ctx { call_id: call_id.to_owned(), seq, now_ms: now.wall_ms, timeouts: self.config.timeouts };
-        let (after, effects) = current.step(&input, &ctx);
+        let (before, (after, effects)) = match (self.calls.get(call_id), fresh) {
+            (Some(entry), _) => (Some(entry.state.name().to_owned()), entry.state.step_parsed(&input, parsed, &ctx)),
+            (None, Some(fresh)) => (None, fresh.step_parsed(&input, parsed, &ctx)),
+            (None, None) => return Ok(0),
+        };
         let fired = match &input {
             Input::Timer { name } => Some(name.clone()),
             _ => None,
@@ -569,12 +585,12 @@ impl Core {
                 let input = Input::Event { node: node.clone(), bridge_seq, datagram };
                 match self.by_key.get(&u.key).cloned() {
                     Some(call_id) => {
-                        self.apply(&call_id, None, input, now, out, released)?;
+                        self.apply_parsed(&call_id, None, input, Some(&event), now, out, released)?;
                     }
                     None if u.event_type == UaEventType::New => {
                         let call_id = self.new_call_id(now);
                         let fresh = CallState::Ua(UaState::server(&node, &u.key));
-                        self.apply(&call_id, Some(fresh), input, now, out, released)?;
+                        self.apply_parsed(&call_id, Some(fresh), input, Some(&event), now, out, released)?;
                     }
                     None => {
                         tracing::debug!(key = %u.key, event_type = %u.event_type.as_str(), "UA event for a key not known yet: parked");
@@ -593,12 +609,12 @@ impl Core {
         let input = Input::Event { node: node.clone(), bridge_seq, datagram };
         match self.by_sip.get(&sip).cloned() {
             Some(call_id) => {
-                self.apply(&call_id, None, input, now, out, released)?;
+                self.apply_parsed(&call_id, None, input, Some(&event), now, out, released)?;
             }
             None if creates => {
                 let call_id = self.new_call_id(now);
                 let fresh = CallState::Dialog(DialogState::new(&node, &sip));
-                self.apply(&call_id, Some(fresh), input, now, out, released)?;
+                self.apply_parsed(&call_id, Some(fresh), input, Some(&event), now, out, released)?;
             }
             None => {
                 tracing::warn!(event = event.name(), sip_call_id = %sip, "event for a call the engine does not know: ignored")

@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 
 use callbus_schemas::bus::MiBusReply;
 use callbus_schemas::command::{Command, CommandError, LegName};
-use callbus_schemas::event::{UaEventType, UaSession};
+use callbus_schemas::event::{Event, UaEventType, UaSession};
 
 use super::sdp::{self, Origin};
 use super::ua::{failed, failure_cause, mi_error_text, notify, succeeded, ua_event, wrong_state, UaEnd};
@@ -363,14 +363,15 @@ impl BridgedState {
         }
     }
 
-    /// One step: the next state and the effects.
-    pub fn step(&self, input: &Input, ctx: &Ctx) -> (BridgedState, Vec<Effect>) {
+    /// One step: the next state and the effects; an event input's datagram parsed as `parsed`
+    /// when given (see [`super::CallState::step_parsed`]).
+    pub fn step(&self, input: &Input, parsed: Option<&Event>, ctx: &Ctx) -> (BridgedState, Vec<Effect>) {
         let mut next = self.clone();
         let mut effects = Vec::new();
         let mut n = 0;
         match input {
             Input::Event { .. } => {
-                if let Some(e) = ua_event(input) {
+                if let Some(e) = ua_event(input, parsed) {
                     next.on_event(&e, ctx, &mut n, &mut effects);
                 }
             }

@@ -301,15 +301,16 @@ impl DialogState {
         }
     }
 
-    /// One step: the next state and the effects.
-    pub fn step(&self, input: &Input, ctx: &Ctx) -> (DialogState, Vec<Effect>) {
+    /// One step: the next state and the effects; an event input's datagram parsed as `parsed`
+    /// when given (see [`super::CallState::step_parsed`]).
+    pub fn step(&self, input: &Input, parsed: Option<&Event>, ctx: &Ctx) -> (DialogState, Vec<Effect>) {
         let mut next = self.clone();
         let mut effects = Vec::new();
         match input {
-            Input::Event { datagram, .. } => match Event::parse(datagram.as_bytes()) {
-                Ok(Event::DlgStateChanged(d)) => next.on_dialog_state(&d, ctx, &mut effects),
-                Ok(Event::CallHold(h)) => next.on_hold_event(&h, &mut effects),
-                Ok(Event::CallTransfer(t)) => next.on_transfer_event(&t, ctx, &mut effects),
+            Input::Event { datagram, .. } => match super::parsed_or_parse(parsed, datagram).as_deref() {
+                Some(Event::DlgStateChanged(d)) => next.on_dialog_state(d, ctx, &mut effects),
+                Some(Event::CallHold(h)) => next.on_hold_event(h, &mut effects),
+                Some(Event::CallTransfer(t)) => next.on_transfer_event(t, ctx, &mut effects),
                 _ => {}
             },
             Input::Command { cmd_id, command } => next.on_command(cmd_id, command, ctx, &mut effects),

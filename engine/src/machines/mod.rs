@@ -14,7 +14,17 @@ use serde_json::Value;
 
 use callbus_schemas::bus::MiBusReply;
 use callbus_schemas::command::Command;
+use callbus_schemas::event::Event;
 use callbus_schemas::notes::{Detail, Outcome};
+
+/// The event of a datagram: `parsed` when the engine parsed it already, else parsed here (None
+/// when it is not an event).
+pub(crate) fn parsed_or_parse<'a>(parsed: Option<&'a Event>, datagram: &str) -> Option<std::borrow::Cow<'a, Event>> {
+    match parsed {
+        Some(event) => Some(std::borrow::Cow::Borrowed(event)),
+        None => Event::parse(datagram.as_bytes()).ok().map(std::borrow::Cow::Owned),
+    }
+}
 
 /// Adds a notification of the call: `note` is its event and its data.
 pub(crate) fn notify(effects: &mut Vec<Effect>, cmd_id: Option<&str>, note: impl callbus_schemas::notes::Note) {
@@ -214,17 +224,23 @@ impl CallState {
 
     /// Feeds one input through the call's machine.
     pub fn step(&self, input: &Input, ctx: &Ctx) -> (CallState, Vec<Effect>) {
+        self.step_parsed(input, None, ctx)
+    }
+
+    /// As [`CallState::step`], with the event of an [`Input::Event`] already parsed from its
+    /// datagram (`parsed`; None: the machine parses it), so the engine parses a datagram once.
+    pub fn step_parsed(&self, input: &Input, parsed: Option<&Event>, ctx: &Ctx) -> (CallState, Vec<Effect>) {
         match self {
             CallState::Dialog(d) => {
-                let (next, effects) = d.step(input, ctx);
+                let (next, effects) = d.step(input, parsed, ctx);
                 (CallState::Dialog(next), effects)
             }
             CallState::Ua(u) => {
-                let (next, effects) = u.step(input, ctx);
+                let (next, effects) = u.step(input, parsed, ctx);
                 (CallState::Ua(next), effects)
             }
             CallState::Bridged(b) => {
-                let (next, effects) = b.step(input, ctx);
+                let (next, effects) = b.step(input, parsed, ctx);
                 (CallState::Bridged(Box::new(next)), effects)
             }
         }

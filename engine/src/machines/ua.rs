@@ -217,13 +217,13 @@ pub fn uri_of(value: &str) -> &str {
     }
 }
 
-/// An `E_UA_SESSION` in an input, if it is one.
-pub(crate) fn ua_event(input: &Input) -> Option<UaSession> {
-    match input {
-        Input::Event { datagram, .. } => match Event::parse(datagram.as_bytes()) {
-            Ok(Event::UaSession(u)) => Some(u),
-            _ => None,
-        },
+/// An `E_UA_SESSION` in an input, if it is one (`parsed`: its datagram already parsed).
+pub(crate) fn ua_event<'a>(input: &Input, parsed: Option<&'a Event>) -> Option<std::borrow::Cow<'a, UaSession>> {
+    use std::borrow::Cow;
+    let Input::Event { datagram, .. } = input else { return None };
+    match super::parsed_or_parse(parsed, datagram)? {
+        Cow::Borrowed(Event::UaSession(u)) => Some(Cow::Borrowed(u)),
+        Cow::Owned(Event::UaSession(u)) => Some(Cow::Owned(u)),
         _ => None,
     }
 }
@@ -383,13 +383,14 @@ impl UaState {
         }
     }
 
-    /// One step: the next state and the effects.
-    pub fn step(&self, input: &Input, ctx: &Ctx) -> (UaState, Vec<Effect>) {
+    /// One step: the next state and the effects; an event input's datagram parsed as `parsed`
+    /// when given (see [`super::CallState::step_parsed`]).
+    pub fn step(&self, input: &Input, parsed: Option<&Event>, ctx: &Ctx) -> (UaState, Vec<Effect>) {
         let mut next = self.clone();
         let mut effects = Vec::new();
         match input {
             Input::Event { .. } => {
-                if let Some(event) = ua_event(input) {
+                if let Some(event) = ua_event(input, parsed) {
                     next.on_event(&event, ctx, &mut effects);
                 }
             }
