@@ -50,16 +50,15 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// The bytes this process's heap holds for its allocations (glibc's `mallinfo2`: in use in
-/// the arenas plus mapped blocks), None elsewhere. Beside RSS it tells a leak (both grow) from
-/// fragmentation (RSS grows, this does not).
+/// The heap's bytes in use and taken from the system (glibc's `mallinfo2`), None elsewhere.
 #[allow(unsafe_code)]
-pub fn heap_in_use() -> Option<u64> {
+fn heap_bytes() -> Option<(u64, u64)> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallinfo2 reads the allocator's counters; it takes nothing and returns a value.
         let info = unsafe { libc::mallinfo2() };
-        Some(info.uordblks as u64 + info.hblkhd as u64)
+        let mapped = info.hblkhd as u64;
+        Some((info.uordblks as u64 + mapped, info.arena as u64 + mapped))
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
@@ -67,21 +66,18 @@ pub fn heap_in_use() -> Option<u64> {
     }
 }
 
-/// The bytes this process's heap has taken from the system (glibc's `mallinfo2`: the arenas'
-/// size plus mapped blocks, used or free), None elsewhere. Beside [`heap_in_use`] it shows the
-/// allocator's free space; beside RSS, what of it is touched.
-#[allow(unsafe_code)]
+/// The bytes this process's heap holds for its allocations (in use in the arenas plus mapped
+/// blocks), None where the allocator does not say. Beside RSS it tells a leak (both grow) from
+/// fragmentation (RSS grows, this does not).
+pub fn heap_in_use() -> Option<u64> {
+    heap_bytes().map(|(in_use, _)| in_use)
+}
+
+/// The bytes this process's heap has taken from the system (the arenas' size plus mapped
+/// blocks, used or free), None where the allocator does not say. Beside [`heap_in_use`] it
+/// shows the allocator's free space; beside RSS, what of it is touched.
 pub fn heap_from_system() -> Option<u64> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: as in `heap_in_use`.
-        let info = unsafe { libc::mallinfo2() };
-        Some(info.arena as u64 + info.hblkhd as u64)
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        None
-    }
+    heap_bytes().map(|(_, taken)| taken)
 }
 
 /// A `nats-server` child process on a loopback port; killed when dropped.
