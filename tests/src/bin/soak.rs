@@ -16,7 +16,9 @@
 //!
 //! `cargo run --release -p callbus-tests --bin soak -- --minutes 60` (the documented long run);
 //! `-- --minutes 2` in CI. Prints `RESULT|…` lines; the slopes are per hour, from a least-squares
-//! line over the samples after the first minute (the log and the caches fill up first).
+//! line over the samples after the first minute (the log and the caches fill up first), and
+//! again over the second half of the run alone (the allocator's own pages settle over the
+//! first ten minutes or so).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -174,6 +176,14 @@ async fn soak() {
     println!("RESULT|soak data dir slope|{:.2}|MiB/h", per_hour(|s| s.2) / 1048576.0);
     println!("RESULT|soak call.start accepted, median at start, at end|{:.2}, {:.2}|ms", first.3, last.3);
     println!("RESULT|soak call.start accepted slope|{:.3}|ms/h", per_hour(|s| s.3));
+    // The second half alone: what still grows once the allocator and sled have settled.
+    let half = minutes / 2.0;
+    let late: Vec<Sample> = steady.iter().copied().filter(|s| s.0 >= half).collect();
+    let late_per_hour = |f: fn(&Sample) -> f64| slope(&late.iter().map(|s| (s.0, f(s))).collect::<Vec<_>>()) * 60.0;
+    println!("RESULT|soak RSS slope, second half|{:.2}|MiB/h", late_per_hour(|s| s.1) / 1048576.0);
+    println!("RESULT|soak heap in use slope, second half|{:.2}|MiB/h", late_per_hour(|s| s.4) / 1048576.0);
+    println!("RESULT|soak data dir slope, second half|{:.2}|MiB/h", late_per_hour(|s| s.2) / 1048576.0);
+    println!("RESULT|soak call.start accepted slope, second half|{:.3}|ms/h", late_per_hour(|s| s.3));
     if let Ok(mut stack) = Arc::try_unwrap(stack) {
         stack.shutdown().await;
     }
