@@ -265,7 +265,14 @@ pub fn cmd(verb: Verb) -> String {
 
 /// `callbus.call.<call_id>.<event>`.
 pub fn call_notification(call_id: &str, event: &str) -> Result<String, SubjectError> {
-    build(Subject::CallNotification { call_id: call_id.into(), event: event.into() })
+    // One per notification: built straight, as `Subject::CallNotification` prints it.
+    validate_token("call id", call_id)?;
+    validate_token("notification event", event)?;
+    let mut subject = String::with_capacity(CALLBUS.len() + 7 + call_id.len() + event.len());
+    for part in [CALLBUS, ".call.", call_id, ".", event] {
+        subject.push_str(part);
+    }
+    Ok(subject)
 }
 
 /// `opensips.<node>.event.>`: every event of one node.

@@ -19,6 +19,8 @@ fn every_subject_round_trips() {
     assert_eq!(subjects::mi("n1", "dlg_list").as_deref(), Ok("opensips.n1.mi.dlg_list"));
     assert_eq!(subjects::cmd(Verb::CallTransferBlind), "callbus.cmd.call.transfer.blind");
     assert_eq!(subjects::all_events("n1").as_deref(), Ok("opensips.n1.event.>"));
+    let note = Subject::CallNotification { call_id: "c01".into(), event: "answered".into() };
+    assert_eq!(subjects::call_notification("c01", "answered"), Ok(note.to_string()));
 }
 
 #[test]
@@ -32,6 +34,8 @@ fn bad_tokens_are_refused_with_the_culprit_named() {
     assert_eq!(subjects::status(""), Err(SubjectError::EmptyToken { what: "node" }));
     // A SIP Call-ID is not a usable subject token.
     assert!(subjects::call_notification("1-16765@127.0.0.1", "ended").is_err());
+    assert_eq!(subjects::call_notification("c01", ""), Err(SubjectError::EmptyToken { what: "notification event" }));
+    assert!(matches!(subjects::call_notification("c01", "a.b"), Err(SubjectError::BadToken { .. })));
 }
 
 #[test]

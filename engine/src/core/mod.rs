@@ -485,9 +485,14 @@ impl Core {
                         data,
                     };
                     match subjects::call_notification(call_id, &event) {
-                        Ok(subject) => out
-                            .notifications
-                            .push((subject, Bytes::from(serde_json::to_vec(&note).unwrap_or_default()))),
+                        Ok(subject) => {
+                            // Room for a typical notification at once, not grown from empty.
+                            let mut body = Vec::with_capacity(512);
+                            if serde_json::to_writer(&mut body, &note).is_err() {
+                                body.clear();
+                            }
+                            out.notifications.push((subject, Bytes::from(body)))
+                        }
                         Err(e) => tracing::error!(call_id, event, error = %e, "notification subject refused"),
                     }
                 }

@@ -135,7 +135,11 @@ pub enum LogError {
 
 /// A record's stored bytes: MessagePack with field names.
 pub fn encode(record: &Record) -> Result<Vec<u8>, LogError> {
-    rmp_serde::to_vec_named(record).map_err(|e| LogError::Encode { seq: record.seq, reason: e.to_string() })
+    // Room for a typical record at once (a proxied call's are ~600 bytes), not grown from empty.
+    let mut out = Vec::with_capacity(1024);
+    rmp_serde::encode::write_named(&mut out, record)
+        .map_err(|e| LogError::Encode { seq: record.seq, reason: e.to_string() })?;
+    Ok(out)
 }
 
 /// One record of a log message: its sequence, its call, its bytes.

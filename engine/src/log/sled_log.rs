@@ -63,7 +63,7 @@ pub struct SledLog {
     snapshots: sled::Tree,
     meta: sled::Tree,
     /// Per call, the sequences staged since the last checkpoint (not yet in `by_call`).
-    unindexed: std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>,
+    unindexed: std::sync::Mutex<std::collections::HashMap<String, Vec<u64>, foldhash::fast::RandomState>>,
     next_seq: AtomicU64,
     /// `next_seq` after the last commit that succeeded.
     committed_next_seq: AtomicU64,
@@ -260,7 +260,7 @@ impl SledLog {
         self.stored_bytes.load(Ordering::Relaxed)
     }
 
-    fn unindexed(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<u64>>> {
+    fn unindexed(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<u64>, foldhash::fast::RandomState>> {
         self.unindexed.lock().unwrap_or_else(|p| p.into_inner())
     }
 

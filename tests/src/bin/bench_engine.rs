@@ -14,7 +14,10 @@
 //!
 //! `cargo run --release -p callbus-tests --bin bench-engine` (full: 200 k events × 3, 5 k
 //! sequential commands, 20 k with 64 in flight, 100 k live calls); `-- --quick` for CI;
-//! `-- --live 1000000` for the memory and restart figures at a million live calls.
+//! `-- --live 1000000` for the memory and restart figures at a million live calls;
+//! `-- --ingest-only` stops after the ingest figures and prints each side's span on
+//! CLOCK_MONOTONIC, to profile them apart (`perf record -k CLOCK_MONOTONIC -g -- …`, then
+//! `perf report --time <from>,<until>`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -299,8 +302,19 @@ async fn commands(client: &async_nats::Client, waiters: &Waiters, sim: &Sim, siz
     );
 }
 
+/// Seconds on CLOCK_MONOTONIC (the clock `perf record -k CLOCK_MONOTONIC` stamps samples with).
+#[allow(unsafe_code)]
+fn monotonic() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the time into the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--ingest-only`: the ingest figures alone, with each side's time span for a profiler.
+    let ingest_only = std::env::args().any(|a| a == "--ingest-only");
     let sizes = if quick {
         Sizes { events: 20_000, runs: 1, sequential: 300, parallel: 1_280, live: 5_000 }
     } else {
@@ -351,6 +365,7 @@ fn main() {
         ));
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut skeleton_rates = Vec::new();
+        let skeleton_from = monotonic();
         for _ in 0..sizes.runs {
             let calls = sizes.events / 4;
             let target = count.load(Ordering::Relaxed) + sizes.events;
@@ -358,6 +373,7 @@ fn main() {
             next_call += calls;
             skeleton_rates.push(sizes.events as f64 / t.as_secs_f64());
         }
+        let skeleton_until = monotonic();
         skel.abort();
         tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -371,6 +387,7 @@ fn main() {
         let engine = Engine::start(config.clone(), client.clone()).await.expect("engine");
         client.flush().await.expect("flush");
         let mut engine_rates = Vec::new();
+        let engine_from = monotonic();
         for (run, skeleton_rate) in skeleton_rates.iter().enumerate() {
             let calls = sizes.events / 4;
             let target = count.load(Ordering::Relaxed) + sizes.events;
@@ -388,6 +405,14 @@ fn main() {
         println!("RESULT|durable ingest, engine (logged, flushed, notified)|{e:.0}|events/s");
         println!("RESULT|durable ingest, bare skeleton of the same path|{k:.0}|events/s");
         println!("RESULT|engine / skeleton|{:.2}|ratio", e / k);
+        if ingest_only {
+            // For `perf record -k CLOCK_MONOTONIC`, then `perf report --time <from>,<until>`.
+            eprintln!("skeleton ingest: --time {skeleton_from:.6},{skeleton_until:.6}");
+            eprintln!("engine ingest: --time {engine_from:.6},{:.6}", monotonic());
+            engine.shutdown().await;
+            bridge.shutdown().await;
+            return;
+        }
 
         // Commands, bridge and engine apart (over NATS).
         commands(&client, &waiters, &sim, &sizes, "bridge and engine apart").await;
