@@ -101,17 +101,15 @@ fn init_logging(format: LogFormat, default_level: &str) {
 }
 
 fn main() -> ExitCode {
-    // Before any thread: the allocator's arenas bounded for a long run.
-    let arenas = callbus_engine::allocator::limit_arenas();
+    // Before any thread: the allocator set for a long run.
+    let tuned = callbus_engine::allocator::tune();
     let cli = Cli::parse();
     // Services log their life at info. The demo's story is on stdout, and client commands print
     // their answers: their parts only speak up when something is wrong.
     let service = matches!(cli.command, Command::Up(_) | Command::Bridge(_) | Command::Engine(_) | Command::Sim(_));
     let default_level = if service { "info" } else { "warn" };
     init_logging(cli.log_format, default_level);
-    if let Some(arenas) = arenas {
-        tracing::debug!(arenas, "malloc arenas capped (MALLOC_ARENA_MAX overrides)");
-    }
+    tracing::debug!(?tuned.arenas, ?tuned.mmap_threshold, "malloc tuned (MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_ override)");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

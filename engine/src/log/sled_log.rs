@@ -260,7 +260,9 @@ impl SledLog {
         self.stored_bytes.load(Ordering::Relaxed)
     }
 
-    fn unindexed(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<u64>, foldhash::fast::RandomState>> {
+    fn unindexed(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<u64>, foldhash::fast::RandomState>> {
         self.unindexed.lock().unwrap_or_else(|p| p.into_inner())
     }
 

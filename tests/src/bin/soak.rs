@@ -11,8 +11,8 @@
 //! Each sample (every 10 s) takes RSS, the data dir's bytes and the median time from a
 //! `call.start` request to its `accepted` answer (logged, flushed) over the sample.
 //!
-//! The allocator's arenas are capped as `callbus` caps them (`--arenas-as-is` leaves glibc's
-//! default, to compare).
+//! The allocator is set as `callbus` sets it (`callbus_engine::allocator::tune`;
+//! `--malloc-as-is` leaves glibc's defaults, to compare).
 //!
 //! `cargo run --release -p callbus-tests --bin soak -- --minutes 60` (the documented long run);
 //! `-- --minutes 2` in CI. Prints `RESULT|…` lines; the slopes are per hour, from a least-squares
@@ -68,9 +68,9 @@ fn arg(name: &str) -> Option<f64> {
 }
 
 fn main() {
-    // As `callbus` does, before any thread (`--arenas-as-is`: glibc's own, to compare).
-    if !std::env::args().any(|a| a == "--arenas-as-is") {
-        callbus_engine::allocator::limit_arenas();
+    // As `callbus` does, before any thread (`--malloc-as-is`: glibc's defaults, to compare).
+    if !std::env::args().any(|a| a == "--malloc-as-is") {
+        callbus_engine::allocator::tune();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     runtime.unwrap_or_else(|e| panic!("no tokio runtime: {e}")).block_on(soak());
