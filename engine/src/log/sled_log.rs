@@ -459,32 +459,28 @@ impl SledLog {
             out.scanned += 1;
             out.next = Some(head.seq + 1);
             after = head.seq + 1;
-            if keep(&head.call_id) {
-                kept.get_or_insert(head.seq);
-                continue;
-            }
-            if let Some(goes) = decided.get(&head.call_id) {
-                if !goes {
-                    kept.get_or_insert(head.seq);
-                }
-                continue;
-            }
-            // A call goes whole: every record of it (later ones too) and its index, at once.
-            let seqs = self.seqs_of_call(&head.call_id)?;
-            let prunable = self.call_is_older_than(&seqs, cutoff_ms, checkpoint)?;
-            decided.insert(head.call_id.clone(), prunable);
-            if !prunable {
-                kept.get_or_insert(head.seq);
-            }
-            if prunable {
-                if free.is_some() {
-                    for seq in &seqs {
-                        if let Some(v) = self.records.get(seq.to_be_bytes()).map_err(|e| self.store_error(e))? {
-                            freeing += stored_len(&v);
+            let goes = match decided.get(&head.call_id) {
+                _ if keep(&head.call_id) => false,
+                Some(goes) => *goes,
+                None => {
+                    // A call goes whole: every record of it (later ones too) and its index, at once.
+                    let seqs = self.seqs_of_call(&head.call_id)?;
+                    let prunable = self.call_is_older_than(&seqs, cutoff_ms, checkpoint)?;
+                    decided.insert(head.call_id.clone(), prunable);
+                    if prunable {
+                        if free.is_some() {
+                            for seq in &seqs {
+                                let value = self.records.get(seq.to_be_bytes()).map_err(|e| self.store_error(e))?;
+                                freeing += value.map_or(0, |v| stored_len(&v));
+                            }
                         }
+                        going.push((head.call_id, seqs));
                     }
+                    prunable
                 }
-                going.push((head.call_id, seqs));
+            };
+            if !goes {
+                kept.get_or_insert(head.seq);
             }
         }
         out.floor = kept.unwrap_or(after);
