@@ -467,7 +467,9 @@ impl Core {
         let bytes = crate::log::encode(&record)?;
         self.next_seq += 1;
         out.records.push(Staged { seq, call_id: call_id.to_owned(), bytes });
-        self.dirty.insert(call_id.to_owned());
+        if !self.dirty.contains(call_id) {
+            self.dirty.insert(call_id.to_owned());
+        }
         // The record is on its way to disk; its state and effects are now this call's.
         let crate::log::Record { after, effects, .. } = record;
         let mut timer_effects = Vec::new();

@@ -97,14 +97,14 @@ impl Codec {
             self.sample(plain);
             return Cow::Borrowed(plain);
         };
-        let mut out = Vec::with_capacity(5 + zstd_safe::compress_bound(plain.len()));
-        out.push(COMPRESSED);
-        out.extend_from_slice(&active.id.to_be_bytes());
-        let mut frame = Vec::with_capacity(zstd_safe::compress_bound(plain.len()));
+        // The frame is written straight after the header, into room for the largest it can be.
+        let mut out = vec![0u8; 5 + zstd_safe::compress_bound(plain.len())];
+        out[0] = COMPRESSED;
+        out[1..5].copy_from_slice(&active.id.to_be_bytes());
         let mut cctx = self.cctx.lock().unwrap_or_else(|p| p.into_inner());
-        match cctx.compress_using_cdict(&mut frame, plain, &active.cdict) {
-            Ok(_) if frame.len() + 5 < plain.len() => {
-                out.extend_from_slice(&frame);
+        match cctx.compress_using_cdict(&mut out[5..], plain, &active.cdict) {
+            Ok(len) if len + 5 < plain.len() => {
+                out.truncate(5 + len);
                 Cow::Owned(out)
             }
             _ => Cow::Borrowed(plain),

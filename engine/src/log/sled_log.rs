@@ -616,7 +616,14 @@ impl SledLog {
             });
             Ok(old)
         })?;
-        self.unindexed().entry(call_id.to_owned()).or_default().push(seq);
+        let mut unindexed = self.unindexed();
+        match unindexed.get_mut(call_id) {
+            Some(seqs) => seqs.push(seq),
+            None => {
+                unindexed.insert(call_id.to_owned(), vec![seq]);
+            }
+        }
+        drop(unindexed);
         self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
         Ok(())
     }

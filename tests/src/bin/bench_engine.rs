@@ -115,10 +115,11 @@ async fn sink(
 }
 
 /// The skeleton: receive, parse, append, commit per batch (the engine's own log: sled insert,
-/// write-ahead file), publish.
+/// write-ahead file), publish. The log is opened as the engine opens its own by default (the
+/// same page cache), so the two differ only in what is done per input.
 async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf) {
     use callbus_engine::log::{EventLog, SledLog};
-    let log = SledLog::open_with_cache(&dir, 128 << 20).expect("log");
+    let log = SledLog::open_with_cache(&dir, EngineConfig::default().cache_bytes).expect("log");
     let mut sub = client.subscribe(format!("opensips.{NODE}.event.>")).await.expect("sub");
     let mut seq = 0u64;
     while let Some(first) = sub.next().await {
