@@ -518,3 +518,70 @@ fn a_checkpoint_removes_the_snapshot_of_an_ended_call_only_when_one_was_written(
     let checkpoint = g.core.checkpoint();
     assert_eq!(checkpoint.removed, vec![call], "{checkpoint:?}");
 }
+
+/// An `E_UA_SESSION` datagram for session `key` (a UAC leg callbus started), as OpenSIPS raises it.
+fn ua_event(key: &str, event_type: &str, method: &str, body: &str) -> Bytes {
+    let params = json!({
+        "key": key, "event_type": event_type, "entity_type": "UAC", "status": 200, "reason": "OK",
+        "method": method, "body": body, "headers": format!("Call-ID: {key}\r\nCSeq: 2 {method}\r\n"),
+    });
+    Bytes::from(json!({"jsonrpc": "2.0", "method": "E_UA_SESSION", "params": params}).to_string())
+}
+
+const SDP: &str = "v=0\r\no=uas 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 20320 RTP/AVP 0\r\na=sendrecv\r\n";
+
+#[test]
+fn a_leg_a_transfer_replaced_is_forgotten_with_its_call() {
+    let mut g = Given::engine();
+    let ua = |g: &mut Given, key: &str, event_type: &str, method: &str, body: &str| {
+        let payload = ua_event(key, event_type, method, body);
+        g.input(CoreInput::Event { node: "n1".into(), bridge_seq: None, payload });
+    };
+    // Answers every MI request of the last input; a session start gets `key`.
+    let answer = |g: &mut Given, key: &str| {
+        let requests: Vec<(String, String)> =
+            g.last.mi.iter().map(|m| (m.request.clone(), m.command.clone())).collect();
+        for (request, command) in requests {
+            let result = if command == "ua_session_client_start" { json!(key) } else { json!("Accepted") };
+            g.mi_reply(&request, MiBusReply::Result { result });
+        }
+    };
+    g.command(Verb::CallStart, json!({"cmd_id": "t1", "caller": "sip:a@127.0.0.1", "callee": "sip:b@127.0.0.1"}));
+    let call = g.accepted_call();
+    answer(&mut g, "K.a");
+    ua(&mut g, "K.a", "ANSWERED", "INVITE", SDP);
+    answer(&mut g, "K.b");
+    ua(&mut g, "K.b", "ANSWERED", "INVITE", SDP);
+    answer(&mut g, "");
+    ua(&mut g, "K.a", "ANSWERED", "INVITE", SDP);
+    answer(&mut g, "");
+    assert_eq!(g.core.state(&call).expect("known").name(), "connected");
+    let mut keys = g.core.known_keys();
+    keys.sort();
+    assert_eq!(keys, ["K.a", "K.b"]);
+
+    // The callee's leg is replaced by carol's.
+    g.command(
+        Verb::CallTransferBlind,
+        json!({"call_id": call, "leg": "caller", "destination": "sip:carol@127.0.0.1", "cmd_id": "t2"}),
+    );
+    answer(&mut g, "K.c");
+    ua(&mut g, "K.c", "ANSWERED", "INVITE", SDP);
+    answer(&mut g, "");
+    ua(&mut g, "K.a", "ANSWERED", "INVITE", SDP);
+    answer(&mut g, "");
+    let state = g.core.state(&call).expect("known");
+    assert!(!state.keys().contains(&"K.b"), "bob's leg is no longer the call's: {:?}", state.keys());
+    // Bob's late BYE still finds the call.
+    ua(&mut g, "K.b", "TERMINATED", "BYE", "");
+    assert_eq!(g.records().len(), 1, "bob's late event is the call's");
+
+    g.command(Verb::CallEnd, json!({"call_id": call, "cmd_id": "t3"}));
+    answer(&mut g, "");
+    ua(&mut g, "K.a", "TERMINATED", "BYE", "");
+    ua(&mut g, "K.c", "TERMINATED", "BYE", "");
+    assert!(g.core.state(&call).expect("known").is_ended(), "{:?}", g.core.state(&call).map(|s| s.name()));
+    g.wait_ms(61_000);
+    assert!(!g.core.knows(&call));
+    assert_eq!(g.core.known_keys(), Vec::<String>::new(), "every key the call was found by goes with it");
+}

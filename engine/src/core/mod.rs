@@ -295,6 +295,17 @@ pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::
 /// See [`HashMap`].
 pub(crate) type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// Keeps the keys `before` lists and `after` does not in `dropped` (per call), so the sweep
+/// forgets them with the call.
+fn note_dropped_keys(dropped: &mut HashMap<String, Vec<String>>, call_id: &str, before: &CallState, after: &CallState) {
+    let now_listed = after.keys();
+    for key in before.keys() {
+        if !now_listed.contains(&key) {
+            dropped.entry(call_id.to_owned()).or_default().push(key.to_owned());
+        }
+    }
+}
+
 /// The engine's state and decisions.
 pub struct Core {
     config: CoreConfig,
@@ -306,6 +317,9 @@ pub struct Core {
     by_sip: HashMap<String, String>,
     /// UA session keys → call.
     by_key: HashMap<String, String>,
+    /// Per call, the keys it was found by that its state no longer lists (a leg a transfer
+    /// replaced): they still route the old leg's late events, and go with the call.
+    dropped_keys: HashMap<String, Vec<String>>,
     parked: HashMap<String, Vec<Parked>>,
     timers: timers::Timers,
     /// Accepted commands by `cmd_id` (a repeat gets the same `accepted` answer).
@@ -333,6 +347,7 @@ impl Core {
             live: 0,
             by_sip: HashMap::default(),
             by_key: HashMap::default(),
+            dropped_keys: HashMap::default(),
             parked: HashMap::default(),
             timers: timers::Timers::default(),
             remembered: HashMap::default(),
@@ -516,6 +531,9 @@ impl Core {
                 self.by_sip.insert(sip.to_owned(), call_id.to_owned());
             }
         }
+        if let Some(entry) = self.calls.get(call_id) {
+            note_dropped_keys(&mut self.dropped_keys, call_id, &entry.state, &after);
+        }
         for key in after.keys() {
             if !self.by_key.contains_key(key) {
                 self.by_key.insert(key.to_owned(), call_id.to_owned());
@@ -647,7 +665,8 @@ impl Core {
                         self.by_sip.remove(sip);
                     }
                 }
-                for key in entry.state.keys() {
+                let dropped = self.dropped_keys.remove(&id).unwrap_or_default();
+                for key in entry.state.keys().into_iter().chain(dropped.iter().map(String::as_str)) {
                     if self.by_key.get(key) == Some(&id) {
                         self.by_key.remove(key);
                         if self.config.placement.is_some() {

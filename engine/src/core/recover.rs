@@ -72,7 +72,11 @@ impl Core {
             }
             core.index(&record.call_id, &record.after);
             core.dirty.insert(record.call_id.clone());
-            let timers = core.calls.remove(&record.call_id).map(|e| e.timers).unwrap_or_default();
+            let before = core.calls.remove(&record.call_id);
+            if let Some(before) = &before {
+                super::note_dropped_keys(&mut core.dropped_keys, &record.call_id, &before.state, &record.after);
+            }
+            let timers = before.map(|e| e.timers).unwrap_or_default();
             let ended_at = record.after.is_ended().then_some(now.at);
             // `saved`: a call of the tail may have a snapshot from an earlier life of the log (a
             // partition's copy): its removal is kept.
