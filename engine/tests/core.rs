@@ -530,22 +530,25 @@ fn ua_event(key: &str, event_type: &str, method: &str, body: &str) -> Bytes {
 
 const SDP: &str = "v=0\r\no=uas 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 20320 RTP/AVP 0\r\na=sendrecv\r\n";
 
-#[test]
-fn a_leg_a_transfer_replaced_is_forgotten_with_its_call() {
+/// Sends a UA session event for `key`.
+fn ua(g: &mut Given, key: &str, event_type: &str, method: &str, body: &str) {
+    let payload = ua_event(key, event_type, method, body);
+    g.input(CoreInput::Event { node: "n1".into(), bridge_seq: None, payload });
+}
+
+/// Answers every MI request of the last input; a session start gets `key`.
+fn answer(g: &mut Given, key: &str) {
+    let requests: Vec<(String, String)> = g.last.mi.iter().map(|m| (m.request.clone(), m.command.clone())).collect();
+    for (request, command) in requests {
+        let result = if command == "ua_session_client_start" { json!(key) } else { json!("Accepted") };
+        g.mi_reply(&request, MiBusReply::Result { result });
+    }
+}
+
+/// A click-to-dial between a (`K.a`) and b (`K.b`) whose callee leg a blind transfer replaced
+/// with carol's (`K.c`): the core and the call.
+fn transferred() -> (Given, String) {
     let mut g = Given::engine();
-    let ua = |g: &mut Given, key: &str, event_type: &str, method: &str, body: &str| {
-        let payload = ua_event(key, event_type, method, body);
-        g.input(CoreInput::Event { node: "n1".into(), bridge_seq: None, payload });
-    };
-    // Answers every MI request of the last input; a session start gets `key`.
-    let answer = |g: &mut Given, key: &str| {
-        let requests: Vec<(String, String)> =
-            g.last.mi.iter().map(|m| (m.request.clone(), m.command.clone())).collect();
-        for (request, command) in requests {
-            let result = if command == "ua_session_client_start" { json!(key) } else { json!("Accepted") };
-            g.mi_reply(&request, MiBusReply::Result { result });
-        }
-    };
     g.command(Verb::CallStart, json!({"cmd_id": "t1", "caller": "sip:a@127.0.0.1", "callee": "sip:b@127.0.0.1"}));
     let call = g.accepted_call();
     answer(&mut g, "K.a");
@@ -559,12 +562,8 @@ fn a_leg_a_transfer_replaced_is_forgotten_with_its_call() {
     let mut keys = g.core.known_keys();
     keys.sort();
     assert_eq!(keys, ["K.a", "K.b"]);
-
-    // The callee's leg is replaced by carol's.
-    g.command(
-        Verb::CallTransferBlind,
-        json!({"call_id": call, "leg": "caller", "destination": "sip:carol@127.0.0.1", "cmd_id": "t2"}),
-    );
+    let transfer = json!({"call_id": call, "leg": "caller", "destination": "sip:carol@127.0.0.1", "cmd_id": "t2"});
+    g.command(Verb::CallTransferBlind, transfer);
     answer(&mut g, "K.c");
     ua(&mut g, "K.c", "ANSWERED", "INVITE", SDP);
     answer(&mut g, "");
@@ -572,16 +571,38 @@ fn a_leg_a_transfer_replaced_is_forgotten_with_its_call() {
     answer(&mut g, "");
     let state = g.core.state(&call).expect("known");
     assert!(!state.keys().contains(&"K.b"), "bob's leg is no longer the call's: {:?}", state.keys());
-    // Bob's late BYE still finds the call.
-    ua(&mut g, "K.b", "TERMINATED", "BYE", "");
-    assert_eq!(g.records().len(), 1, "bob's late event is the call's");
+    (g, call)
+}
 
+/// Bob's late BYE, the call's end, its retention: then no key of the call is left.
+fn end_and_forget(g: &mut Given, call: &str) {
+    ua(g, "K.b", "TERMINATED", "BYE", "");
+    assert_eq!(g.records().len(), 1, "bob's late event is the call's");
+    assert_eq!(g.records()[0].call_id, call);
     g.command(Verb::CallEnd, json!({"call_id": call, "cmd_id": "t3"}));
-    answer(&mut g, "");
-    ua(&mut g, "K.a", "TERMINATED", "BYE", "");
-    ua(&mut g, "K.c", "TERMINATED", "BYE", "");
-    assert!(g.core.state(&call).expect("known").is_ended(), "{:?}", g.core.state(&call).map(|s| s.name()));
+    answer(g, "");
+    ua(g, "K.a", "TERMINATED", "BYE", "");
+    ua(g, "K.c", "TERMINATED", "BYE", "");
+    assert!(g.core.state(call).expect("known").is_ended(), "{:?}", g.core.state(call).map(|s| s.name()));
     g.wait_ms(61_000);
-    assert!(!g.core.knows(&call));
+    assert!(!g.core.knows(call));
     assert_eq!(g.core.known_keys(), Vec::<String>::new(), "every key the call was found by goes with it");
+}
+
+#[test]
+fn a_leg_a_transfer_replaced_is_forgotten_with_its_call() {
+    let (mut g, call) = transferred();
+    end_and_forget(&mut g, &call);
+}
+
+#[test]
+fn a_leg_a_transfer_replaced_is_forgotten_with_its_call_after_a_rebuild_from_the_log() {
+    let (g, call) = transferred();
+    let tail: Vec<Record> = g.all.records.iter().map(|s| rmp_serde::from_slice(&s.bytes).expect("record")).collect();
+    let config = CoreConfig { nodes: vec!["n1".into()], ..CoreConfig::default() };
+    let now = g.now.after_ms(1_000);
+    let (core, restored) = Core::restore(config, now, g.core.next_seq(), vec![], vec![], tail.into_iter().map(Ok));
+    assert_eq!(restored.live, 1);
+    let mut back = Given { core, now, all: Outputs::default(), last: Outputs::default() };
+    end_and_forget(&mut back, &call);
 }
