@@ -295,6 +295,15 @@ pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::
 /// See [`HashMap`].
 pub(crate) type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// A datagram as the text its record keeps (OpenSIPS sends UTF-8; anything else is kept with
+/// replacement characters). Checked whole first: the lossy path walks it in chunks.
+fn datagram_text(payload: &[u8]) -> String {
+    match std::str::from_utf8(payload) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(payload).into_owned(),
+    }
+}
+
 /// Keeps the keys `before` lists and `after` does not in `dropped` (per call), so the sweep
 /// forgets them with the call.
 fn note_dropped_keys(dropped: &mut HashMap<String, Vec<String>>, call_id: &str, before: &CallState, after: &CallState) {
@@ -606,7 +615,7 @@ impl Core {
             Event::CallHold(h) => (h.callid.clone(), false),
             Event::CallTransfer(t) => (t.callid.clone(), false),
             Event::UaSession(u) => {
-                let datagram = String::from_utf8_lossy(&payload).into_owned();
+                let datagram = datagram_text(&payload);
                 let input = Input::Event { node: node.clone(), bridge_seq, datagram };
                 match self.by_key.get(&u.key).cloned() {
                     Some(call_id) => {
@@ -630,7 +639,7 @@ impl Core {
                 return Ok(());
             }
         };
-        let datagram = String::from_utf8_lossy(&payload).into_owned();
+        let datagram = datagram_text(&payload);
         let input = Input::Event { node: node.clone(), bridge_seq, datagram };
         match self.by_sip.get(&sip).cloned() {
             Some(call_id) => {
