@@ -606,3 +606,36 @@ fn a_leg_a_transfer_replaced_is_forgotten_with_its_call_after_a_rebuild_from_the
     let mut back = Given { core, now, all: Outputs::default(), last: Outputs::default() };
     end_and_forget(&mut back, &call);
 }
+
+/// Live calls by kind and state, counted from the calls themselves.
+fn recount(core: &Core) -> std::collections::HashMap<(&'static str, &'static str), u64> {
+    let mut counts = std::collections::HashMap::new();
+    for id in core.live_call_ids() {
+        let state = core.state(&id).expect("a live call's state");
+        *counts.entry((state.kind(), state.name())).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn the_live_call_counts_follow_every_step_and_a_rebuilt_core_counts_the_same() {
+    let (mut g, bridged) = transferred();
+    assert_eq!(g.core.live_counts(), recount(&g.core));
+    for n in 1..=3 {
+        g.event(&format!("E_DLG_STATE_CHANGED.{n}.proxied_call"));
+        assert_eq!(g.core.live_counts(), recount(&g.core), "after event {n}");
+    }
+    assert_eq!(g.core.live_counts().values().sum::<u64>(), 2);
+    assert_eq!(g.core.live_counts().len(), 2, "a bridged call and a dialog: {:?}", g.core.live_counts());
+
+    let tail: Vec<Record> = g.all.records.iter().map(|s| rmp_serde::from_slice(&s.bytes).expect("record")).collect();
+    let config = CoreConfig { nodes: vec!["n1".into()], ..CoreConfig::default() };
+    let (back, _) = Core::restore(config, g.now, g.core.next_seq(), vec![], vec![], tail.into_iter().map(Ok));
+    assert_eq!(back.live_counts(), g.core.live_counts());
+
+    g.event("E_DLG_STATE_CHANGED.4.proxied_call");
+    assert_eq!(g.core.live_counts(), recount(&g.core));
+    assert_eq!(g.core.live_counts().values().sum::<u64>(), 1, "the dialog ended");
+    end_and_forget(&mut g, &bridged);
+    assert!(g.core.live_counts().is_empty(), "{:?}", g.core.live_counts());
+}

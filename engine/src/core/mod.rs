@@ -295,6 +295,16 @@ pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::
 /// See [`HashMap`].
 pub(crate) type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// One call fewer in `key`'s count; a count that reaches zero goes.
+fn count_down(counts: &mut HashMap<(&'static str, &'static str), u64>, key: (&'static str, &'static str)) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(&key);
+        }
+    }
+}
+
 /// A datagram as the text its record keeps (OpenSIPS sends UTF-8; anything else is kept with
 /// replacement characters). Checked whole first: the lossy path walks it in chunks.
 fn datagram_text(payload: &[u8]) -> String {
@@ -323,6 +333,9 @@ pub struct Core {
     calls: HashMap<String, Box<CallEntry>>,
     /// How many of `calls` have not ended.
     live: usize,
+    /// The same by kind and state (no zero entries): the live-calls gauge, without a walk over
+    /// every call.
+    live_by_state: HashMap<(&'static str, &'static str), u64>,
     by_sip: HashMap<String, String>,
     /// UA session keys → call.
     by_key: HashMap<String, String>,
@@ -354,6 +367,7 @@ impl Core {
             config,
             calls: HashMap::default(),
             live: 0,
+            live_by_state: HashMap::default(),
             by_sip: HashMap::default(),
             by_key: HashMap::default(),
             dropped_keys: HashMap::default(),
@@ -556,6 +570,12 @@ impl Core {
         }
         let ended_now = after.is_ended().then_some(now.at);
         let was_live = self.calls.get(call_id).is_some_and(|e| !e.state.is_ended());
+        if let Some(e) = self.calls.get(call_id).filter(|_| was_live) {
+            count_down(&mut self.live_by_state, (e.state.kind(), e.state.name()));
+        }
+        if !after.is_ended() {
+            *self.live_by_state.entry((after.kind(), after.name())).or_default() += 1;
+        }
         match (was_live, after.is_ended()) {
             (false, false) => self.live += 1,
             (true, true) => self.live = self.live.saturating_sub(1),
@@ -792,13 +812,9 @@ impl Core {
         nodes
     }
 
-    /// Live calls by kind and state.
+    /// Live calls by kind and state (states no call is in are left out).
     pub fn live_counts(&self) -> std::collections::HashMap<(&'static str, &'static str), u64> {
-        let mut counts = std::collections::HashMap::new();
-        for entry in self.calls.values().filter(|e| !e.state.is_ended()) {
-            *counts.entry((entry.state.kind(), entry.state.name())).or_default() += 1;
-        }
-        counts
+        self.live_by_state.iter().map(|(k, n)| (*k, *n)).collect()
     }
 
     /// How many timers are armed and how many UA events are parked.

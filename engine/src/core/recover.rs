@@ -90,6 +90,9 @@ impl Core {
             core.calls.insert(record.call_id, entry);
         }
         core.live = core.calls.values().filter(|e| !e.state.is_ended()).count();
+        for entry in core.calls.values().filter(|e| !e.state.is_ended()) {
+            *core.live_by_state.entry((entry.state.kind(), entry.state.name())).or_default() += 1;
+        }
         let mut armed = 0;
         for (call_id, entry) in core.calls.iter().filter(|(_, e)| !e.state.is_ended()) {
             for (name, deadline) in &entry.timers {
