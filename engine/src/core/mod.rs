@@ -554,8 +554,20 @@ impl Core {
                 self.by_sip.insert(sip.to_owned(), call_id.to_owned());
             }
         }
-        if let Some(entry) = self.calls.get(call_id) {
-            note_dropped_keys(&mut self.dropped_keys, call_id, &entry.state, &after);
+        // What the call was: the keys its new state no longer lists, its place in the counts.
+        let was_live = match self.calls.get(call_id) {
+            Some(entry) => {
+                note_dropped_keys(&mut self.dropped_keys, call_id, &entry.state, &after);
+                let live = !entry.state.is_ended();
+                if live {
+                    count_down(&mut self.live_by_state, (entry.state.kind(), entry.state.name()));
+                }
+                live
+            }
+            None => false,
+        };
+        if !after.is_ended() {
+            *self.live_by_state.entry((after.kind(), after.name())).or_default() += 1;
         }
         for key in after.keys() {
             if !self.by_key.contains_key(key) {
@@ -569,13 +581,6 @@ impl Core {
             }
         }
         let ended_now = after.is_ended().then_some(now.at);
-        let was_live = self.calls.get(call_id).is_some_and(|e| !e.state.is_ended());
-        if let Some(e) = self.calls.get(call_id).filter(|_| was_live) {
-            count_down(&mut self.live_by_state, (e.state.kind(), e.state.name()));
-        }
-        if !after.is_ended() {
-            *self.live_by_state.entry((after.kind(), after.name())).or_default() += 1;
-        }
         match (was_live, after.is_ended()) {
             (false, false) => self.live += 1,
             (true, true) => self.live = self.live.saturating_sub(1),

@@ -63,7 +63,7 @@ pub struct SledLog {
     snapshots: sled::Tree,
     meta: sled::Tree,
     /// Per call, the sequences staged since the last checkpoint (not yet in `by_call`).
-    unindexed: std::sync::Mutex<std::collections::HashMap<String, Vec<u64>, foldhash::fast::RandomState>>,
+    unindexed: std::sync::Mutex<Unindexed>,
     next_seq: AtomicU64,
     /// `next_seq` after the last commit that succeeded.
     committed_next_seq: AtomicU64,
@@ -78,6 +78,9 @@ pub struct SledLog {
     /// `stored_bytes` after the last commit that succeeded.
     committed_stored_bytes: AtomicU64,
 }
+
+/// Per call, the sequences staged since the last checkpoint.
+type Unindexed = std::collections::HashMap<String, Vec<u64>, foldhash::fast::RandomState>;
 
 /// What a record takes in the `records` tree: its key and its stored value.
 fn stored_len(value: &[u8]) -> u64 {
@@ -260,9 +263,7 @@ impl SledLog {
         self.stored_bytes.load(Ordering::Relaxed)
     }
 
-    fn unindexed(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<u64>, foldhash::fast::RandomState>> {
+    fn unindexed(&self) -> std::sync::MutexGuard<'_, Unindexed> {
         self.unindexed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -616,14 +617,16 @@ impl SledLog {
             });
             Ok(old)
         })?;
-        let mut unindexed = self.unindexed();
-        match unindexed.get_mut(call_id) {
-            Some(seqs) => seqs.push(seq),
-            None => {
-                unindexed.insert(call_id.to_owned(), vec![seq]);
+        {
+            // A new key only for a call not there yet (one allocation less per record).
+            let mut unindexed = self.unindexed();
+            match unindexed.get_mut(call_id) {
+                Some(seqs) => seqs.push(seq),
+                None => {
+                    unindexed.insert(call_id.to_owned(), vec![seq]);
+                }
             }
         }
-        drop(unindexed);
         self.next_seq.fetch_max(seq + 1, Ordering::Relaxed);
         Ok(())
     }
