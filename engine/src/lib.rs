@@ -349,16 +349,14 @@ impl Engine {
         let service =
             callbus_service::Service::start(&client, commands_service(None)).await.map_err(EngineError::Nats)?;
         owner.service = Some(service.clone());
-        let forwarders = vec![
-            tokio::spawn(driver::forward_events(events, local_node, tx.clone(), cancel.clone())),
-            tokio::spawn(driver::forward_commands(
-                commands,
-                tx.clone(),
-                client.clone(),
-                cancel.clone(),
-                Some(service.clone()),
-            )),
-        ];
+        owner.events = Some(driver::EventFeed::new(events, local_node));
+        let forwarders = vec![tokio::spawn(driver::forward_commands(
+            commands,
+            tx.clone(),
+            client.clone(),
+            cancel.clone(),
+            Some(service.clone()),
+        ))];
         let owner = tokio::spawn(driver::supervise(owner, rx, cancel.clone(), config.clone(), client.clone()));
         Ok(Engine { cancel, owner: Some(owner), forwarders, recovered_live, service })
     }

@@ -178,7 +178,7 @@ impl<'a> Rec<'a> {
             }
             Rec::Whole(r) => (&r.input, r.time_ms),
         };
-        let ctx = Ctx { call_id: self.call_id().to_owned(), seq: self.seq(), now_ms: time_ms, timeouts };
+        let ctx = Ctx { call_id: self.call_id(), seq: self.seq(), now_ms: time_ms, timeouts };
         let (after, effects) = step(before, input, &ctx);
         let recorded = match self {
             Rec::Skimmed(s) => {

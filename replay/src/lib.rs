@@ -240,7 +240,7 @@ impl LogReader {
                 seq: r.seq,
                 time_ms: r.time_ms,
                 input: r.input.label(),
-                before: r.before.clone(),
+                before: r.before.as_deref().map(str::to_owned),
                 after: r.after.name().to_owned(),
                 effects: r.effects.iter().map(effect_label).collect(),
             })

@@ -22,8 +22,7 @@ impl Replayer {
     /// next record, so one divergence does not cascade.
     pub fn recheck(&mut self, record: &callbus_engine::log::Record) -> (CallState, Vec<Effect>) {
         let before = self.states.get(&record.call_id).cloned().unwrap_or_else(|| initial_state(&record.after));
-        let ctx =
-            Ctx { call_id: record.call_id.clone(), seq: record.seq, now_ms: record.time_ms, timeouts: self.timeouts };
+        let ctx = Ctx { call_id: &record.call_id, seq: record.seq, now_ms: record.time_ms, timeouts: self.timeouts };
         let out = before.step(&record.input, &ctx);
         self.states.insert(record.call_id.clone(), record.after.clone());
         out

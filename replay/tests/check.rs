@@ -45,10 +45,10 @@ fn record(
         format,
         seq: ctx.seq,
         time_ms: ctx.now_ms,
-        call_id: ctx.call_id.clone(),
+        call_id: ctx.call_id.to_owned(),
         partition: 0,
         input,
-        before,
+        before: before.map(Into::into),
         after: after.clone(),
         effects,
     }
@@ -76,7 +76,7 @@ fn write_log(dir: &std::path::Path, calls: usize, older: &[u64], damage: &dyn Fn
             let before = states.remove(&call);
             let state =
                 before.clone().unwrap_or_else(|| CallState::Dialog(DialogState::new("n1", &format!("sip-{call}"))));
-            let ctx = Ctx { call_id: call_id.clone(), seq, now_ms: 1_000 + seq, timeouts };
+            let ctx = Ctx { call_id: &call_id, seq, now_ms: 1_000 + seq, timeouts };
             let (after, effects) = state.step(&input, &ctx);
             let format = if older.contains(&seq) { 1 } else { RECORD_FORMAT };
             let record = record(format, &ctx, input, before.map(|b| b.name().to_owned()), &after, effects);
@@ -90,7 +90,7 @@ fn write_log(dir: &std::path::Path, calls: usize, older: &[u64], damage: &dyn Fn
         seq += 1;
         let call_id = format!("call-{call}");
         let state = states.remove(&call).expect("ended");
-        let ctx = Ctx { call_id: call_id.clone(), seq, now_ms: 1_000 + seq, timeouts };
+        let ctx = Ctx { call_id: &call_id, seq, now_ms: 1_000 + seq, timeouts };
         let input = event(call, 4, 5);
         let (after, effects) = state.step(&input, &ctx);
         assert!(effects.is_empty() && after == state, "a late event changes nothing");
@@ -126,7 +126,7 @@ fn plain(reader: &LogReader, options: &CheckOptions, step: &StepFn) -> (u64, u64
         }
         if seq >= options.from {
             let before = states.get(&record.call_id).cloned().unwrap_or_else(|| initial_state(&record.after));
-            let ctx = Ctx { call_id: record.call_id.clone(), seq, now_ms: record.time_ms, timeouts: options.timeouts };
+            let ctx = Ctx { call_id: &record.call_id, seq, now_ms: record.time_ms, timeouts: options.timeouts };
             let (after, effects) = step(&before, &record.input, &ctx);
             records += 1;
             if (after != record.after || effects != record.effects) && seen.insert(record.call_id.clone()) {
@@ -308,7 +308,7 @@ fn a_compressed_record_that_does_not_decompress_is_reported_and_the_rest_is_chec
             let mut before = None;
             for input in script(call) {
                 seq += 1;
-                let ctx = Ctx { call_id: call_id.clone(), seq, now_ms: 1_000 + seq, timeouts };
+                let ctx = Ctx { call_id: &call_id, seq, now_ms: 1_000 + seq, timeouts };
                 let (after, effects) = state.step(&input, &ctx);
                 let record =
                     record(RECORD_FORMAT, &ctx, input, before.replace(after.name().to_owned()), &after, effects);

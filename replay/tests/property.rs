@@ -140,7 +140,7 @@ fn check_cases(
                 call_id: "c1".into(),
                 partition: 0,
                 input,
-                before: if first { None } else { Some(state.name().to_owned()) },
+                before: if first { None } else { Some(state.name().into()) },
                 after: after.clone(),
                 effects,
             });

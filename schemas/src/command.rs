@@ -440,6 +440,28 @@ pub struct CallNotification {
     pub data: Value,
 }
 
+/// A [`CallNotification`] to send, borrowing its parts (the engine writes one per machine
+/// note without copying the call's ids and names): the same JSON, field for field.
+#[derive(Debug, Serialize)]
+pub struct CallNotificationRef<'a> {
+    /// As in [`CallNotification`].
+    pub seq: u64,
+    /// As in [`CallNotification`].
+    pub time_ms: u64,
+    /// As in [`CallNotification`].
+    pub call_id: &'a str,
+    /// As in [`CallNotification`].
+    pub sip_call_id: Option<&'a str>,
+    /// As in [`CallNotification`].
+    pub cmd_id: Option<&'a str>,
+    /// As in [`CallNotification`].
+    pub event: &'a str,
+    /// As in [`CallNotification`].
+    pub state: &'a str,
+    /// As in [`CallNotification`].
+    pub data: &'a Value,
+}
+
 fn get_str(body: &Map<String, Value>, field: &str) -> Result<Option<String>, CommandError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),

@@ -132,3 +132,33 @@ fn ua_command_errors_name_the_field() {
         assert_eq!((e.code, e.field.as_deref()), (code, Some(field)), "{body}: {}", e.message);
     }
 }
+
+#[test]
+fn a_borrowed_notification_is_the_same_json_as_an_owned_one() {
+    for (sip_call_id, cmd_id) in [(Some("abc@10.0.0.1"), Some("k-1")), (None, None)] {
+        let data = serde_json::json!({"reason": "hung_up", "codes": [1, 2]});
+        let owned = CallNotification {
+            seq: 42,
+            time_ms: 1_795_000_000_000,
+            call_id: "c1".into(),
+            sip_call_id: sip_call_id.map(str::to_owned),
+            cmd_id: cmd_id.map(str::to_owned),
+            event: "ended".into(),
+            state: "ended".into(),
+            data: data.clone(),
+        };
+        let borrowed = CallNotificationRef {
+            seq: 42,
+            time_ms: 1_795_000_000_000,
+            call_id: "c1",
+            sip_call_id,
+            cmd_id,
+            event: "ended",
+            state: "ended",
+            data: &data,
+        };
+        let text = serde_json::to_string(&borrowed).expect("encode");
+        assert_eq!(text, serde_json::to_string(&owned).expect("encode"));
+        assert_eq!(serde_json::from_str::<CallNotification>(&text).expect("decode"), owned);
+    }
+}

@@ -25,7 +25,7 @@ fn every_subject_round_trips() {
 
 #[test]
 fn bad_tokens_are_refused_with_the_culprit_named() {
-    for bad in ["a.b", "a*", "a>", "a b", "a\tb", "x\n"] {
+    for bad in ["a.b", "a*", "a>", "a b", "a\tb", "x\n", "a\u{0B}b", "a\u{A0}b", "a\u{2003}b", "é."] {
         match subjects::event(bad, "E_X") {
             Err(SubjectError::BadToken { what: "node", token, .. }) => assert_eq!(token, bad),
             other => panic!("{bad:?}: {other:?}"),
@@ -36,6 +36,10 @@ fn bad_tokens_are_refused_with_the_culprit_named() {
     assert!(subjects::call_notification("1-16765@127.0.0.1", "ended").is_err());
     assert_eq!(subjects::call_notification("c01", ""), Err(SubjectError::EmptyToken { what: "notification event" }));
     assert!(matches!(subjects::call_notification("c01", "a.b"), Err(SubjectError::BadToken { .. })));
+    // Control characters that are not whitespace, and non-ASCII letters, are fine.
+    for good in ["a\u{1}b", "é", "c0193a4f2b81000001", "ringing_again", "a-b_c~d"] {
+        assert!(subjects::event(good, "E_X").is_ok(), "{good:?}");
+    }
 }
 
 #[test]

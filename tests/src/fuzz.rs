@@ -151,7 +151,7 @@ fn record_seeds() -> Vec<Vec<u8>> {
         let body = commands[i % commands.len()];
         let Ok(request) = CommandRequest::parse(verb, body) else { continue };
         let input = Input::Command { cmd_id: format!("k{i}"), command: request.command };
-        let ctx = Ctx { call_id: "c1".into(), seq: 1, now_ms: 1, timeouts };
+        let ctx = Ctx { call_id: "c1", seq: 1, now_ms: 1, timeouts };
         let (after, effects) = state.step(&input, &ctx);
         let record = Record {
             format: RECORD_FORMAT,
@@ -263,8 +263,7 @@ pub fn targets() -> Vec<Target> {
                 let Ok(r) = rmp_serde::from_slice::<Record>(b) else { return false };
                 // A record that decodes must step without panicking, as `replay check` does it,
                 // and from its own state too.
-                let ctx =
-                    Ctx { call_id: r.call_id.clone(), seq: r.seq, now_ms: r.time_ms, timeouts: Timeouts::default() };
+                let ctx = Ctx { call_id: &r.call_id, seq: r.seq, now_ms: r.time_ms, timeouts: Timeouts::default() };
                 let _ = callbus_engine::machines::initial_state(&r.after).step(&r.input, &ctx);
                 let _ = r.after.step(&r.input, &ctx);
                 true

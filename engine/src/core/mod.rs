@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use callbus_schemas::bus::MiBusReply;
-use callbus_schemas::command::{CallNotification, CommandErrorCode};
+use callbus_schemas::command::{CallNotificationRef, CommandErrorCode};
 use callbus_schemas::event::{Event, UaEventType};
 use callbus_schemas::subjects::{self, Verb};
 
@@ -481,9 +481,9 @@ impl Core {
         let seq = self.next_seq;
         let span = tracing::info_span!("call_input", call_id, seq);
         let _entered = span.enter();
-        let ctx = Ctx { call_id: call_id.to_owned(), seq, now_ms: now.wall_ms, timeouts: self.config.timeouts };
+        let ctx = Ctx { call_id, seq, now_ms: now.wall_ms, timeouts: self.config.timeouts };
         let (before, (after, effects)) = match (self.calls.get(call_id), fresh) {
-            (Some(entry), _) => (Some(entry.state.name().to_owned()), entry.state.step_parsed(&input, parsed, &ctx)),
+            (Some(entry), _) => (Some(entry.state.name().into()), entry.state.step_parsed(&input, parsed, &ctx)),
             (None, Some(fresh)) => (None, fresh.step_parsed(&input, parsed, &ctx)),
             (None, None) => return Ok(0),
         };
@@ -504,25 +504,25 @@ impl Core {
         };
         let bytes = crate::log::encode(&record)?;
         self.next_seq += 1;
-        out.records.push(Staged { seq, call_id: call_id.to_owned(), bytes });
+        // The record is on its way to disk; its state and effects are now this call's.
+        let crate::log::Record { after, effects, call_id: record_call_id, .. } = record;
+        out.records.push(Staged { seq, call_id: record_call_id, bytes });
         if !self.dirty.contains(call_id) {
             self.dirty.insert(call_id.to_owned());
         }
-        // The record is on its way to disk; its state and effects are now this call's.
-        let crate::log::Record { after, effects, .. } = record;
         let mut timer_effects = Vec::new();
         for effect in effects {
             match effect {
                 Effect::Notify { event, cmd_id, data } => {
-                    let note = CallNotification {
+                    let note = CallNotificationRef {
                         seq,
                         time_ms: now.wall_ms,
-                        call_id: call_id.to_owned(),
-                        sip_call_id: after.sip_call_id().map(str::to_owned),
-                        cmd_id,
-                        event: event.clone(),
-                        state: after.name().to_owned(),
-                        data,
+                        call_id,
+                        sip_call_id: after.sip_call_id(),
+                        cmd_id: cmd_id.as_deref(),
+                        event: &event,
+                        state: after.name(),
+                        data: &data,
                     };
                     match subjects::call_notification(call_id, &event) {
                         Ok(subject) => {
@@ -636,9 +636,9 @@ impl Core {
             }
         };
         let (sip, creates) = match &event {
-            Event::DlgStateChanged(d) => (d.callid.clone(), true),
-            Event::CallHold(h) => (h.callid.clone(), false),
-            Event::CallTransfer(t) => (t.callid.clone(), false),
+            Event::DlgStateChanged(d) => (d.callid.as_str(), true),
+            Event::CallHold(h) => (h.callid.as_str(), false),
+            Event::CallTransfer(t) => (t.callid.as_str(), false),
             Event::UaSession(u) => {
                 let datagram = datagram_text(&payload);
                 let input = Input::Event { node: node.clone(), bridge_seq, datagram };
@@ -665,14 +665,15 @@ impl Core {
             }
         };
         let datagram = datagram_text(&payload);
-        let input = Input::Event { node: node.clone(), bridge_seq, datagram };
-        match self.by_sip.get(&sip).cloned() {
+        match self.by_sip.get(sip).cloned() {
             Some(call_id) => {
+                let input = Input::Event { node, bridge_seq, datagram };
                 self.apply_parsed(&call_id, None, input, Some(&event), now, out, released)?;
             }
             None if creates => {
                 let call_id = self.new_call_id(now);
-                let fresh = CallState::Dialog(DialogState::new(&node, &sip));
+                let fresh = CallState::Dialog(DialogState::new(&node, sip));
+                let input = Input::Event { node, bridge_seq, datagram };
                 self.apply_parsed(&call_id, Some(fresh), input, Some(&event), now, out, released)?;
             }
             None => {

@@ -1,36 +1,56 @@
 //! The calls' timers: one ordered set, so the next deadline is one look-up and a due timer is
 //! taken off in order (no task per timer).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::HashMap;
 
-/// Armed timers by call and name, and the same ordered by deadline.
+/// Armed timers by call (each call's few by name), and the same ordered by deadline. A
+/// look-up by call and name allocates nothing: a call's end cancels every timer its machine
+/// may have armed, armed or not, on every ended call.
 #[derive(Default)]
 pub(crate) struct Timers {
-    by_name: HashMap<(String, String), Instant>,
-    by_deadline: BTreeSet<(Instant, String, String)>,
+    /// Per call: each armed timer's name, deadline and number (its place in `by_deadline`).
+    by_call: HashMap<String, Vec<(String, Instant, u64)>>,
+    /// By deadline, then number (arming order): the call and the name.
+    by_deadline: BTreeMap<(Instant, u64), (String, String)>,
+    /// The next timer's number.
+    next_number: u64,
+    armed: usize,
 }
 
 impl Timers {
     /// Arms (or re-arms) `call_id`'s timer `name` for `at`.
     pub(crate) fn arm(&mut self, call_id: &str, name: &str, at: Instant) {
         self.cancel(call_id, name);
-        self.by_name.insert((call_id.to_owned(), name.to_owned()), at);
-        self.by_deadline.insert((at, call_id.to_owned(), name.to_owned()));
+        let number = self.next_number;
+        self.next_number += 1;
+        match self.by_call.get_mut(call_id) {
+            Some(timers) => timers.push((name.to_owned(), at, number)),
+            None => {
+                self.by_call.insert(call_id.to_owned(), vec![(name.to_owned(), at, number)]);
+            }
+        }
+        self.by_deadline.insert((at, number), (call_id.to_owned(), name.to_owned()));
+        self.armed += 1;
     }
 
     /// Disarms `call_id`'s timer `name` (nothing when it is not armed).
     pub(crate) fn cancel(&mut self, call_id: &str, name: &str) {
-        if let Some(at) = self.by_name.remove(&(call_id.to_owned(), name.to_owned())) {
-            self.by_deadline.remove(&(at, call_id.to_owned(), name.to_owned()));
+        let Some(timers) = self.by_call.get_mut(call_id) else { return };
+        let Some(i) = timers.iter().position(|(n, _, _)| n == name) else { return };
+        let (_, at, number) = timers.swap_remove(i);
+        if timers.is_empty() {
+            self.by_call.remove(call_id);
         }
+        self.by_deadline.remove(&(at, number));
+        self.armed -= 1;
     }
 
     /// The earliest deadline.
     pub(crate) fn next(&self) -> Option<Instant> {
-        self.by_deadline.first().map(|(at, _, _)| *at)
+        self.by_deadline.first_key_value().map(|((at, _), _)| *at)
     }
 
     /// Takes the earliest timer due at `now`: its call and name.
@@ -38,14 +58,15 @@ impl Timers {
         if self.next()? > now {
             return None;
         }
-        let (_, call_id, name) = self.by_deadline.pop_first()?;
-        self.by_name.remove(&(call_id.clone(), name.clone()));
+        let (_, (call_id, name)) = self.by_deadline.first_key_value()?;
+        let (call_id, name) = (call_id.clone(), name.clone());
+        self.cancel(&call_id, &name);
         Some((call_id, name))
     }
 
     /// How many are armed.
     pub(crate) fn len(&self) -> usize {
-        self.by_name.len()
+        self.armed
     }
 }
 
@@ -70,5 +91,24 @@ mod tests {
         assert_eq!(timers.pop_due(now), Some(("b".into(), "ring".into())));
         assert_eq!(timers.pop_due(now), Some(("a".into(), "ring".into())));
         assert_eq!(timers.pop_due(now), None);
+        assert_eq!(timers.len(), 0);
+    }
+
+    #[test]
+    fn one_call_s_timers_are_apart_from_another_s_and_equal_deadlines_keep_their_order() {
+        let t0 = Instant::now();
+        let at = t0 + Duration::from_secs(1);
+        let mut timers = Timers::default();
+        timers.arm("a", "ring", at);
+        timers.arm("a", "hold", at);
+        timers.arm("b", "ring", at);
+        timers.cancel("b", "hold"); // not armed: nothing
+        timers.cancel("z", "ring"); // no such call: nothing
+        timers.cancel("a", "ring");
+        assert_eq!(timers.len(), 2);
+        assert_eq!(timers.pop_due(at), Some(("a".into(), "hold".into())));
+        assert_eq!(timers.pop_due(at), Some(("b".into(), "ring".into())));
+        assert_eq!(timers.pop_due(at), None);
+        assert_eq!(timers.next(), None);
     }
 }

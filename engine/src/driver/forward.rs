@@ -1,13 +1,15 @@
-//! The owner's inputs from NATS: OpenSIPS events and commands, each forwarded to the owner's
-//! queue (bounded: a full queue refuses commands as "overloaded", and events wait in NATS).
+//! The owner's inputs from NATS: OpenSIPS events, which the owner reads from their
+//! subscription itself, and commands, forwarded to the owner's queue (bounded: a full queue
+//! refuses commands as "overloaded").
 
 use std::time::Instant;
 
+use async_nats::HeaderName;
 use bytes::Bytes;
 use callbus_schemas::bus::HEADER_SEQ;
 use callbus_schemas::command::{CommandError, CommandErrorCode, CommandReply};
 use callbus_schemas::subjects::{self, Subject as BusSubject, Verb};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -40,30 +42,60 @@ fn service_code(code: CommandErrorCode) -> u16 {
     }
 }
 
-/// Forwards OpenSIPS events from NATS to the owner, except those of `local`, the node whose
-/// bridge hands its datagrams over in this process.
-pub(crate) async fn forward_events(
-    mut sub: async_nats::Subscriber,
+/// The bridge's sequence header, named once (a name given as text is copied per look-up).
+const SEQ_HEADER: HeaderName = HeaderName::from_static(HEADER_SEQ);
+
+/// OpenSIPS events from NATS, read by the owner itself (a task between the subscription and
+/// the owner cost a task switch and a queue per event): every node's but `local`'s, the node
+/// whose bridge hands its datagrams over in this process. Events the owner has not taken yet
+/// wait in the subscription (async-nats holds 64 Ki messages per subscription; beyond that
+/// the server counts the engine a slow consumer and drops them, as with any subscriber).
+pub(crate) struct EventFeed {
+    sub: async_nats::Subscriber,
     local: Option<String>,
-    tx: mpsc::Sender<Work>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let msg = tokio::select! {
-            m = sub.next() => m,
-            _ = cancel.cancelled() => break,
-        };
-        let Some(msg) = msg else { break };
+}
+
+impl EventFeed {
+    /// The feed of `sub` (subscribed to every node's events), without `local`'s.
+    pub(crate) fn new(sub: async_nats::Subscriber, local: Option<String>) -> EventFeed {
+        EventFeed { sub, local }
+    }
+
+    /// An event message as work; None for a subject that is not another node's event.
+    fn work(&self, msg: async_nats::Message) -> Option<Work> {
         let node = match BusSubject::parse(msg.subject.as_str()) {
-            Ok(BusSubject::Event { node, .. }) if local.as_deref() != Some(node.as_str()) => node,
-            _ => continue,
+            Ok(BusSubject::Event { node, .. }) if self.local.as_deref() != Some(node.as_str()) => node,
+            _ => return None,
         };
-        let bridge_seq = msg.headers.as_ref().and_then(|h| h.get(HEADER_SEQ)).and_then(|v| v.as_str().parse().ok());
-        if tx.send(Work::Event { node, bridge_seq, payload: msg.payload, stream_seq: None }).await.is_err() {
-            break;
+        let bridge_seq = msg.headers.as_ref().and_then(|h| h.get(SEQ_HEADER)).and_then(|v| v.as_str().parse().ok());
+        Some(Work::Event { node, bridge_seq, payload: msg.payload, stream_seq: None })
+    }
+
+    /// The next event; None when the subscription ended (the connection closed).
+    pub(crate) async fn next(&mut self) -> Option<Work> {
+        loop {
+            let msg = self.sub.next().await?;
+            if let Some(work) = self.work(msg) {
+                return Some(work);
+            }
         }
     }
-    let _ = sub.unsubscribe().await;
+
+    /// An event already waiting, if any (outside the task's cooperative budget: a batch takes
+    /// up to [`super::MAX_BATCH`] at once).
+    pub(crate) fn try_next(&mut self) -> Option<Work> {
+        loop {
+            let msg = tokio::task::unconstrained(self.sub.next()).now_or_never().flatten()?;
+            if let Some(work) = self.work(msg) {
+                return Some(work);
+            }
+        }
+    }
+}
+
+/// The next event of `feed`; None when there is no feed or its subscription ended.
+pub(crate) async fn next_event(feed: &mut Option<EventFeed>) -> Option<Work> {
+    feed.as_mut()?.next().await
 }
 
 /// Forwards commands from NATS to the owner; refuses them when it is overloaded.

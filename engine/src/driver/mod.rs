@@ -41,7 +41,8 @@ use crate::store::Store;
 use crate::EngineConfig;
 use retention::{RetentionPlan, StepKind};
 
-pub(crate) use forward::{forward_commands, forward_commands_from, forward_events, record_service};
+use forward::next_event;
+pub(crate) use forward::{forward_commands, forward_commands_from, record_service, EventFeed};
 pub(crate) use mi::{mi_request, reconcile_nodes, MiRoute};
 pub(crate) use supervise::supervise;
 
@@ -144,6 +145,8 @@ pub(crate) struct Owner<S: Store> {
     pub(crate) disk: Option<DiskGuard>,
     /// The `callbus` NATS service whose stats count the commands answered here.
     pub(crate) service: Option<callbus_service::Service>,
+    /// Single engine: OpenSIPS events from NATS, read here (not through the queue).
+    pub(crate) events: Option<EventFeed>,
 }
 
 /// Why the owner stopped before it was told to: the log failed. The inputs of the failed
@@ -152,6 +155,8 @@ pub(crate) struct Stopped {
     pub error: LogError,
     pub pending: Vec<Work>,
     pub rx: mpsc::Receiver<Work>,
+    /// The event feed, to read on while the log is down and to hand to the next owner.
+    pub events: Option<EventFeed>,
 }
 
 /// The time now, on both of the engine's clocks.
@@ -206,6 +211,7 @@ impl<S: Store> Owner<S> {
             archive,
             disk: None,
             service: None,
+            events: None,
         }
     }
 
@@ -397,7 +403,8 @@ impl<S: Store> Owner<S> {
 
     /// Processes inputs until cancelled and the queue is empty.
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Work>, cancel: CancellationToken) -> Option<Stopped> {
-        let stopped = self.run_loop(&mut rx, &cancel).await;
+        let mut events = self.events.take();
+        let stopped = self.run_loop(&mut rx, &mut events, &cancel).await;
         // Every task is owned: MI requests and reconciliations in flight end here.
         self.tasks.shutdown().await;
         let _ = tokio::time::timeout(SHUTDOWN_FLUSH, self.client.flush()).await;
@@ -406,13 +413,14 @@ impl<S: Store> Owner<S> {
             while let Ok(answer) = self.answers.try_recv() {
                 pending.push(answer);
             }
-            Stopped { error, pending, rx }
+            Stopped { error, pending, rx, events }
         })
     }
 
     async fn run_loop(
         &mut self,
         rx: &mut mpsc::Receiver<Work>,
+        events: &mut Option<EventFeed>,
         cancel: &CancellationToken,
     ) -> Option<(LogError, Vec<Work>)> {
         let mut upkeep = tokio::time::interval(Duration::from_secs(1));
@@ -466,6 +474,13 @@ impl<S: Store> Owner<S> {
                             continue;
                         }
                     },
+                    w = next_event(events), if events.is_some() && !cancel.is_cancelled() => match w {
+                        Some(w) => Some(w),
+                        None => {
+                            *events = None; // the connection closed for good
+                            continue;
+                        }
+                    },
                     Some(answer) = self.answers.recv() => Some(answer),
                     _ = timer.as_mut() => Some(Work::Timeout),
                     _ = reconcile.tick(), if every.is_some() => {
@@ -508,7 +523,10 @@ impl<S: Store> Owner<S> {
                 }
                 match rx.try_recv() {
                     Ok(w) => batch.push(w),
-                    Err(_) => match try_next_local(&mut local) {
+                    // Once told to stop, no more events are taken (they wait in NATS).
+                    Err(_) => match try_next_local(&mut local)
+                        .or_else(|| events.as_mut().filter(|_| !cancel.is_cancelled())?.try_next())
+                    {
                         Some(w) => batch.push(w),
                         None => break,
                     },

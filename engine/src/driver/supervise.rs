@@ -12,7 +12,7 @@ use callbus_schemas::subjects::Verb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{record_service, recover, Owner, Stopped, Work};
+use super::{next_event, record_service, recover, Owner, Stopped, Work};
 use crate::log::disk::DiskGuard;
 use crate::log::{EventLog, LogError, SledLog};
 use crate::store::SledStore;
@@ -55,7 +55,9 @@ pub(crate) async fn supervise(
 ) {
     let service = owner.service.clone();
     loop {
-        let Some(Stopped { error, mut pending, rx: back }) = owner.run(rx, cancel.clone()).await else { return };
+        let Some(Stopped { error, mut pending, rx: back, mut events }) = owner.run(rx, cancel.clone()).await else {
+            return;
+        };
         rx = back;
         let down = metrics::gauge!("callbus_engine_log_down");
         down.set(1.0);
@@ -77,6 +79,11 @@ pub(crate) async fn supervise(
                     }
                     Some(other) if pending.len() < KEPT_WHILE_DOWN => pending.push(other),
                     Some(_) => metrics::counter!("callbus_engine_inputs_dropped_total").increment(1),
+                },
+                // Events are kept up to the same bound; past it they wait in NATS.
+                w = next_event(&mut events), if events.is_some() && pending.len() < KEPT_WHILE_DOWN => match w {
+                    Some(w) => pending.push(w),
+                    None => events = None,
                 },
                 _ = retry.tick() => {
                     // Not reopened (which writes) before the disk has room again.
@@ -116,6 +123,7 @@ pub(crate) async fn supervise(
         next.disk = Some(disk);
         next.service = service.clone();
         next.pending = pending.into();
+        next.events = events;
         owner = next;
     }
 }

@@ -46,8 +46,9 @@ pub struct Record {
     /// The input.
     pub input: Input,
     /// The name of the call's state before (None for its first record). The full state before
-    /// is the `after` of the call's previous record: it is not stored twice.
-    pub before: Option<String>,
+    /// is the `after` of the call's previous record: it is not stored twice. (A state's name is
+    /// one of the machines' own: borrowed when the engine writes a record, owned when read.)
+    pub before: Option<std::borrow::Cow<'static, str>>,
     /// The call's state after.
     pub after: CallState,
     /// What the machine asked for.

@@ -657,7 +657,10 @@ impl EventLog for SledLog {
     }
 
     fn stage_checkpoint(&self, seq: u64) -> Result<(), LogError> {
-        let chunks = std::mem::take(&mut *self.unindexed());
+        // In key order: call ids are time-ordered, so the chunks go one after another at the
+        // tree's end (in the map's order each would land on a leaf of its own).
+        let mut chunks: Vec<(String, Vec<u64>)> = std::mem::take(&mut *self.unindexed()).into_iter().collect();
+        chunks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (call_id, seqs) in chunks {
             let Some(first) = seqs.first() else { continue };
             let value: Vec<u8> = seqs.iter().flat_map(|s| s.to_be_bytes()).collect();

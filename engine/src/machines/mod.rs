@@ -295,9 +295,9 @@ impl Default for Timeouts {
 
 /// What a step may know besides state and input.
 #[derive(Clone, Debug)]
-pub struct Ctx {
+pub struct Ctx<'a> {
     /// callbus's id of the call.
-    pub call_id: String,
+    pub call_id: &'a str,
     /// The record's sequence (ids derived from it are the same on replay).
     pub seq: u64,
     /// The time of the input.
@@ -306,7 +306,7 @@ pub struct Ctx {
     pub timeouts: Timeouts,
 }
 
-impl Ctx {
+impl Ctx<'_> {
     /// The id of the `n`-th MI request made while handling this input.
     pub fn request_id(&self, n: usize) -> String {
         format!("{}-{}-{n}", self.call_id, self.seq)

@@ -16,9 +16,9 @@
 //! `cargo run --release -p callbus-tests --bin bench-engine` (full: 200 k events × 3, 5 k
 //! sequential commands, 20 k with 64 in flight, 100 k live calls); `-- --quick` for CI;
 //! `-- --live 1000000` for the memory and restart figures at a million live calls;
-//! `-- --ingest-only` stops after the ingest figures and prints each side's span on
-//! CLOCK_MONOTONIC, to profile them apart (`perf record -k CLOCK_MONOTONIC -g -- …`, then
-//! `perf report --time <from>,<until>`).
+//! `-- --ingest-only` stops after the ingest figures and prints each side's spans on
+//! CLOCK_MONOTONIC (the two take turns, run by run), to profile them apart (`perf record -k
+//! CLOCK_MONOTONIC -g -- …`, then `perf report --time <from>,<until>` for each span).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -115,38 +115,56 @@ async fn sink(
     }
 }
 
+/// A turn of the skeleton: `ready` once it is subscribed; it stops at `stop`.
+struct Turn {
+    ready: tokio::sync::oneshot::Sender<()>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+}
+
 /// The skeleton: receive, parse, append, commit per batch (the engine's own log: sled insert,
 /// write-ahead file), publish. The log is opened as the engine opens its own by default (the
-/// same page cache), so the two differ only in what is done per input.
-async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf) {
+/// same page cache), so the two differ only in what is done per input. It takes the events
+/// only during its turns (subscribed for each), its log going on from turn to turn.
+async fn skeleton(client: async_nats::Client, dir: std::path::PathBuf, mut turns: mpsc::Receiver<Turn>) {
     use callbus_engine::log::{EventLog, SledLog};
     let log = SledLog::open_with_cache(&dir, EngineConfig::default().cache_bytes).expect("log");
-    let mut sub = client.subscribe(format!("opensips.{NODE}.event.>")).await.expect("sub");
     let mut seq = 0u64;
-    while let Some(first) = sub.next().await {
-        let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match tokio::task::unconstrained(sub.next()).now_or_never() {
-                Some(Some(m)) => batch.push(m),
-                _ => break,
+    while let Some(Turn { ready, mut stop }) = turns.recv().await {
+        let mut sub = client.subscribe(format!("opensips.{NODE}.event.>")).await.expect("sub");
+        client.flush().await.expect("flush");
+        let _ = ready.send(());
+        loop {
+            let first = tokio::select! {
+                m = sub.next() => m,
+                _ = &mut stop => break,
+            };
+            let Some(first) = first else { break };
+            let mut batch = vec![first];
+            while batch.len() < 1024 {
+                match tokio::task::unconstrained(sub.next()).now_or_never() {
+                    Some(Some(m)) => batch.push(m),
+                    _ => break,
+                }
+            }
+            let mut notes = Vec::with_capacity(batch.len());
+            for msg in &batch {
+                seq += 1;
+                let Ok(Event::DlgStateChanged(d)) = Event::parse(&msg.payload) else { continue };
+                let value = rmp_serde::to_vec_named(&(seq, &d.callid, std::str::from_utf8(&msg.payload).unwrap_or("")))
+                    .expect("encode");
+                log.stage_raw(seq, &d.callid, &value).expect("stage");
+                let body = json!({"seq": seq, "call_id": "s", "sip_call_id": d.callid, "event": d.new_state.name(), "data": {}});
+                notes
+                    .push((format!("callbus.call.s{}.{}", d.db_id, d.new_state.name()), Bytes::from(body.to_string())));
+            }
+            // Committed on this task, as the engine's log is.
+            log.commit().await.expect("commit");
+            for (subject, body) in notes {
+                client.publish(subject, body).await.expect("publish");
             }
         }
-        let mut notes = Vec::with_capacity(batch.len());
-        for msg in &batch {
-            seq += 1;
-            let Ok(Event::DlgStateChanged(d)) = Event::parse(&msg.payload) else { continue };
-            let value = rmp_serde::to_vec_named(&(seq, &d.callid, std::str::from_utf8(&msg.payload).unwrap_or("")))
-                .expect("encode");
-            log.stage_raw(seq, &d.callid, &value).expect("stage");
-            let body =
-                json!({"seq": seq, "call_id": "s", "sip_call_id": d.callid, "event": d.new_state.name(), "data": {}});
-            notes.push((format!("callbus.call.s{}.{}", d.db_id, d.new_state.name()), Bytes::from(body.to_string())));
-        }
-        // Committed on this task, as the engine's log is.
-        log.commit().await.expect("commit");
-        for (subject, body) in notes {
-            client.publish(subject, body).await.expect("publish");
-        }
+        let _ = sub.unsubscribe().await;
+        client.flush().await.expect("flush");
     }
 }
 
@@ -359,26 +377,10 @@ fn main() {
         ));
         let mut next_call = 1u64;
 
-        // Skeleton first, alone on the bus.
+        // The skeleton and the engine take turns, run by run (each alone on the bus, each
+        // going on with its own log), so that a drift of this VM's speed over the minutes
+        // weighs on both alike.
         let skeleton_dir = tempfile::tempdir().expect("tmp");
-        let skel = tokio::spawn(skeleton(
-            async_nats::connect(nats.url()).await.expect("connect"),
-            skeleton_dir.path().to_owned(),
-        ));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut skeleton_rates = Vec::new();
-        let skeleton_from = monotonic();
-        for _ in 0..sizes.runs {
-            let calls = sizes.events / 4;
-            let target = count.load(Ordering::Relaxed) + sizes.events;
-            let t = drive(to, next_call, calls, 4, Arc::clone(&count), target).await;
-            next_call += calls;
-            skeleton_rates.push(sizes.events as f64 / t.as_secs_f64());
-        }
-        let skeleton_until = monotonic();
-        skel.abort();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-
         let data = tempfile::tempdir().expect("tmp");
         let config = EngineConfig {
             data_dir: data.path().to_owned(),
@@ -386,19 +388,49 @@ fn main() {
             reconcile: false,
             ..EngineConfig::default()
         };
-        let engine = Engine::start(config.clone(), client.clone()).await.expect("engine");
-        client.flush().await.expect("flush");
-        let mut engine_rates = Vec::new();
-        let engine_from = monotonic();
-        for (run, skeleton_rate) in skeleton_rates.iter().enumerate() {
+        let (turns, turns_rx) = mpsc::channel(1);
+        let skel = tokio::spawn(skeleton(
+            async_nats::connect(nats.url()).await.expect("connect"),
+            skeleton_dir.path().to_owned(),
+            turns_rx,
+        ));
+        let (mut skeleton_rates, mut engine_rates) = (Vec::new(), Vec::new());
+        let (mut skeleton_spans, mut engine_spans) = (Vec::new(), Vec::new());
+        let mut engine = None;
+        for run in 0..sizes.runs {
+            if let Some(engine) = engine.take() {
+                Engine::shutdown(engine).await;
+            }
+            let (ready, ready_rx) = tokio::sync::oneshot::channel();
+            let (stop, stop_rx) = tokio::sync::oneshot::channel();
+            turns.send(Turn { ready, stop: stop_rx }).await.expect("skeleton");
+            ready_rx.await.expect("skeleton subscribed");
+            let from = monotonic();
             let calls = sizes.events / 4;
             let target = count.load(Ordering::Relaxed) + sizes.events;
             let t = drive(to, next_call, calls, 4, Arc::clone(&count), target).await;
             next_call += calls;
+            skeleton_spans.push((from, monotonic()));
+            let skeleton_rate = sizes.events as f64 / t.as_secs_f64();
+            skeleton_rates.push(skeleton_rate);
+            let _ = stop.send(());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+
+            let started = Engine::start(config.clone(), client.clone()).await.expect("engine");
+            client.flush().await.expect("flush");
+            engine = Some(started);
+            let from = monotonic();
+            let target = count.load(Ordering::Relaxed) + sizes.events;
+            let t = drive(to, next_call, calls, 4, Arc::clone(&count), target).await;
+            next_call += calls;
+            engine_spans.push((from, monotonic()));
             let rate = sizes.events as f64 / t.as_secs_f64();
             eprintln!("  ingest run {}: engine {rate:.0} events/s, skeleton {skeleton_rate:.0}", run + 1);
             engine_rates.push(rate);
         }
+        let engine = engine.expect("at least one run");
+        drop(turns);
+        let _ = skel.await;
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
@@ -409,8 +441,10 @@ fn main() {
         println!("RESULT|engine / skeleton|{:.2}|ratio", e / k);
         if ingest_only {
             // For `perf record -k CLOCK_MONOTONIC`, then `perf report --time <from>,<until>`.
-            eprintln!("skeleton ingest: --time {skeleton_from:.6},{skeleton_until:.6}");
-            eprintln!("engine ingest: --time {engine_from:.6},{:.6}", monotonic());
+            let spans =
+                |v: &[(f64, f64)]| v.iter().map(|(a, b)| format!("{a:.6},{b:.6}")).collect::<Vec<_>>().join(",");
+            eprintln!("skeleton ingest: --time {}", spans(&skeleton_spans));
+            eprintln!("engine ingest: --time {}", spans(&engine_spans));
             engine.shutdown().await;
             bridge.shutdown().await;
             return;

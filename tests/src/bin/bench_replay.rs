@@ -59,7 +59,7 @@ fn write_log(
                 seq += 1;
                 let input =
                     Input::Event { node: "bench".into(), bridge_seq: Some(seq), datagram: datagram(call, old, new) };
-                let ctx = Ctx { call_id: call_id.clone(), seq, now_ms: 1_795_417_936_000 + seq, timeouts };
+                let ctx = Ctx { call_id: &call_id, seq, now_ms: 1_795_417_936_000 + seq, timeouts };
                 let (after, effects) = state.step(&input, &ctx);
                 let record = Record {
                     format: RECORD_FORMAT,
@@ -73,7 +73,7 @@ fn write_log(
                     effects,
                 };
                 log.stage(&record).expect("stage");
-                before = Some(after.name().to_owned());
+                before = Some(after.name().into());
                 state = after;
             }
             if call % 100 == 99 {
@@ -306,12 +306,7 @@ fn floors(reader: &LogReader, options: &CheckOptions) {
         let record: Record = rmp_serde::from_slice(&item.expect("read").1).expect("decode");
         let before =
             states.remove(&record.call_id).unwrap_or_else(|| callbus_engine::machines::initial_state(&record.after));
-        let ctx = Ctx {
-            call_id: record.call_id.clone(),
-            seq: record.seq,
-            now_ms: record.time_ms,
-            timeouts: options.timeouts,
-        };
+        let ctx = Ctx { call_id: &record.call_id, seq: record.seq, now_ms: record.time_ms, timeouts: options.timeouts };
         let (after, _effects) = before.step(&record.input, &ctx);
         states.insert(record.call_id, after);
         n += 1;
