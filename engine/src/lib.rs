@@ -164,8 +164,9 @@ pub struct EngineConfig {
     pub commit_faults: CommitFaults,
     /// The wall clock (the system's).
     pub clock: WallClock,
-    /// Inputs waiting for the engine at most; beyond it commands are refused as `unavailable`
-    /// ("overloaded") and OpenSIPS events wait in NATS's buffers.
+    /// Commands (and a cluster partition's inputs) waiting for the engine at most; beyond it
+    /// commands are refused as `unavailable` ("overloaded"). OpenSIPS events wait in their
+    /// subscription until the engine takes them.
     pub input_queue: usize,
     /// The bridge running in this process (`callbus up`), if any: the engine takes its node's
     /// events and sends it MI requests directly instead of through NATS.

@@ -8,10 +8,11 @@
 //! Batches take whatever is waiting, up to [`MAX_BATCH`]: one commit (~0.1–0.3 ms here) then
 //! covers hundreds of inputs under load and one input when idle.
 //!
-//! Tasks and queues: the owner's queue is bounded by `engine.input_queue` (a full queue
-//! refuses commands as "overloaded"; events wait in NATS); MI requests, reconciliations and
-//! snapshot saves run in one `JoinSet` the owner reaps between batches and aborts and awaits
-//! when it stops (a few MI requests per machine step, so bounded by the live calls); their
+//! Tasks and queues: the owner reads OpenSIPS events from their NATS subscription itself
+//! (events it has not taken yet wait there); commands come through the owner's queue, bounded
+//! by `engine.input_queue` (a full queue refuses them as "overloaded"); MI requests,
+//! reconciliations and snapshot saves run in one `JoinSet` the owner reaps between batches and
+//! aborts and awaits when it stops (a few MI requests per machine step, so bounded by the live calls); their
 //! answers come back on a queue of [`ANSWERS`]; timers are the core's, one deadline
 //! ([`Core::poll_timeout`]) slept on in the owner's loop.
 
