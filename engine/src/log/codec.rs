@@ -66,7 +66,9 @@ enum Training {
 /// of the first.
 pub struct Codec {
     active: RwLock<Option<Arc<Active>>>,
-    cctx: Mutex<CCtx<'static>>,
+    /// The compressor and the buffer it writes into (kept: room for the largest frame a
+    /// record can make, allocated once and not zeroed per record).
+    cctx: Mutex<(CCtx<'static>, Vec<u8>)>,
     ddicts: RwLock<HashMap<u32, Arc<DDict<'static>>>>,
     training: Mutex<Training>,
 }
@@ -82,7 +84,7 @@ impl Codec {
         let ddicts = dictionaries.iter().map(|(id, bytes)| (*id, Arc::new(zstd_safe::create_ddict(bytes)))).collect();
         Codec {
             active: RwLock::new(active),
-            cctx: Mutex::new(zstd_safe::create_cctx()),
+            cctx: Mutex::new((zstd_safe::create_cctx(), Vec::new())),
             ddicts: RwLock::new(ddicts),
             training: Mutex::new(training),
         }
@@ -97,14 +99,19 @@ impl Codec {
             self.sample(plain);
             return Cow::Borrowed(plain);
         };
-        // The frame is written straight after the header, into room for the largest it can be.
-        let mut out = vec![0u8; 5 + zstd_safe::compress_bound(plain.len())];
-        out[0] = COMPRESSED;
-        out[1..5].copy_from_slice(&active.id.to_be_bytes());
-        let mut cctx = self.cctx.lock().unwrap_or_else(|p| p.into_inner());
-        match cctx.compress_using_cdict(&mut out[5..], plain, &active.cdict) {
+        // The frame goes into the kept buffer, then after the header into a value of its size.
+        let mut guard = self.cctx.lock().unwrap_or_else(|p| p.into_inner());
+        let (cctx, scratch) = &mut *guard;
+        let bound = zstd_safe::compress_bound(plain.len());
+        if scratch.len() < bound {
+            scratch.resize(bound, 0);
+        }
+        match cctx.compress_using_cdict(&mut scratch[..bound], plain, &active.cdict) {
             Ok(len) if len + 5 < plain.len() => {
-                out.truncate(5 + len);
+                let mut out = Vec::with_capacity(5 + len);
+                out.push(COMPRESSED);
+                out.extend_from_slice(&active.id.to_be_bytes());
+                out.extend_from_slice(&scratch[..len]);
                 Cow::Owned(out)
             }
             _ => Cow::Borrowed(plain),

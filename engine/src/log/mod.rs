@@ -136,8 +136,10 @@ pub enum LogError {
 
 /// A record's stored bytes: MessagePack with field names.
 pub fn encode(record: &Record) -> Result<Vec<u8>, LogError> {
-    // Room for a typical record at once (a proxied call's are ~600 bytes), not grown from empty.
-    let mut out = Vec::with_capacity(1024);
+    // Room for a typical record at once (a proxied call's are ~600 bytes), not grown from empty;
+    // under glibc's large-block size (1 KiB), whose allocation first merges every small free
+    // block (`malloc_consolidate`).
+    let mut out = Vec::with_capacity(768);
     rmp_serde::encode::write_named(&mut out, record)
         .map_err(|e| LogError::Encode { seq: record.seq, reason: e.to_string() })?;
     Ok(out)
