@@ -244,6 +244,19 @@ impl fmt::Display for Subject {
     }
 }
 
+/// The node of an OpenSIPS event's subject (`opensips.<node>.event.<event>`), borrowed from
+/// it; None for any other subject. What [`Subject::parse`] gives as `Subject::Event`, without
+/// allocating (the engine reads one per event).
+pub fn event_node(subject: &str) -> Option<&str> {
+    let mut tokens = subject.split('.');
+    let (Some(OPENSIPS), Some(node), Some("event"), Some(event), None) =
+        (tokens.next(), tokens.next(), tokens.next(), tokens.next(), tokens.next())
+    else {
+        return None;
+    };
+    (validate_token("node", node).is_ok() && validate_token("event name", event).is_ok()).then_some(node)
+}
+
 /// `opensips.<node>.event.<event>`.
 pub fn event(node: &str, event: &str) -> Result<String, SubjectError> {
     build(Subject::Event { node: node.into(), event: event.into() })

@@ -58,3 +58,28 @@ fn foreign_subjects_are_refused() {
     }
     assert!(Subject::parse("opensips.*.event.E_X").is_err(), "wildcards are not concrete subjects");
 }
+
+#[test]
+fn an_event_subject_s_node_is_read_as_the_parser_reads_it() {
+    for subject in [
+        "opensips.n1.event.E_DLG_STATE_CHANGED",
+        "opensips.node-2.event.E_UA_SESSION",
+        "opensips.n1.event",
+        "opensips.n1.event.E_X.more",
+        "opensips..event.E_X",
+        "opensips.n1.event.",
+        "opensips.n*.event.E_X",
+        "opensips.n1.event.E>",
+        "opensips.n1.mi.dlg_list",
+        "opensips.n1.status",
+        "callbus.call.c1.ended",
+        "opensips.n\u{A0}1.event.E_X",
+        "",
+    ] {
+        let parsed = match Subject::parse(subject) {
+            Ok(Subject::Event { node, .. }) => Some(node),
+            _ => None,
+        };
+        assert_eq!(subjects::event_node(subject).map(str::to_owned), parsed, "{subject:?}");
+    }
+}

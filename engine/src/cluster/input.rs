@@ -179,7 +179,7 @@ pub(super) async fn read_events(
                 let payload = msg.payload.slice_ref(datagram);
                 for tx in targets {
                     let work = Work::Event {
-                        node: node.to_owned(),
+                        node: node.into(),
                         bridge_seq: Some(bridge_seq),
                         payload: payload.clone(),
                         stream_seq: Some(at),

@@ -2,13 +2,14 @@
 //! subscription itself, and commands, forwarded to the owner's queue (bounded: a full queue
 //! refuses commands as "overloaded").
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_nats::HeaderName;
 use bytes::Bytes;
 use callbus_schemas::bus::HEADER_SEQ;
 use callbus_schemas::command::{CommandError, CommandErrorCode, CommandReply};
-use callbus_schemas::subjects::{self, Subject as BusSubject, Verb};
+use callbus_schemas::subjects::{self, Verb};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -53,19 +54,25 @@ const SEQ_HEADER: HeaderName = HeaderName::from_static(HEADER_SEQ);
 pub(crate) struct EventFeed {
     sub: async_nats::Subscriber,
     local: Option<String>,
+    /// The node of the last event, shared with the next of the same node.
+    last_node: Option<Arc<str>>,
 }
 
 impl EventFeed {
     /// The feed of `sub` (subscribed to every node's events), without `local`'s.
     pub(crate) fn new(sub: async_nats::Subscriber, local: Option<String>) -> EventFeed {
-        EventFeed { sub, local }
+        EventFeed { sub, local, last_node: None }
     }
 
     /// An event message as work; None for a subject that is not another node's event.
-    fn work(&self, msg: async_nats::Message) -> Option<Work> {
-        let node = match BusSubject::parse(msg.subject.as_str()) {
-            Ok(BusSubject::Event { node, .. }) if self.local.as_deref() != Some(node.as_str()) => node,
-            _ => return None,
+    fn work(&mut self, msg: async_nats::Message) -> Option<Work> {
+        let node = subjects::event_node(msg.subject.as_str())?;
+        if self.local.as_deref() == Some(node) {
+            return None;
+        }
+        let node = match &self.last_node {
+            Some(last) if **last == *node => Arc::clone(last),
+            _ => Arc::clone(self.last_node.insert(Arc::from(node))),
         };
         let bridge_seq = msg.headers.as_ref().and_then(|h| h.get(SEQ_HEADER)).and_then(|v| v.as_str().parse().ok());
         Some(Work::Event { node, bridge_seq, payload: msg.payload, stream_seq: None })

@@ -63,7 +63,8 @@ const PRUNE_BUDGET: usize = 20_000;
 #[derive(Clone, Debug)]
 pub(crate) enum Work {
     Event {
-        node: String,
+        /// The OpenSIPS node (shared: the events of one node name it alike).
+        node: Arc<str>,
         bridge_seq: Option<u64>,
         payload: Bytes,
         /// Its sequence in the cluster's input stream (cluster mode).
@@ -148,6 +149,9 @@ pub(crate) struct Owner<S: Store> {
     pub(crate) service: Option<callbus_service::Service>,
     /// Single engine: OpenSIPS events from NATS, read here (not through the queue).
     pub(crate) events: Option<EventFeed>,
+    /// The last batch's vector, empty, kept for the next (up to [`MAX_BATCH`] inputs: it is
+    /// not grown from one again for every batch).
+    batch_room: Vec<Work>,
 }
 
 /// Why the owner stopped before it was told to: the log failed. The inputs of the failed
@@ -213,6 +217,7 @@ impl<S: Store> Owner<S> {
             disk: None,
             service: None,
             events: None,
+            batch_room: Vec::new(),
         }
     }
 
@@ -249,7 +254,7 @@ impl<S: Store> Owner<S> {
                 if let Some(s) = stream_seq {
                     self.store.consumed(s);
                 }
-                CoreInput::Event { node, bridge_seq, payload }
+                CoreInput::Event { node: node.to_string(), bridge_seq, payload }
             }
             Work::Position { stream_seq } => {
                 self.store.consumed(stream_seq);
@@ -441,7 +446,7 @@ impl<S: Store> Owner<S> {
         // owner at a time: a restarted owner waits for the previous one to let go).
         let mut local: Option<LocalTap> = match self.config.local.as_ref() {
             Some(l) => tokio::select! {
-                events = Arc::clone(&l.events).lock_owned() => Some((l.mi.node.clone(), events)),
+                events = Arc::clone(&l.events).lock_owned() => Some((Arc::from(l.mi.node.as_str()), events)),
                 _ = cancel.cancelled() => None,
             },
             None => None,
@@ -512,7 +517,8 @@ impl<S: Store> Owner<S> {
                 }
             };
             let Some(first) = first else { break };
-            let mut batch = vec![first];
+            let mut batch = std::mem::take(&mut self.batch_room);
+            batch.push(first);
             while batch.len() < MAX_BATCH {
                 if let Some(w) = self.pending.pop_front() {
                     batch.push(w);
@@ -560,7 +566,7 @@ impl<S: Store> Owner<S> {
     }
 
     /// Handles a batch, commits it, and carries it out; `Some` when the log failed.
-    async fn batch(&mut self, batch: Vec<Work>) -> Option<(LogError, Vec<Work>)> {
+    async fn batch(&mut self, mut batch: Vec<Work>) -> Option<(LogError, Vec<Work>)> {
         // Under the disk reserve nothing is staged: sled must never meet a full disk.
         if let Err(low) = self.disk_check() {
             return Some(self.stop_for_disk(low, batch).await);
@@ -574,7 +580,7 @@ impl<S: Store> Owner<S> {
         // timeout is not kept: the core rebuilt from the log arms its timers again.
         let replayable: Vec<Work> =
             batch.iter().filter(|w| !matches!(w, Work::Command { .. } | Work::Timeout)).cloned().collect();
-        let mut works = batch.into_iter();
+        let mut works = batch.drain(..);
         for work in works.by_ref() {
             if let Err(e) = self.handle(work, &mut out).and_then(|()| self.stage(&mut out, &mut staged)) {
                 failed = Some(e);
@@ -589,7 +595,11 @@ impl<S: Store> Owner<S> {
             for work in works.rev() {
                 self.pending.push_front(work);
             }
+        } else {
+            drop(works);
         }
+        // Its room is kept for the next batch.
+        self.batch_room = batch;
         // Under a load that never leaves the queue empty, a checkpoint rides along a batch.
         let mut with_checkpoint = false;
         if failed.is_none() && self.last_checkpoint.elapsed() >= 2 * CHECKPOINT_EVERY {
@@ -726,10 +736,10 @@ impl<S: Store> Owner<S> {
 }
 
 /// The node of the bridge in this process, and its tap.
-type LocalTap = (String, tokio::sync::OwnedMutexGuard<mpsc::Receiver<(u64, Bytes)>>);
+type LocalTap = (Arc<str>, tokio::sync::OwnedMutexGuard<mpsc::Receiver<(u64, Bytes)>>);
 
-fn local_work(node: &str, (seq, payload): (u64, Bytes)) -> Work {
-    Work::Event { node: node.to_owned(), bridge_seq: Some(seq), payload, stream_seq: None }
+fn local_work(node: &Arc<str>, (seq, payload): (u64, Bytes)) -> Work {
+    Work::Event { node: Arc::clone(node), bridge_seq: Some(seq), payload, stream_seq: None }
 }
 
 /// The next bridge status; None when the subscription ended.
