@@ -91,7 +91,7 @@ impl Run {
         self.effects
             .iter()
             .filter_map(|e| match e {
-                Effect::StartTimer { name, .. } => Some(name.as_str()),
+                Effect::StartTimer { name, .. } => Some(name.as_ref()),
                 _ => None,
             })
             .collect()

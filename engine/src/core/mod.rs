@@ -243,7 +243,7 @@ impl CallEntry {
             match effect {
                 Effect::StartTimer { name, after_ms } => {
                     self.timers.retain(|(n, _)| n != name);
-                    self.timers.push((name.clone(), time_ms.saturating_add(*after_ms)));
+                    self.timers.push((name.to_string(), time_ms.saturating_add(*after_ms)));
                 }
                 Effect::CancelTimer { name } => self.timers.retain(|(n, _)| n != name),
                 _ => {}
@@ -590,8 +590,8 @@ impl Core {
             // An ended call's timers would only be ignored by its machine.
             let names: Vec<String> =
                 self.calls.get(call_id).map(|e| e.timers.iter().map(|(n, _)| n.clone()).collect()).unwrap_or_default();
-            for name in names.iter().chain(timer_effects.iter().filter_map(|e| match e {
-                Effect::StartTimer { name, .. } => Some(name),
+            for name in names.iter().map(String::as_str).chain(timer_effects.iter().filter_map(|e| match e {
+                Effect::StartTimer { name, .. } => Some(name.as_ref()),
                 _ => None,
             })) {
                 self.timers.cancel(call_id, name);

@@ -417,7 +417,7 @@ impl BridgedState {
             flags: FLAGS.to_owned(),
         });
         self.mi(ctx, n, slot, BRequest::Start, call, effects);
-        effects.push(Effect::StartTimer { name: ring_timer(slot), after_ms: ctx.timeouts.ring_ms });
+        effects.push(Effect::StartTimer { name: ring_timer(slot).into(), after_ms: ctx.timeouts.ring_ms });
         let note = BridgedNote::Dialing { leg: slot.name().to_owned(), uri: uri.to_owned() };
         notify(effects, self.start_or_transfer_cmd(slot), note);
     }
@@ -458,8 +458,8 @@ impl BridgedState {
         }
         let had_key = leg.key.is_some();
         leg.status = LegStatus::Gone;
-        effects.push(Effect::CancelTimer { name: ring_timer(slot) });
-        effects.push(Effect::CancelTimer { name: reinvite_timer(slot) });
+        effects.push(Effect::CancelTimer { name: ring_timer(slot).into() });
+        effects.push(Effect::CancelTimer { name: reinvite_timer(slot).into() });
         if had_key {
             let call = self.terminate_call(slot);
             self.mi(ctx, n, slot, BRequest::Terminate, call, effects);
@@ -486,8 +486,8 @@ impl BridgedState {
     fn finish(&mut self, by: &str, reason: &str, status: Option<i64>, effects: &mut Vec<Effect>) {
         self.phase = BPhase::Ended;
         for slot in [Slot::Caller, Slot::Callee, Slot::New] {
-            effects.push(Effect::CancelTimer { name: ring_timer(slot) });
-            effects.push(Effect::CancelTimer { name: reinvite_timer(slot) });
+            effects.push(Effect::CancelTimer { name: ring_timer(slot).into() });
+            effects.push(Effect::CancelTimer { name: reinvite_timer(slot).into() });
         }
         effects.push(Effect::CancelTimer { name: super::ua::MAX_TIMER.into() });
         notify(effects, None, BridgedNote::Ended { by: by.to_owned(), reason: reason.to_owned(), status });
@@ -545,7 +545,10 @@ impl BridgedState {
                     leg.hold_failed = false;
                     let body = sdp::with_direction(&sdp::with_origin(&peer_sdp, origin), direction);
                     self.update(slot, BRequest::Reinvite, Some(body), ctx, n, effects);
-                    effects.push(Effect::StartTimer { name: reinvite_timer(slot), after_ms: ctx.timeouts.reinvite_ms });
+                    effects.push(Effect::StartTimer {
+                        name: reinvite_timer(slot).into(),
+                        after_ms: ctx.timeouts.reinvite_ms,
+                    });
                 }
                 let note = if hold { BridgedNote::HoldRequested {} } else { BridgedNote::UnholdRequested {} };
                 notify(effects, Some(cmd_id), note);
@@ -702,7 +705,7 @@ impl BridgedState {
                 notify(effects, self.start_or_transfer_cmd(slot), note);
             }
             UaEventType::Rejected if setting_up && e.method == "INVITE" => {
-                effects.push(Effect::CancelTimer { name: ring_timer(slot) });
+                effects.push(Effect::CancelTimer { name: ring_timer(slot).into() });
                 if let Some(leg) = self.leg_mut(slot) {
                     leg.status = LegStatus::Gone; // OpenSIPS deleted the session
                 }
@@ -711,7 +714,7 @@ impl BridgedState {
                 self.leg_failed(slot, &text, cause, Some(e.status), ctx, n, effects);
             }
             UaEventType::Answered if setting_up && e.method == "INVITE" => {
-                effects.push(Effect::CancelTimer { name: ring_timer(slot) });
+                effects.push(Effect::CancelTimer { name: ring_timer(slot).into() });
                 let offer = e.body.clone().filter(|b| sdp::looks_like_sdp(b));
                 if let Some(leg) = self.leg_mut(slot) {
                     leg.status = LegStatus::Answered;
@@ -797,7 +800,7 @@ impl BridgedState {
         leg.reinvite = Some(Reinvite::Connect);
         let body = sdp::with_origin(offer, origin);
         self.update(staying, BRequest::Reinvite, Some(body), ctx, n, effects);
-        effects.push(Effect::StartTimer { name: reinvite_timer(staying), after_ms: ctx.timeouts.reinvite_ms });
+        effects.push(Effect::StartTimer { name: reinvite_timer(staying).into(), after_ms: ctx.timeouts.reinvite_ms });
     }
 
     fn reinvite_done(
@@ -810,7 +813,7 @@ impl BridgedState {
         effects: &mut Vec<Effect>,
     ) {
         let Some(purpose) = self.leg_mut(slot).and_then(|l| l.reinvite.take()) else { return };
-        effects.push(Effect::CancelTimer { name: reinvite_timer(slot) });
+        effects.push(Effect::CancelTimer { name: reinvite_timer(slot).into() });
         let answer = e.body.clone().filter(|b| sdp::looks_like_sdp(b));
         if ok {
             // Legs run with flag `d`: every 2xx to an INVITE waits for callbus's ACK.

@@ -135,15 +135,15 @@ pub enum Effect {
     },
     /// Start (or restart) a timer; it comes back as [`Input::Timer`].
     StartTimer {
-        /// Its name, unique within the call.
-        name: String,
+        /// Its name, unique within the call (a machine's constant, borrowed, or made per call).
+        name: std::borrow::Cow<'static, str>,
         /// After how long.
         after_ms: u64,
     },
     /// Stop a timer.
     CancelTimer {
         /// Its name.
-        name: String,
+        name: std::borrow::Cow<'static, str>,
     },
 }
 

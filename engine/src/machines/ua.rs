@@ -442,11 +442,11 @@ impl UaState {
             effects.push(Effect::CancelTimer { name: t.into() });
         }
         for t in std::mem::take(&mut self.local) {
-            effects.push(Effect::CancelTimer { name: format!("{TXN_TIMER}.{}", t.method) });
+            effects.push(Effect::CancelTimer { name: format!("{TXN_TIMER}.{}", t.method).into() });
             failed(effects, t.cmd_id.as_deref(), "ua.update", "the call ended before the answer came");
         }
         for m in std::mem::take(&mut self.remote) {
-            effects.push(Effect::CancelTimer { name: format!("{REPLY_TIMER}.{m}") });
+            effects.push(Effect::CancelTimer { name: format!("{REPLY_TIMER}.{m}").into() });
         }
         let end = UaEnd { by: by.into(), reason: reason.into(), status };
         notify(effects, None, UaNote::Ended { by: by.to_owned(), reason: reason.to_owned(), status });
@@ -597,7 +597,7 @@ impl UaState {
                 None => {
                     if self.phase != UaPhase::Ended {
                         effects.push(Effect::StartTimer {
-                            name: format!("{TXN_TIMER}.{method}"),
+                            name: format!("{TXN_TIMER}.{method}").into(),
                             after_ms: ctx.timeouts.reinvite_ms,
                         });
                         notify(effects, cmd, UaNote::UpdateSent { method: method.clone() });
@@ -613,7 +613,7 @@ impl UaState {
                     if code >= 200 {
                         if let Some(i) = self.remote.iter().position(|m| *m == method) {
                             self.remote.remove(i);
-                            effects.push(Effect::CancelTimer { name: format!("{REPLY_TIMER}.{method}") });
+                            effects.push(Effect::CancelTimer { name: format!("{REPLY_TIMER}.{method}").into() });
                         }
                     }
                     let initial = method == "INVITE" && self.phase == UaPhase::Offered;
@@ -671,7 +671,7 @@ impl UaState {
     fn settle_local(&mut self, method: &str, effects: &mut Vec<Effect>) -> Option<Option<String>> {
         if let Some(i) = self.local.iter().position(|t| t.method == method) {
             let t = self.local.remove(i);
-            effects.push(Effect::CancelTimer { name: format!("{TXN_TIMER}.{method}") });
+            effects.push(Effect::CancelTimer { name: format!("{TXN_TIMER}.{method}").into() });
             return Some(t.cmd_id);
         }
         let update = UaRequest::Update { method: method.to_owned() };
@@ -699,7 +699,7 @@ impl UaState {
         };
         if let Some(i) = self.remote.iter().position(|m| m == "INVITE") {
             self.remote.remove(i);
-            effects.push(Effect::CancelTimer { name: format!("{REPLY_TIMER}.INVITE") });
+            effects.push(Effect::CancelTimer { name: format!("{REPLY_TIMER}.INVITE").into() });
         }
         self.phase = UaPhase::Answered;
         effects.push(Effect::CancelTimer { name: OFFER_TIMER.into() });
@@ -845,7 +845,7 @@ impl UaState {
                 }
                 self.remote.push(e.method.clone());
                 effects.push(Effect::StartTimer {
-                    name: format!("{REPLY_TIMER}.{}", e.method),
+                    name: format!("{REPLY_TIMER}.{}", e.method).into(),
                     after_ms: ctx.timeouts.reply_ms,
                 });
                 let note = UaNote::Request {

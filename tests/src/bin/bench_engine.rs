@@ -13,7 +13,7 @@
 //! - memory per live call (growth of RSS and of the heap in use) and restart time with that many
 //!   live calls (`up` wiring).
 //!
-//! `cargo run --release -p callbus-tests --bin bench-engine` (full: 200 k events × 3, 5 k
+//! `cargo run --release -p callbus-tests --bin bench-engine` (full: 200 k events × 5 on each side, 5 k
 //! sequential commands, 20 k with 64 in flight, 100 k live calls); `-- --quick` for CI;
 //! `-- --live 1000000` for the memory and restart figures at a million live calls;
 //! `-- --ingest-only` stops after the ingest figures and prints each side's spans on
@@ -338,7 +338,7 @@ fn main() {
     let sizes = if quick {
         Sizes { events: 20_000, runs: 1, sequential: 300, parallel: 1_280, live: 5_000 }
     } else {
-        Sizes { events: 200_000, runs: 3, sequential: 5_000, parallel: 20_000, live: 100_000 }
+        Sizes { events: 200_000, runs: 5, sequential: 5_000, parallel: 20_000, live: 100_000 }
     };
     // `--live N`: the memory and restart figures with N live calls (e.g. 1000000).
     let args: Vec<String> = std::env::args().collect();
