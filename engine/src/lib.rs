@@ -350,14 +350,20 @@ impl Engine {
         let service =
             callbus_service::Service::start(&client, commands_service(None)).await.map_err(EngineError::Nats)?;
         owner.service = Some(service.clone());
-        owner.events = Some(driver::EventFeed::new(events, local_node));
-        let forwarders = vec![tokio::spawn(driver::forward_commands(
+        let mut forwarders = vec![tokio::spawn(driver::forward_commands(
             commands,
             tx.clone(),
             client.clone(),
             cancel.clone(),
             Some(service.clone()),
         ))];
+        // The owner reads the events itself, but with a bridge in this process the NATS copies
+        // of its node's events are dropped on a task of their own, off the owner's.
+        let feed = driver::EventFeed::new(events, local_node);
+        match config.local {
+            Some(_) => forwarders.push(tokio::spawn(feed.forward(tx.clone(), cancel.clone()))),
+            None => owner.events = Some(feed),
+        }
         let owner = tokio::spawn(driver::supervise(owner, rx, cancel.clone(), config.clone(), client.clone()));
         Ok(Engine { cancel, owner: Some(owner), forwarders, recovered_live, service })
     }

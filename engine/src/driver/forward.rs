@@ -100,6 +100,25 @@ impl EventFeed {
     }
 }
 
+impl EventFeed {
+    /// Forwards the feed's events to the owner's queue until cancelled: for an engine with a
+    /// bridge in its process, whose node's events come twice (handed over, and on NATS for
+    /// the apps), so that the copies are dropped off the owner's task.
+    pub(crate) async fn forward(mut self, tx: mpsc::Sender<Work>, cancel: CancellationToken) {
+        loop {
+            let work = tokio::select! {
+                w = self.next() => w,
+                _ = cancel.cancelled() => break,
+            };
+            let Some(work) = work else { break };
+            if tx.send(work).await.is_err() {
+                break;
+            }
+        }
+        let _ = self.sub.unsubscribe().await;
+    }
+}
+
 /// The next event of `feed`; None when there is no feed or its subscription ended.
 pub(crate) async fn next_event(feed: &mut Option<EventFeed>) -> Option<Work> {
     feed.as_mut()?.next().await

@@ -9,7 +9,8 @@
 //! covers hundreds of inputs under load and one input when idle.
 //!
 //! Tasks and queues: the owner reads OpenSIPS events from their NATS subscription itself
-//! (events it has not taken yet wait there); commands come through the owner's queue, bounded
+//! (events it has not taken yet wait there; with a bridge in the process, a task forwards them
+//! instead, dropping the NATS copies of that bridge's events); commands come through the owner's queue, bounded
 //! by `engine.input_queue` (a full queue refuses them as "overloaded"); MI requests,
 //! reconciliations and snapshot saves run in one `JoinSet` the owner reaps between batches and
 //! aborts and awaits when it stops (a few MI requests per machine step, so bounded by the live calls); their
@@ -245,30 +246,35 @@ impl<S: Store> Owner<S> {
         });
     }
 
-    /// Hands one input to the core.
-    fn handle(&mut self, work: Work, out: &mut Outputs) -> Result<(), LogError> {
+    /// Hands one input to the core (the input itself is kept until its batch is durable).
+    fn handle(&mut self, work: &Work, out: &mut Outputs) -> Result<(), LogError> {
         let now = now(&self.config);
         let input = match work {
             Work::Event { node, bridge_seq, payload, stream_seq } => {
                 self.metrics.inputs_event.increment(1);
                 if let Some(s) = stream_seq {
-                    self.store.consumed(s);
+                    self.store.consumed(*s);
                 }
-                CoreInput::Event { node: node.to_string(), bridge_seq, payload }
+                CoreInput::Event { node: node.to_string(), bridge_seq: *bridge_seq, payload: payload.clone() }
             }
             Work::Position { stream_seq } => {
-                self.store.consumed(stream_seq);
+                self.store.consumed(*stream_seq);
                 return Ok(());
             }
             Work::Command { verb, payload, reply, received } => {
                 self.metrics.inputs_command.increment(1);
-                CoreInput::Command { verb, payload, reply: reply.map(|s| s.to_string()), received }
+                CoreInput::Command {
+                    verb: *verb,
+                    payload: payload.clone(),
+                    reply: reply.as_ref().map(|s| s.to_string()),
+                    received: *received,
+                }
             }
             Work::MiReply { request, reply } => {
                 self.metrics.inputs_mi_reply.increment(1);
-                CoreInput::MiReply { request, reply }
+                CoreInput::MiReply { request: request.clone(), reply: reply.clone() }
             }
-            Work::Reconciled(r) => CoreInput::Reconciled(r),
+            Work::Reconciled(r) => CoreInput::Reconciled(r.clone()),
             Work::Timeout => return self.core.handle_timeout(now, out),
         };
         self.core.handle(input, now, out)
@@ -276,8 +282,11 @@ impl<S: Store> Owner<S> {
 
     /// Stages what the core made of the inputs so far (records, learned keys).
     fn stage(&mut self, out: &mut Outputs, staged: &mut usize) -> Result<(), LogError> {
-        for record in &out.records[*staged..] {
+        for record in &mut out.records[*staged..] {
             self.store.stage(record)?;
+            // The store has its own copy: freed now, the block is the next record's (a batch's
+            // worth of them held to its end went through glibc's slow path every batch).
+            record.bytes = Vec::new();
         }
         *staged = out.records.len();
         if !out.keys_learned.is_empty() || !out.keys_forgotten.is_empty() {
@@ -572,17 +581,18 @@ impl<S: Store> Owner<S> {
             return Some(self.stop_for_disk(low, batch).await);
         }
         let mut out = Outputs::default();
+        out.records.reserve(batch.len());
+        out.notifications.reserve(batch.len());
         let mut staged = 0;
         let mut failed = None;
         let batch_len = batch.len();
-        // Kept until the batch is durable: if the log fails, these are handled again once it
-        // works (commands are answered "unavailable" instead: the app retries them). A
-        // timeout is not kept: the core rebuilt from the log arms its timers again.
-        let replayable: Vec<Work> =
-            batch.iter().filter(|w| !matches!(w, Work::Command { .. } | Work::Timeout)).cloned().collect();
-        let mut works = batch.drain(..);
-        for work in works.by_ref() {
-            if let Err(e) = self.handle(work, &mut out).and_then(|()| self.stage(&mut out, &mut staged)) {
+        // The inputs stay in `batch` until it is durable: if the log fails, they are handled
+        // again once it works (see the failure below).
+        let mut handled = 0;
+        while handled < batch.len() {
+            let result = self.handle(&batch[handled], &mut out).and_then(|()| self.stage(&mut out, &mut staged));
+            handled += 1;
+            if let Err(e) = result {
                 failed = Some(e);
                 break;
             }
@@ -592,14 +602,10 @@ impl<S: Store> Owner<S> {
             }
         }
         if failed.is_none() {
-            for work in works.rev() {
+            for work in batch.drain(handled..).rev() {
                 self.pending.push_front(work);
             }
-        } else {
-            drop(works);
         }
-        // Its room is kept for the next batch.
-        self.batch_room = batch;
         // Under a load that never leaves the queue empty, a checkpoint rides along a batch.
         let mut with_checkpoint = false;
         if failed.is_none() && self.last_checkpoint.elapsed() >= 2 * CHECKPOINT_EVERY {
@@ -622,6 +628,9 @@ impl<S: Store> Owner<S> {
         };
         match committed {
             Ok(()) => {
+                // Its room is kept for the next batch.
+                batch.clear();
+                self.batch_room = batch;
                 self.carry_out(out).await;
                 None
             }
@@ -645,8 +654,12 @@ impl<S: Store> Owner<S> {
                     let body = CommandReply::Refused { cmd_id: None, error: error.clone() }.to_bytes();
                     let _ = self.client.publish(subject, Bytes::from(body)).await;
                 }
-                let mut pending: Vec<Work> = self.pending.drain(..).collect();
-                pending.splice(0..0, replayable);
+                // The batch's inputs are handled again once the log works, before the rest;
+                // commands were answered "unavailable" instead (the app retries them), and a
+                // timeout is not kept (the core rebuilt from the log arms its timers again).
+                let mut pending: Vec<Work> =
+                    batch.drain(..).filter(|w| !matches!(w, Work::Command { .. } | Work::Timeout)).collect();
+                pending.extend(self.pending.drain(..));
                 Some((e, pending))
             }
         }
