@@ -47,7 +47,7 @@ impl Run {
 
     fn feed(&mut self, input: Input) -> Vec<Effect> {
         self.seq += 1;
-        let ctx = Ctx { call_id: "c1".into(), seq: self.seq, now_ms: 1000 * self.seq, timeouts: Timeouts::default() };
+        let ctx = Ctx { call_id: "c1", seq: self.seq, now_ms: 1000 * self.seq, timeouts: Timeouts::default() };
         let (next, effects) = self.state.step(&input, &ctx);
         // Determinism: the same step again gives the same answer.
         assert_eq!(self.state.step(&input, &ctx), (next.clone(), effects.clone()));

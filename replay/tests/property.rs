@@ -118,7 +118,7 @@ fn check_cases(
         let mut records = Vec::new();
         for seq in 1..=(10 + r.below(60)) as u64 {
             let input = draw(&mut r, seq, &requests, &state);
-            let ctx = Ctx { call_id: "c1".into(), seq, now_ms: 1_000 * seq, timeouts };
+            let ctx = Ctx { call_id: "c1", seq, now_ms: 1_000 * seq, timeouts };
             let outcome = std::panic::catch_unwind(|| state.step(&input, &ctx));
             let (after, effects) = outcome
                 .unwrap_or_else(|_| panic!("{name}: panic in case {case} (seed {case_seed}) at step {seq}: {input:?}"));
