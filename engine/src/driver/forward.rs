@@ -98,9 +98,7 @@ impl EventFeed {
             }
         }
     }
-}
 
-impl EventFeed {
     /// Forwards the feed's events to the owner's queue until cancelled: for an engine with a
     /// bridge in its process, whose node's events come twice (handed over, and on NATS for
     /// the apps), so that the copies are dropped off the owner's task.

@@ -10,11 +10,11 @@
 //!
 //! Tasks and queues: the owner reads OpenSIPS events from their NATS subscription itself
 //! (events it has not taken yet wait there; with a bridge in the process, a task forwards them
-//! instead, dropping the NATS copies of that bridge's events); commands come through the owner's queue, bounded
-//! by `engine.input_queue` (a full queue refuses them as "overloaded"); MI requests,
-//! reconciliations and snapshot saves run in one `JoinSet` the owner reaps between batches and
-//! aborts and awaits when it stops (a few MI requests per machine step, so bounded by the live calls); their
-//! answers come back on a queue of [`ANSWERS`]; timers are the core's, one deadline
+//! instead, dropping the NATS copies of that bridge's events); commands come through the
+//! owner's queue, bounded by `engine.input_queue` (a full queue refuses them as
+//! "overloaded"); MI requests, reconciliations and snapshot saves run in one `JoinSet` the
+//! owner reaps between batches and aborts and awaits when it stops (a few MI requests per
+//! machine step, so bounded by the live calls); their answers come back on a queue of [`ANSWERS`]; timers are the core's, one deadline
 //! ([`Core::poll_timeout`]) slept on in the owner's loop.
 
 mod forward;
