@@ -14,8 +14,9 @@
 //! owner's queue, bounded by `engine.input_queue` (a full queue refuses them as
 //! "overloaded"); MI requests, reconciliations and snapshot saves run in one `JoinSet` the
 //! owner reaps between batches and aborts and awaits when it stops (a few MI requests per
-//! machine step, so bounded by the live calls); their answers come back on a queue of [`ANSWERS`]; timers are the core's, one deadline
-//! ([`Core::poll_timeout`]) slept on in the owner's loop.
+//! machine step, so bounded by the live calls); their answers come back on a queue of
+//! [`ANSWERS`]; timers are the core's, one deadline ([`Core::poll_timeout`]) slept on in the
+//! owner's loop.
 
 mod forward;
 mod mi;
