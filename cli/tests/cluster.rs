@@ -287,6 +287,18 @@ async fn cluster_status_shows_workers_owners_and_lag() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("callbus_leases"), "{out:?}");
     let workers: Vec<Worker> = ["w0", "w1"].iter().map(|n| Worker::start(&nats, n)).collect();
     settled(&client, PARTITIONS, &["w0", "w1"], Duration::from_secs(60)).await;
+    // Each worker owning some is not the end of the start: the second may still be taking
+    // partitions over (one without an owner for a moment). Settled is nothing moving.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = status(&["--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        if out.status.success() && json["moving"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the start did not settle: {json:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let out = status(&[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
