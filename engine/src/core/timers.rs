@@ -17,7 +17,6 @@ pub(crate) struct Timers {
     by_deadline: BTreeMap<(Instant, u64), (String, String)>,
     /// The next timer's number.
     next_number: u64,
-    armed: usize,
 }
 
 impl Timers {
@@ -33,7 +32,6 @@ impl Timers {
             }
         }
         self.by_deadline.insert((at, number), (call_id.to_owned(), name.to_owned()));
-        self.armed += 1;
     }
 
     /// Disarms `call_id`'s timer `name` (nothing when it is not armed).
@@ -45,7 +43,6 @@ impl Timers {
             self.by_call.remove(call_id);
         }
         self.by_deadline.remove(&(at, number));
-        self.armed -= 1;
     }
 
     /// The earliest deadline.
@@ -66,7 +63,7 @@ impl Timers {
 
     /// How many are armed.
     pub(crate) fn len(&self) -> usize {
-        self.armed
+        self.by_deadline.len()
     }
 }
 
